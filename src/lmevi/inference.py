@@ -1,0 +1,265 @@
+"""Inference stage: the compiled fitting loops.
+
+Two paths maximise the same ELBO:
+
+* :func:`run_optax`: gradient steps of any optax ``GradientTransformation`` on the unconstrained
+  parameters (Adam as in the tutorial, with either ELBO; L-BFGS on the closed-form ELBO).
+* :func:`run_cavi`: coordinate ascent with closed-form block updates and M-steps (:mod:`lmevi.cavi`).
+
+Both run a ``lax.while_loop`` in chunks of ``chunk`` steps between which a progress bar advances, and both
+stop on the same rule: the mean ELBO over the last ``window`` steps changed by at most ``tol`` relative to
+the mean over the ``window`` steps before (``window=1`` for the deterministic objectives, a longer window
+for the noisy Monte Carlo ELBO), or on the step budget ``num_steps``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lmevi import cavi, family
+from lmevi import elbo as elbo_lib
+from lmevi.design import Design
+from lmevi.family import FamilySpec, VIParams
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a fit stops: ``num_steps`` at most, or once the windowed relative ELBO change is ``<= tol``."""
+
+    num_steps: int
+    tol: float
+    window: int = 1
+
+
+class RunInfo(NamedTuple):
+    """What a fitting loop reports besides the parameters.
+
+    Attributes:
+        elbo_trace: ``(steps,)`` the ELBO after each step.
+        steps: number of steps taken.
+        converged: whether the stop rule fired before the step budget ran out.
+        seconds: wall time of the loop, compilation included.
+        grad_norm: gradient norm of the loss at the end (optax path) or ``nan``.
+    """
+
+    elbo_trace: np.ndarray
+    steps: int
+    converged: bool
+    seconds: float
+    grad_norm: float
+
+
+def _converged(trace: jax.Array, t: jax.Array, rule: StopRule) -> jax.Array:
+    w = rule.window
+    if w == 1:
+        prev = trace[jnp.maximum(t - 1, 0)]
+        cur = trace[t]
+        ok = t >= 1
+    else:
+        cur = jnp.mean(jax.lax.dynamic_slice(trace, (jnp.maximum(t - w + 1, 0),), (w,)))
+        prev = jnp.mean(jax.lax.dynamic_slice(trace, (jnp.maximum(t - 2 * w + 1, 0),), (w,)))
+        ok = t >= 2 * w - 1
+    return ok & (jnp.abs(cur - prev) <= rule.tol * jnp.abs(cur)) & jnp.isfinite(cur)
+
+
+def _chunk_loop(step, carry, trace, t0, t_end, rule: StopRule):
+    """Run ``step(carry, t) -> (carry, elbo)`` from ``t0`` until ``t_end`` or convergence."""
+
+    def cond(s):
+        t, _, _, done = s
+        return (t < t_end) & ~done
+
+    def body(s):
+        t, c, tr, _ = s
+        c, value = step(c, t)
+        tr = tr.at[t].set(value)
+        return t + 1, c, tr, _converged(tr, t, rule)
+
+    return jax.lax.while_loop(cond, body, (t0, carry, trace, jnp.asarray(False)))
+
+
+def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, dtype, desc: str):
+    """Host loop: call the compiled chunk runner until it converges or the budget is spent."""
+    trace = jnp.full((rule.num_steps,), jnp.nan, dtype)
+    t = jnp.asarray(0)
+    done = False
+    start = time.perf_counter()
+    with tqdm(total=rule.num_steps, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
+        while not done and int(t) < rule.num_steps:
+            t_end = min(int(t) + chunk, rule.num_steps)
+            t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end))
+            done = bool(done_arr)
+            bar.update(int(t_new) - int(t))
+            bar.set_postfix(elbo=f"{float(trace[int(t_new) - 1]):.6g}")
+            t = t_new
+    jax.block_until_ready(carry)
+    seconds = time.perf_counter() - start
+    steps = int(t)
+    return carry, np.asarray(trace[:steps]), steps, done, seconds
+
+
+def _bar_disabled(progress: bool | None):
+    # tqdm's ``disable=None`` hides the bar when the output is not a terminal
+    return None if progress is None else not progress
+
+
+# ----------------------------------------------------------------------------------------------------
+# optax path
+
+
+def make_loss(design: Design, spec: FamilySpec, data, estimator: str, num_samples: int, residual_scale):
+    """``loss(raw_params, rng_key) = -ELBO / n_obs`` in the unconstrained coordinates."""
+    n = design.y.shape[0]
+
+    def loss(raw: VIParams, rng_key) -> jax.Array:
+        params = family.to_constrained(raw, residual_scale)
+        if estimator == "mc":
+            value = elbo_lib.monte_carlo(rng_key, params, design, spec, num_samples)
+        else:
+            value = elbo_lib.closed_form(params, design, spec, data)
+        return -value / n
+
+    return loss
+
+
+@partial(jax.jit, static_argnames=("spec", "optimizer", "estimator", "num_samples", "residual_scale", "rule"))
+def _optax_chunk(
+    design, data, carry, trace, t0, t_end, *, spec, optimizer, estimator, num_samples, residual_scale, rule
+):
+    loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
+    n = design.y.shape[0]
+    raw0, state0, key = carry
+    uses_state = _has_value_state(state0)
+
+    def step(c, t):
+        raw, state, k = c
+        step_key = jax.random.fold_in(k, t)
+        value_fn = lambda p: loss(p, step_key)  # noqa: E731
+        if uses_state:
+            value, grad = optax.value_and_grad_from_state(value_fn)(raw, state=state)
+        else:
+            value, grad = jax.value_and_grad(value_fn)(raw)
+        if isinstance(optimizer, optax.GradientTransformationExtraArgs):
+            updates, state = optimizer.update(grad, state, raw, value=value, grad=grad, value_fn=value_fn)
+        else:
+            updates, state = optimizer.update(grad, state, raw)
+        raw = optax.apply_updates(raw, updates)
+        return (raw, state, k), -value * n
+
+    t, c, tr, done = _chunk_loop(step, (raw0, state0, key), trace, t0, t_end, rule)
+    return t, c, tr, done
+
+
+def _has_value_state(state) -> bool:
+    try:
+        optax.tree_utils.tree_get(state, "value")
+        return True
+    except (KeyError, ValueError):
+        return False
+
+
+def run_optax(
+    design: Design,
+    spec: FamilySpec,
+    data,
+    params: VIParams,
+    optimizer: optax.GradientTransformation,
+    rule: StopRule,
+    *,
+    estimator: str = "closed_form",
+    num_samples: int = 1,
+    residual_scale: float | None = None,
+    rng_key=None,
+    chunk: int = 100,
+    progress: bool | None = None,
+) -> tuple[VIParams, RunInfo]:
+    """Maximise the ELBO with an optax optimizer.
+
+    Args:
+        design, spec, data: the model's arrays, the family and its block data.
+        params: starting point (constrained).
+        optimizer: an optax ``GradientTransformation``; L-BFGS (``optax.lbfgs``) needs
+            ``estimator="closed_form"``.
+        rule: the stop rule.
+        estimator: ``"closed_form"`` or ``"mc"`` (Edward's KLqp).
+        num_samples: draws per Monte Carlo estimate.
+        residual_scale: fixed sigma, or ``None`` to estimate it.
+        rng_key: key of the Monte Carlo draws (``step`` is folded in).
+        chunk: steps per compiled call between progress-bar updates.
+        progress: show a progress bar (``None``: only on a terminal).
+
+    Returns:
+        ``(params, info)``.
+    """
+    raw = family.to_unconstrained(params)
+    state = optimizer.init(raw)
+    if estimator == "mc" and _has_value_state(state):
+        raise ValueError("L-BFGS needs a deterministic objective: use elbo='closed_form' with it")
+    key = jax.random.PRNGKey(0) if rng_key is None else rng_key
+    run_chunk = partial(
+        _optax_chunk,
+        design,
+        data,
+        spec=spec,
+        optimizer=optimizer,
+        estimator=estimator,
+        num_samples=num_samples,
+        residual_scale=residual_scale,
+        rule=rule,
+    )
+    (raw, state, _), trace, steps, done, seconds = _drive(
+        run_chunk, (raw, state, key), rule, chunk, progress, design.y.dtype, "lmevi optax"
+    )
+    loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
+    grad = jax.grad(loss)(raw, key)
+    gnorm = float(optax.global_norm(grad))
+    return family.to_constrained(raw, residual_scale), RunInfo(trace, steps, done, seconds, gnorm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# coordinate-ascent path
+
+
+@partial(jax.jit, static_argnames=("spec", "estimate_sigma", "rule"))
+def _cavi_chunk(design, data, carry, trace, t0, t_end, *, spec, estimate_sigma, rule):
+    def step(params, t):
+        return cavi.sweep(design, spec, params, data, estimate_sigma)
+
+    return _chunk_loop(step, carry, trace, t0, t_end, rule)
+
+
+def run_cavi(
+    design: Design,
+    spec: FamilySpec,
+    data,
+    params: VIParams,
+    rule: StopRule,
+    *,
+    residual_scale: float | None = None,
+    chunk: int = 50,
+    progress: bool | None = None,
+) -> tuple[VIParams, RunInfo]:
+    """Variational EM by coordinate ascent; one step is a sweep of block updates plus an M-step.
+
+    Args: as :func:`run_optax`, without optimizer and estimator.
+
+    Returns:
+        ``(params, info)``.
+    """
+    run_chunk = partial(
+        _cavi_chunk, design, data, spec=spec, estimate_sigma=residual_scale is None, rule=rule
+    )
+    params, trace, steps, done, seconds = _drive(
+        run_chunk, params, rule, chunk, progress, design.y.dtype, "lmevi cavi"
+    )
+    return params, RunInfo(trace, steps, done, seconds, float("nan"))
+

@@ -1,0 +1,209 @@
+"""Results stage: a fitted model in lme4's words (``fixef``, ``ranef``, ``varcorr``, ``predict``).
+
+Every table speaks in the data's level labels, in the layouts of lme4's ``as.data.frame`` methods, so a
+user can merge ours with lme4's on ``grp``.
+
+Differences from lme4 to keep in mind: ``condsd`` is the posterior SD under q, which under the mean-field
+family is too small wherever factors are crossed or nested (see :mod:`lmevi.family`); the variance
+components are the point estimates of variational EM (ML-like, or REML-like when ``reml=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmevi import family
+from lmevi.design import DesignInfo, fixed_matrix, group_labels, term_rows
+from lmevi.family import FamilySpec, VIParams
+from lmevi.inference import RunInfo
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """An immutable fitted model.
+
+    Attributes:
+        info: names and labels of the design.
+        spec: the variational family.
+        params: point estimates and q (constrained).
+        run: ELBO trace, steps, convergence and wall time of the fitting loop.
+        options: the options the fit ran with (method, family, reml, elbo, ...).
+        fitted: ``(n_obs,)`` fitted values on the training rows (posterior means).
+        y: ``(n_obs,)`` the training response.
+    """
+
+    info: DesignInfo
+    spec: FamilySpec
+    params: VIParams
+    run: RunInfo
+    options: dict[str, Any]
+    fitted: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+
+    # ---------------------------------------------------------------- lme4-style accessors
+
+    @property
+    def elbo(self) -> float:
+        """The final ELBO (closed-form methods: exact; Monte Carlo: the last noisy estimate)."""
+        return float(self.run.elbo_trace[-1])
+
+    @property
+    def converged(self) -> bool:
+        return self.run.converged
+
+    @property
+    def steps(self) -> int:
+        return self.run.steps
+
+    @property
+    def seconds(self) -> float:
+        return self.run.seconds
+
+    def fixef(self) -> pd.Series:
+        """Fixed effects indexed by the names lme4 prints (``(Intercept)``, ``service``)."""
+        return pd.Series(self._beta_mean(), index=list(self.info.fixed_names), name="estimate")
+
+    def fixef_se(self) -> pd.Series | None:
+        """Posterior SDs of beta when it is in q (``reml=True``), else ``None``."""
+        if not self.spec.reml:
+            return None
+        _, cov = family.fixed_moments(self.spec, self.params.blocks)
+        return pd.Series(np.sqrt(np.diag(np.asarray(cov))), index=list(self.info.fixed_names), name="std_error")
+
+    def ranef(self) -> pd.DataFrame:
+        """Random effects in the layout of lme4's ``as.data.frame(ranef(m, condVar = TRUE))``.
+
+        Returns:
+            Columns ``grpvar, term, grp, condval, condsd``: one row per level and coefficient, ``grp`` the
+            level label, ``condval`` the posterior mean and ``condsd`` the posterior SD under q.
+        """
+        frames = []
+        for k, term in enumerate(self.info.terms):
+            mean, cov = family.term_moments(self.spec, self.params.blocks, k)
+            mean, sd = np.asarray(mean), np.sqrt(np.asarray(np.diagonal(cov, axis1=1, axis2=2)))
+            for c, name in enumerate(term.coef_names):
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "grpvar": term.group,
+                            "term": name,
+                            "grp": list(term.levels),
+                            "condval": mean[:, c],
+                            "condsd": sd[:, c],
+                        }
+                    )
+                )
+        return pd.concat(frames, ignore_index=True)
+
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components in the layout of lme4's ``as.data.frame(VarCorr(m))``.
+
+        Returns:
+            Columns ``grp, var1, var2, vcov, sdcor``: per term a row per coefficient (variance and SD), then
+            a row per pair (covariance and correlation); the residual last as ``Residual``.
+        """
+        rows = []
+        for term, L in zip(self.info.terms, self.params.model.chol):
+            L = np.asarray(L)
+            cov = L @ L.T
+            sd = np.sqrt(np.diag(cov))
+            for a, name in enumerate(term.coef_names):
+                rows.append((term.group, name, None, cov[a, a], sd[a]))
+            for a in range(len(sd)):
+                for b in range(a + 1, len(sd)):
+                    corr = cov[a, b] / (sd[a] * sd[b])
+                    rows.append((term.group, term.coef_names[a], term.coef_names[b], cov[a, b], corr))
+        sigma = float(self.params.model.sigma)
+        rows.append(("Residual", None, None, sigma**2, sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    def sd(self) -> pd.Series:
+        """SD of every random coefficient and of the residual, indexed ``group`` or ``group:coef``."""
+        vc = self.varcorr()
+        vc = vc[vc["var2"].isna()]
+        keys = []
+        for grp, var1 in zip(vc["grp"], vc["var1"]):
+            term = next((t for t in self.info.terms if t.group == grp), None)
+            keys.append(grp if var1 is None or term is None or term.n_coefs == 1 else f"{grp}:{var1}")
+        return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
+
+    def predict(self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full") -> np.ndarray:
+        """Predictions with posterior means.
+
+        Args:
+            data: new rows with the formula's columns (the response is not needed).
+            allow_new_levels: a level never seen at fit time gets its effect's prior mean, 0; with
+                ``False`` such a level raises ``ValueError`` naming the factor and a few labels (lme4's
+                ``allow.new.levels``).
+            re_form: ``"full"`` uses every random term; ``None`` predicts at the population level (fixed
+                effects only), as lme4's ``re.form = NA``.
+
+        Returns:
+            ``(n_new,)`` predictions.
+        """
+        X = fixed_matrix(self.info, data)
+        pred = X @ self._beta_mean()
+        if re_form is None:
+            return pred
+        for k, term in enumerate(self.info.terms):
+            codes, cov = term_rows(term, data)
+            unseen = codes < 0
+            if unseen.any() and not allow_new_levels:
+                labels = pd.unique(np.asarray(group_labels(data, term.group_columns))[unseen])[:5]
+                raise ValueError(
+                    f"grouping factor {term.group!r} has {int(unseen.sum())} row(s) at level(s) not seen when "
+                    f"fitting, e.g. {list(labels)}; pass allow_new_levels=True to predict them at the prior mean"
+                )
+            mean = np.asarray(family.term_moments(self.spec, self.params.blocks, k)[0])
+            effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
+            pred = pred + np.sum(cov * effect, axis=1)
+        return pred
+
+    def residuals(self) -> np.ndarray:
+        """Training residuals ``y - fitted``, ``(n_obs,)``, in the caller's row order."""
+        return self.y - self.fitted
+
+    def summary(self) -> str:
+        """A short lme4-style summary."""
+        o = self.options
+        lines = [
+            f"Linear mixed model fitted by variational EM ({o['family']} q, "
+            f"{'REML-like: beta in q' if o['reml'] else 'ML-like: beta a point estimate'}; "
+            f"{o['method']}, {o['elbo']} ELBO)",
+            f"Formula: {self.info.formula.text}",
+            f"ELBO: {self.elbo:.4f}   steps: {self.steps}   converged: {self.converged}   "
+            f"time: {self.seconds:.2f} s",
+            "",
+            "Random effects:",
+        ]
+        vc = self.varcorr()
+        for _, r in vc.iterrows():
+            name = "" if r["var1"] is None else r["var1"]
+            kind = "corr" if r["var2"] is not None else "sd"
+            lines.append(f"  {r['grp']:<14} {name:<14} {kind} {r['sdcor']:.4f}")
+        lines.append(f"Number of obs: {self.info.n_obs}, groups: " + ", ".join(
+            f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in self.info.terms
+        ))
+        lines.append("")
+        lines.append("Fixed effects:")
+        se = self.fixef_se()
+        for name, value in self.fixef().items():
+            extra = "" if se is None else f"   (posterior sd {se[name]:.4f})"
+            lines.append(f"  {name:<16} {value: .5f}{extra}")
+        if not self.converged:
+            lines.append(f"\nWarning: stopped on the step budget ({self.steps} steps) before converging.")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    # ---------------------------------------------------------------- helpers
+
+    def _beta_mean(self) -> np.ndarray:
+        if self.spec.reml:
+            return np.asarray(family.fixed_moments(self.spec, self.params.blocks)[0])
+        return np.asarray(self.params.model.beta)
