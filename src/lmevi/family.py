@@ -355,26 +355,49 @@ def block_mean(design: Design, block: Block, bp: BlockParams, bd: BlockData) -> 
     return mean
 
 
-def term_moments(spec: FamilySpec, blocks, k: int) -> tuple[jax.Array, jax.Array]:
+def term_moments(spec: FamilySpec, blocks, k: int, given_beta: bool = False) -> tuple[jax.Array, jax.Array]:
     """Posterior mean and covariance of every level of term ``k`` under q.
+
+    Args:
+        spec: the family.
+        blocks: q's block parameters.
+        k: the term.
+        given_beta: when beta is in q, return the covariance conditional on beta (what lme4's
+            ``condVar`` reports: it conditions on the estimated fixed effects) instead of the marginal one.
 
     Returns:
         ``(mean (J_k, p_k), cov (J_k, p_k, p_k))``.
     """
     bi = spec.block_of(k)
     block, bp = spec.blocks[bi], blocks[bi]
+    V = None
+    if bp.chol_small is not None:
+        V = bp.chol_small @ bp.chol_small.T
+        if given_beta and block.fixed:
+            V = _condition_on_fixed(spec, block, V)
     if block.large == k:
         cov = jnp.einsum("jpq,jrq->jpr", bp.chol_large, bp.chol_large)
-        if bp.chol_small is not None:
-            ku = jnp.einsum("jpw,wv->jpv", bp.coupling, bp.chol_small)
-            cov = cov + jnp.einsum("jpv,jrv->jpr", ku, ku)
+        if V is not None:
+            cov = cov + jnp.einsum("jpw,wv,jrv->jpr", bp.coupling, V, bp.coupling)
         return bp.loc_large, cov
     offsets, _, _ = spec.small_offsets(block)
     J, p = spec.n_levels[k], spec.n_coefs[k]
     start = offsets[k]
     mean = bp.loc_small[start : start + J * p].reshape(J, p)
-    rows = bp.chol_small[start : start + J * p].reshape(J, p, -1)
-    return mean, jnp.einsum("jpv,jrv->jpr", rows, rows)
+    sub = V[start : start + J * p, start : start + J * p].reshape(J, p, J, p)
+    return mean, jnp.einsum("jpjr->jpr", sub)
+
+
+def _condition_on_fixed(spec: FamilySpec, block: Block, V: jax.Array) -> jax.Array:
+    """``Cov(w | beta)``: the Schur complement of beta's slots in ``V``, zero in beta's rows and columns."""
+    _, at, pw = spec.small_offsets(block)
+    idx = jnp.arange(pw)
+    is_fixed = (idx >= at) & (idx < at + spec.n_fixed)
+    Vbb = V[at : at + spec.n_fixed, at : at + spec.n_fixed]
+    Vwb = V[:, at : at + spec.n_fixed]
+    cond = V - Vwb @ jnp.linalg.solve(Vbb, Vwb.T)
+    mask = (~is_fixed)[:, None] & (~is_fixed)[None, :]
+    return jnp.where(mask, cond, 0.0)
 
 
 def fixed_moments(spec: FamilySpec, blocks) -> tuple[jax.Array, jax.Array]:

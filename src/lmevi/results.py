@@ -74,8 +74,13 @@ class FitResult:
         _, cov = family.fixed_moments(self.spec, self.params.blocks)
         return pd.Series(np.sqrt(np.diag(np.asarray(cov))), index=list(self.info.fixed_names), name="std_error")
 
-    def ranef(self) -> pd.DataFrame:
+    def ranef(self, given_beta: bool = True) -> pd.DataFrame:
         """Random effects in the layout of lme4's ``as.data.frame(ranef(m, condVar = TRUE))``.
+
+        Args:
+            given_beta: when beta is in q (``reml=True``), ``condsd`` is the SD conditional on beta, as
+                lme4's ``condVar`` conditions on the estimated fixed effects; ``False`` gives the marginal
+                posterior SD, which also carries the uncertainty of beta.
 
         Returns:
             Columns ``grpvar, term, grp, condval, condsd``: one row per level and coefficient, ``grp`` the
@@ -83,7 +88,7 @@ class FitResult:
         """
         frames = []
         for k, term in enumerate(self.info.terms):
-            mean, cov = family.term_moments(self.spec, self.params.blocks, k)
+            mean, cov = family.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
             mean, sd = np.asarray(mean), np.sqrt(np.asarray(np.diagonal(cov, axis1=1, axis2=2)))
             for c, name in enumerate(term.coef_names):
                 frames.append(
