@@ -49,6 +49,7 @@ class RunInfo(NamedTuple):
         converged: whether the stop rule fired before the step budget ran out.
         seconds: wall time of the loop, compilation included.
         grad_norm: gradient norm of the loss at the end (optax path) or ``nan``.
+        snapshots: parameters after each requested snapshot step, ``{step: VIParams}``.
     """
 
     elbo_trace: np.ndarray
@@ -56,6 +57,7 @@ class RunInfo(NamedTuple):
     converged: bool
     seconds: float
     grad_norm: float
+    snapshots: dict
 
 
 def _converged(trace: jax.Array, t: jax.Array, rule: StopRule) -> jax.Array:
@@ -87,24 +89,33 @@ def _chunk_loop(step, carry, trace, t0, t_end, rule: StopRule):
     return jax.lax.while_loop(cond, body, (t0, carry, trace, jnp.asarray(False)))
 
 
-def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, dtype, desc: str):
-    """Host loop: call the compiled chunk runner until it converges or the budget is spent."""
+def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, dtype, desc: str, snapshot):
+    """Host loop: call the compiled chunk runner until it converges or the budget is spent.
+
+    ``snapshot = (steps, to_params)``: after each step in ``steps`` the loop pauses and keeps
+    ``to_params(carry)``; the run is the same as without pauses.
+    """
+    snap_steps, to_params = snapshot
+    pending = sorted({int(s) for s in snap_steps if 0 < int(s) <= rule.num_steps})
+    snaps: dict[int, VIParams] = {}
     trace = jnp.full((rule.num_steps,), jnp.nan, dtype)
     t = jnp.asarray(0)
     done = False
     start = time.perf_counter()
     with tqdm(total=rule.num_steps, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
         while not done and int(t) < rule.num_steps:
-            t_end = min(int(t) + chunk, rule.num_steps)
+            t_end = min([int(t) + chunk, rule.num_steps] + [s for s in pending if s > int(t)])
             t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end))
             done = bool(done_arr)
+            if int(t_new) in pending:
+                snaps[int(t_new)] = to_params(carry)
             bar.update(int(t_new) - int(t))
             bar.set_postfix(elbo=f"{float(trace[int(t_new) - 1]):.6g}")
             t = t_new
     jax.block_until_ready(carry)
     seconds = time.perf_counter() - start
     steps = int(t)
-    return carry, np.asarray(trace[:steps]), steps, done, seconds
+    return carry, np.asarray(trace[:steps]), steps, done, seconds, snaps
 
 
 def _bar_disabled(progress: bool | None):
@@ -160,11 +171,12 @@ def _optax_chunk(
 
 
 def _has_value_state(state) -> bool:
+    """Whether the optimizer keeps the last value and gradient (L-BFGS's line search does)."""
+    missing = object()
     try:
-        optax.tree_utils.tree_get(state, "value")
+        return optax.tree_utils.tree_get(state, "value", default=missing) is not missing
+    except KeyError:  # several entries named "value": a chain holding L-BFGS
         return True
-    except (KeyError, ValueError):
-        return False
 
 
 def run_optax(
@@ -181,6 +193,7 @@ def run_optax(
     rng_key=None,
     chunk: int = 100,
     progress: bool | None = None,
+    snapshot_steps=(),
 ) -> tuple[VIParams, RunInfo]:
     """Maximise the ELBO with an optax optimizer.
 
@@ -196,6 +209,8 @@ def run_optax(
         rng_key: key of the Monte Carlo draws (``step`` is folded in).
         chunk: steps per compiled call between progress-bar updates.
         progress: show a progress bar (``None``: only on a terminal).
+        snapshot_steps: steps after which to keep a copy of the parameters (for figures of a fit in
+            progress, as the tutorial's residual histograms every ``n_print`` steps).
 
     Returns:
         ``(params, info)``.
@@ -216,13 +231,15 @@ def run_optax(
         residual_scale=residual_scale,
         rule=rule,
     )
-    (raw, state, _), trace, steps, done, seconds = _drive(
-        run_chunk, (raw, state, key), rule, chunk, progress, design.y.dtype, "lmevi optax"
+    to_params = lambda c: family.to_constrained(c[0], residual_scale)  # noqa: E731
+    (raw, state, _), trace, steps, done, seconds, snaps = _drive(
+        run_chunk, (raw, state, key), rule, chunk, progress, design.y.dtype, "lmevi optax",
+        (snapshot_steps, to_params),
     )
     loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
     grad = jax.grad(loss)(raw, key)
     gnorm = float(optax.global_norm(grad))
-    return family.to_constrained(raw, residual_scale), RunInfo(trace, steps, done, seconds, gnorm)
+    return family.to_constrained(raw, residual_scale), RunInfo(trace, steps, done, seconds, gnorm, snaps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +264,7 @@ def run_cavi(
     residual_scale: float | None = None,
     chunk: int = 50,
     progress: bool | None = None,
+    snapshot_steps=(),
 ) -> tuple[VIParams, RunInfo]:
     """Variational EM by coordinate ascent; one step is a sweep of block updates plus an M-step.
 
@@ -258,8 +276,8 @@ def run_cavi(
     run_chunk = partial(
         _cavi_chunk, design, data, spec=spec, estimate_sigma=residual_scale is None, rule=rule
     )
-    params, trace, steps, done, seconds = _drive(
-        run_chunk, params, rule, chunk, progress, design.y.dtype, "lmevi cavi"
+    params, trace, steps, done, seconds, snaps = _drive(
+        run_chunk, params, rule, chunk, progress, design.y.dtype, "lmevi cavi", (snapshot_steps, lambda c: c)
     )
-    return params, RunInfo(trace, steps, done, seconds, float("nan"))
+    return params, RunInfo(trace, steps, done, seconds, float("nan"), snaps)
 

@@ -10,7 +10,7 @@ components are the point estimates of variational EM (ML-like, or REML-like when
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,17 @@ class FitResult:
     @property
     def seconds(self) -> float:
         return self.run.seconds
+
+    def at_step(self, step: int) -> "FitResult":
+        """The fit as it stood after ``step`` (needs ``snapshot_steps`` containing it at fit time).
+
+        Only the parameters change: ``predict``, ``fixef``, ``ranef`` and ``varcorr`` of the returned result
+        describe that step; ``fitted`` and the run information stay those of the final fit.
+        """
+        snaps = self.run.snapshots
+        if step not in snaps:
+            raise ValueError(f"no snapshot at step {step}; fitted with snapshot_steps={sorted(snaps)}")
+        return replace(self, params=snaps[step])
 
     def fixef(self) -> pd.Series:
         """Fixed effects indexed by the names lme4 prints (``(Intercept)``, ``service``)."""

@@ -1,0 +1,267 @@
+"""Command line: ``lmevi fit data.csv "y ~ x + (1 + x | g)" --out dir/``.
+
+``fit`` reads a CSV, fits the formula with :func:`lmevi.fit`, prints the lme4-style summary and, with
+``--out``, writes into that folder (created if missing):
+
+* ``fixef.csv``: ``term, estimate`` and, when beta is in q (REML-like, the default), ``std_error``;
+* ``ranef.csv``: ``grpvar, term, grp, condval, condsd`` (lme4's ``as.data.frame(ranef(m, condVar = TRUE))``);
+* ``varcorr.csv``: ``grp, var1, var2, vcov, sdcor`` (lme4's ``as.data.frame(VarCorr(m))``);
+* ``residuals.png``: residuals against fitted values, and their histogram.
+
+Bad input (a file that cannot be read, a column the formula needs and the data lacks, a formula lmevi
+cannot parse, a non-numeric response, missing values) ends with exit status 2 and one line
+``lmevi: error: <message>`` on stderr, as argparse reports bad options. Anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lmevi.api import ELBOS, FAMILIES, METHODS, ConvergenceWarning, fit
+from lmevi.results import FitResult
+
+PROG = "lmevi"
+EXIT_BAD_INPUT = 2
+OUTPUT_FILES = ("fixef.csv", "ranef.csv", "varcorr.csv", "residuals.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 2 on bad options or bad input.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad option argparse has already reported
+        return int(stop.code or 0)
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lmevi`` parser with its ``fit`` subcommand."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fit linear mixed-effects models written in lme4 formula syntax by variational EM.",
+    )
+    sub = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser(
+        "fit",
+        help="fit a formula to a CSV file",
+        description=(
+            "Fit FORMULA to the rows of DATA, print an lme4-style summary and, with --out, write "
+            f"{', '.join(OUTPUT_FILES)} into that folder."
+        ),
+        epilog='example: lmevi fit sleepstudy.csv "Reaction ~ Days + (Days | Subject)" --out fit/',
+    )
+    p.add_argument("data", help="CSV file with a header row, one row per observation")
+    p.add_argument("formula", help='lme4 formula, e.g. "y ~ x + (1 + x | g)"; quote it for the shell')
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        help="folder to write the tables and the residual plot into (created if missing); "
+        "without it only the summary is printed",
+    )
+    p.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="structured",
+        help="variational family: 'structured' couples small grouping factors with the large factor they "
+        "are nested in; 'meanfield' factorises across terms (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ml",
+        action="store_true",
+        help="make the fixed effects a point estimate (ML-like); by default they are in q with a flat "
+        "prior, which targets REML estimates as lme4's default REML = TRUE",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="'cavi' (closed-form coordinate ascent) or 'optax' (gradient steps); default: 'optax' with "
+        "--elbo mc, else 'cavi'",
+    )
+    p.add_argument(
+        "--elbo",
+        choices=ELBOS,
+        default="closed_form",
+        help="'closed_form' (exact ELBO) or 'mc' (Monte Carlo estimate; optax only) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="draws per Monte Carlo ELBO estimate with --elbo mc (default: %(default)s)",
+    )
+    p.add_argument(
+        "--residual-scale",
+        type=_positive_float,
+        metavar="SIGMA",
+        help="fix the residual SD at SIGMA instead of estimating it",
+    )
+    p.add_argument(
+        "--num-steps",
+        type=_positive_int,
+        metavar="N",
+        help="step budget of the fit (default: 3000 for cavi, 5000 for optax)",
+    )
+    p.add_argument(
+        "--tol",
+        type=_nonnegative_float,
+        help="stop once the relative change of the ELBO is at most TOL (default: 1e-12, or 1e-5 with "
+        "--elbo mc, averaged over a window of steps)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.add_argument("--float32", action="store_true", help="fit in single precision (default: float64)")
+    p.set_defaults(run=run_fit)
+    return parser
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """The ``fit`` command: read, fit, print, write; bad input returns 2 with one line on stderr."""
+    try:
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)  # fail before fitting, not after
+        data = read_data(args.data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            result = fit(
+                args.formula,
+                data,
+                family=args.family,
+                reml=not args.ml,
+                method=args.method,
+                elbo=args.elbo,
+                num_samples=args.num_samples,
+                residual_scale=args.residual_scale,
+                num_steps=args.num_steps,
+                tol=args.tol,
+                seed=args.seed,
+                progress=not args.no_progress,
+                dtype="float32" if args.float32 else "float64",
+            )
+    except (ValueError, OSError) as err:  # FormulaError and pandas' parser errors are ValueErrors
+        _error(err)
+        return EXIT_BAD_INPUT
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            print(f"{PROG}: warning: {_one_line(w.message)}", file=sys.stderr)
+        else:  # anything else goes back through the warning filters the user has
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    print(result.summary())
+    if args.out is not None:
+        try:
+            paths = write_outputs(result, args.out)
+        except OSError as err:
+            _error(err)
+            return EXIT_BAD_INPUT
+        print(f"\nWrote {', '.join(p.name for p in paths)} to {args.out}")
+    return 0
+
+
+def read_data(path: str) -> pd.DataFrame:
+    """Read a CSV; errors name the file."""
+    try:
+        return pd.read_csv(path)
+    except OSError as err:
+        raise OSError(f"cannot read data file {path!r}: {err.strerror or err}") from None
+    except (ValueError, pd.errors.ParserError) as err:  # includes UnicodeDecodeError and EmptyDataError
+        raise ValueError(f"cannot read data file {path!r} as CSV: {_one_line(err)}") from None
+
+
+def write_outputs(result: FitResult, out: Path) -> list[Path]:
+    """Write the tables and the residual plot of a fit into ``out``; returns the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in OUTPUT_FILES]
+    fixef_table(result).to_csv(paths[0], index=False)
+    result.ranef().to_csv(paths[1], index=False)
+    result.varcorr().to_csv(paths[2], index=False)
+    residual_figure(result).savefig(paths[3], dpi=120)
+    return paths
+
+
+def fixef_table(result: FitResult) -> pd.DataFrame:
+    """``term, estimate`` and, when beta is in q, ``std_error`` (its posterior SD), one row per fixed effect."""
+    est = result.fixef()
+    table = pd.DataFrame({"term": est.index, "estimate": est.to_numpy()})
+    se = result.fixef_se()
+    if se is not None:
+        table["std_error"] = se[est.index].to_numpy()
+    return table
+
+
+def residual_figure(result: FitResult):
+    """Residuals against fitted values (with a zero line) and a histogram of the residuals.
+
+    Uses matplotlib's Agg canvas directly rather than ``pyplot``, so no global backend state changes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fitted, resid = np.asarray(result.fitted), np.asarray(result.residuals())
+    fig = Figure(figsize=(9.0, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_scatter, ax_hist = fig.subplots(1, 2)
+    ax_scatter.scatter(fitted, resid, s=8, alpha=0.5, linewidths=0)
+    ax_scatter.axhline(0.0, color="black", linewidth=0.8)
+    ax_scatter.set(xlabel="fitted", ylabel="residual", title="Residuals vs fitted")
+    ax_hist.hist(resid, bins="auto")
+    ax_hist.set(xlabel="residual", ylabel="count", title="Residuals")
+    fig.suptitle(result.info.formula.text)
+    return fig
+
+
+def _error(err: BaseException) -> None:
+    print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
