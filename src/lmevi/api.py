@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -25,10 +26,14 @@ class ConvergenceWarning(UserWarning):
     """The fit stopped on its step budget before its convergence rule held."""
 
 
+@functools.cache
 def edward_adam() -> optax.GradientTransformation:
     """The optimizer of Edward's ``inference.initialize()``: Adam, learning rate 0.1 decayed by 0.9 every
-    100 steps (staircase). optax's Adam uses ``eps=1e-8`` where TensorFlow 1's uses ``1e-8`` too, but
-    TensorFlow adds eps to the bias-corrected denominator differently; the difference is negligible here."""
+    100 steps (staircase). TensorFlow 1's Adam adds its epsilon to the denominator before bias
+    correction and optax after it; with ``eps=1e-8`` the two differ negligibly here.
+
+    The same object is returned on every call: the compiled fitting loop is keyed on the optimizer, so
+    reusing one optimizer object across fits avoids compiling again."""
     return optax.adam(optax.exponential_decay(0.1, transition_steps=100, decay_rate=0.9, staircase=True))
 
 
@@ -118,8 +123,8 @@ def fit(
         spec = family_lib.meanfield_spec(info, reml)
     else:
         spec = family_lib.structured_spec(design, info, reml, small_threshold, blocks)
-    data_b = family_lib.block_data(design, spec)
-    init = family_lib.init_params(design, spec, residual_scale, init_scale)
+    data_b = _block_data(design, spec)
+    init = _init_params(design, spec, residual_scale, init_scale)
 
     steps0, tol0, window0 = _defaults(method, elbo)
     budget = int(num_steps or steps0)
@@ -135,7 +140,7 @@ def fit(
         )
     else:
         if optimizer is None:
-            optimizer = edward_adam() if elbo == "mc" else optax.lbfgs()
+            optimizer = edward_adam() if elbo == "mc" else _lbfgs()
         params, run = run_optax(
             design,
             spec,
@@ -157,7 +162,7 @@ def fit(
             ConvergenceWarning,
             stacklevel=2,
         )
-    mean, _ = family_lib.row_moments(design, spec, params.blocks, data_b)
+    mean, _ = _row_moments(design, spec, params.blocks, data_b)
     fixed = design.X @ params.model.beta if params.model.beta is not None else 0.0
     options = dict(
         family=family, reml=reml, method=method, elbo=elbo, num_samples=num_samples,
@@ -173,6 +178,16 @@ def fit(
         fitted=np.asarray(fixed + mean),
         y=np.asarray(design.y),
     )
+
+
+@functools.cache
+def _lbfgs() -> optax.GradientTransformation:
+    return optax.lbfgs()
+
+
+_block_data = jax.jit(family_lib.block_data, static_argnums=1)
+_init_params = jax.jit(family_lib.init_params, static_argnums=(1, 2, 3))
+_row_moments = jax.jit(family_lib.row_moments, static_argnums=1)
 
 
 def _check_choice(name: str, value, allowed) -> None:

@@ -60,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="fit a formula to a CSV file",
         description=(
-            "Fit FORMULA to the rows of DATA, print an lme4-style summary and, with --out, write "
-            f"{', '.join(OUTPUT_FILES)} into that folder."
+            "Fit FORMULA to the rows of DATA, print an lme4-style summary and, with --out,\n"
+            f"write {', '.join(OUTPUT_FILES)} into that folder.\n"
+            "Bad input ends with exit status 2 and one line 'lmevi: error: ...' on stderr."
         ),
-        epilog='example: lmevi fit sleepstudy.csv "Reaction ~ Days + (Days | Subject)" --out fit/',
+        epilog='example:\n  lmevi fit sleepstudy.csv "Reaction ~ Days + (Days | Subject)" --out fit/',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", help="CSV file with a header row, one row per observation")
-    p.add_argument("formula", help='lme4 formula, e.g. "y ~ x + (1 + x | g)"; quote it for the shell')
+    p.add_argument("data", metavar="DATA", help="CSV file with a header row, one row per observation")
+    p.add_argument(
+        "formula", metavar="FORMULA", help='lme4 formula, e.g. "y ~ x + (1 + x | g)"; quote it for the shell'
+    )
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -116,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-steps",
         type=_positive_int,
         metavar="N",
-        help="step budget of the fit (default: 3000 for cavi, 5000 for optax)",
+        help="step budget of the fit (default: lmevi.fit's for the chosen --method and --elbo)",
     )
     p.add_argument(
         "--tol",
         type=_nonnegative_float,
-        help="stop once the relative change of the ELBO is at most TOL (default: 1e-12, or 1e-5 with "
-        "--elbo mc, averaged over a window of steps)",
+        help="stop once the relative change of the ELBO is at most TOL (with --elbo mc, of its mean over "
+        "a window of steps) (default: lmevi.fit's for the chosen --method and --elbo)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo draws (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
@@ -135,7 +139,7 @@ def run_fit(args: argparse.Namespace) -> int:
     """The ``fit`` command: read, fit, print, write; bad input returns 2 with one line on stderr."""
     try:
         if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)  # fail before fitting, not after
+            make_folder(args.out)  # fail before fitting, not after
         data = read_data(args.data)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
@@ -167,7 +171,7 @@ def run_fit(args: argparse.Namespace) -> int:
         try:
             paths = write_outputs(result, args.out)
         except OSError as err:
-            _error(err)
+            _error(f"cannot write into {str(args.out)!r}: {err}")
             return EXIT_BAD_INPUT
         print(f"\nWrote {', '.join(p.name for p in paths)} to {args.out}")
     return 0
@@ -183,9 +187,17 @@ def read_data(path: str) -> pd.DataFrame:
         raise ValueError(f"cannot read data file {path!r} as CSV: {_one_line(err)}") from None
 
 
+def make_folder(path: Path) -> None:
+    """Create the output folder and its parents if missing; errors name the folder."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create output folder {str(path)!r}: {err.strerror or err}") from None
+
+
 def write_outputs(result: FitResult, out: Path) -> list[Path]:
     """Write the tables and the residual plot of a fit into ``out``; returns the paths written."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     paths = [out / name for name in OUTPUT_FILES]
     fixef_table(result).to_csv(paths[0], index=False)
     result.ranef().to_csv(paths[1], index=False)
@@ -225,7 +237,7 @@ def residual_figure(result: FitResult):
     return fig
 
 
-def _error(err: BaseException) -> None:
+def _error(err) -> None:
     print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
 
 

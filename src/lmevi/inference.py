@@ -48,7 +48,7 @@ class RunInfo(NamedTuple):
         steps: number of steps taken.
         converged: whether the stop rule fired before the step budget ran out.
         seconds: wall time of the loop, compilation included.
-        grad_norm: gradient norm of the loss at the end (optax path) or ``nan``.
+        grad_norm: norm of the last gradient of the loss, ``-ELBO / n_obs`` (optax path), or ``nan``.
         snapshots: parameters after each requested snapshot step, ``{step: VIParams}``.
     """
 
@@ -148,11 +148,10 @@ def _optax_chunk(
 ):
     loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
     n = design.y.shape[0]
-    raw0, state0, key = carry
-    uses_state = _has_value_state(state0)
+    uses_state = _has_value_state(carry[1])
 
     def step(c, t):
-        raw, state, k = c
+        raw, state, k, _ = c
         step_key = jax.random.fold_in(k, t)
         value_fn = lambda p: loss(p, step_key)  # noqa: E731
         if uses_state:
@@ -164,10 +163,9 @@ def _optax_chunk(
         else:
             updates, state = optimizer.update(grad, state, raw)
         raw = optax.apply_updates(raw, updates)
-        return (raw, state, k), -value * n
+        return (raw, state, k, optax.global_norm(grad)), -value * n
 
-    t, c, tr, done = _chunk_loop(step, (raw0, state0, key), trace, t0, t_end, rule)
-    return t, c, tr, done
+    return _chunk_loop(step, carry, trace, t0, t_end, rule)
 
 
 def _has_value_state(state) -> bool:
@@ -232,13 +230,11 @@ def run_optax(
         rule=rule,
     )
     to_params = lambda c: family.to_constrained(c[0], residual_scale)  # noqa: E731
-    (raw, state, _), trace, steps, done, seconds, snaps = _drive(
-        run_chunk, (raw, state, key), rule, chunk, progress, design.y.dtype, "lmevi optax",
-        (snapshot_steps, to_params),
+    carry = (raw, state, key, jnp.asarray(jnp.nan, design.y.dtype))
+    (raw, state, _, gnorm), trace, steps, done, seconds, snaps = _drive(
+        run_chunk, carry, rule, chunk, progress, design.y.dtype, "lmevi optax", (snapshot_steps, to_params)
     )
-    loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
-    grad = jax.grad(loss)(raw, key)
-    gnorm = float(optax.global_norm(grad))
+    gnorm = float(gnorm)
     return family.to_constrained(raw, residual_scale), RunInfo(trace, steps, done, seconds, gnorm, snaps)
 
 

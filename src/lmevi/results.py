@@ -10,6 +10,7 @@ components are the point estimates of variational EM (ML-like, or REML-like when
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -141,10 +142,12 @@ class FitResult:
         """SD of every random coefficient and of the residual, indexed ``group`` or ``group:coef``."""
         vc = self.varcorr()
         vc = vc[vc["var2"].isna()]
+        per_group = collections.Counter()
+        for t in self.info.terms:
+            per_group[t.group] += t.n_coefs
         keys = []
         for grp, var1 in zip(vc["grp"], vc["var1"]):
-            term = next((t for t in self.info.terms if t.group == grp), None)
-            keys.append(grp if var1 is None or term is None or term.n_coefs == 1 else f"{grp}:{var1}")
+            keys.append(grp if pd.isna(var1) or per_group.get(grp, 1) == 1 else f"{grp}:{var1}")
         return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
 
     def predict(self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full") -> np.ndarray:
@@ -179,6 +182,12 @@ class FitResult:
             pred = pred + np.sum(cov * effect, axis=1)
         return pred
 
+    def to_inference_data(self, num_samples: int = 1000, rng_key=None):
+        """Draws from q as an ArviZ ``InferenceData``; see :func:`lmevi.export.to_inference_data`."""
+        from lmevi.export import to_inference_data  # arviz loads only when exporting
+
+        return to_inference_data(self, num_samples, rng_key)
+
     def residuals(self) -> np.ndarray:
         """Training residuals ``y - fitted``, ``(n_obs,)``, in the caller's row order."""
         return self.y - self.fitted
@@ -198,8 +207,8 @@ class FitResult:
         ]
         vc = self.varcorr()
         for _, r in vc.iterrows():
-            name = "" if r["var1"] is None else r["var1"]
-            kind = "corr" if r["var2"] is not None else "sd"
+            name = "" if pd.isna(r["var1"]) else r["var1"]
+            kind = "sd" if pd.isna(r["var2"]) else "corr"
             lines.append(f"  {r['grp']:<14} {name:<14} {kind} {r['sdcor']:.4f}")
         lines.append(f"Number of obs: {self.info.n_obs}, groups: " + ", ".join(
             f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in self.info.terms

@@ -1,0 +1,53 @@
+"""Shared fixtures: small simulated designs in float64, built once per session."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmevi  # noqa: F401  (importing lmevi switches JAX to float64 before any array is made)
+from dense import Problem, make_problem
+from lmevi import family
+from lmevi.family import FamilySpec
+
+# Two crossed grouping factors, one of them with a correlated random slope.
+CROSSED_FORMULA = "y ~ x + (1 + x | g) + (1 | h)"
+
+
+def simulate_crossed(seed: int = 0, n_obs: int = 60, n_g: int = 6, n_h: int = 4) -> pd.DataFrame:
+    """``y = 1 + 0.5 x + a_g + c_g x + d_h + e`` with every level of ``g`` and ``h`` present."""
+    rng = np.random.default_rng(seed)
+    g = rng.permutation(np.resize(np.arange(n_g), n_obs))
+    h = rng.permutation(np.resize(np.arange(n_h), n_obs))
+    x = rng.normal(size=n_obs)
+    a, c, d = rng.normal(0.0, 1.0, n_g), rng.normal(0.0, 0.5, n_g), rng.normal(0.0, 0.7, n_h)
+    y = 1.0 + 0.5 * x + a[g] + c[g] * x + d[h] + rng.normal(0.0, 0.6, n_obs)
+    return pd.DataFrame({"y": y, "x": x, "g": [f"g{j}" for j in g], "h": [f"h{j}" for j in h]})
+
+
+@pytest.fixture(scope="session")
+def crossed() -> Problem:
+    """60 rows, ``(1 + x | g)`` with 6 levels crossed with ``(1 | h)`` with 4 levels."""
+    return make_problem(simulate_crossed(), CROSSED_FORMULA)
+
+
+# Families of q exercised by the ELBO, family and CAVI tests. With ``small_threshold=5`` the slope term
+# (6 levels x 2 coefficients) is large and ``h`` (4 x 1) is small: the structured family is then one
+# arrowhead block (large g, small h, plus beta when reml=True); with the default threshold every term is
+# small and the structured q is a single dense block.
+SPEC_CASES = {
+    "meanfield-ml": lambda design, info: family.meanfield_spec(info, reml=False),
+    "meanfield-reml": lambda design, info: family.meanfield_spec(info, reml=True),
+    "arrowhead-ml": lambda design, info: family.structured_spec(design, info, reml=False, small_threshold=5),
+    "arrowhead-reml": lambda design, info: family.structured_spec(design, info, reml=True, small_threshold=5),
+    "dense-reml": lambda design, info: family.structured_spec(design, info, reml=True),
+}
+
+
+@pytest.fixture(params=list(SPEC_CASES), ids=list(SPEC_CASES))
+def family_spec(request, crossed) -> FamilySpec:
+    """Each family of :data:`SPEC_CASES` on the crossed design."""
+    return SPEC_CASES[request.param](crossed.design, crossed.info)
+
+
