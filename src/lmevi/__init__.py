@@ -13,13 +13,14 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-from lmevi.api import ConvergenceWarning, edward_adam, fit  # noqa: E402
+from lmevi.api import ConvergenceWarning, SingularFitWarning, edward_adam, fit  # noqa: E402
 from lmevi.data import load_insteval, train_test_split  # noqa: E402
 from lmevi.formula import FormulaError, parse_formula  # noqa: E402
 from lmevi.results import FitResult  # noqa: E402
 
 __all__ = [
     "ConvergenceWarning",
+    "SingularFitWarning",
     "FitResult",
     "FormulaError",
     "edward_adam",

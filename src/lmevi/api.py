@@ -26,6 +26,10 @@ class ConvergenceWarning(UserWarning):
     """The fit stopped on its step budget before its convergence rule held."""
 
 
+class SingularFitWarning(UserWarning):
+    """A variance component is at the boundary (SD near zero or a correlation near +-1)."""
+
+
 @functools.cache
 def edward_adam() -> optax.GradientTransformation:
     """The optimizer of Edward's ``inference.initialize()``: Adam, learning rate 0.1 decayed by 0.9 every
@@ -65,6 +69,7 @@ def fit(
     blocks=None,
     small_threshold: int = 50,
     dtype: str = "float64",
+    missing: str = "raise",
     init_scale: float = 0.1,
     snapshot_steps=(),
 ) -> FitResult:
@@ -91,6 +96,8 @@ def fit(
         blocks: structured family only, blocks named by grouping factor (``[("d", "dept", "fixed"), ("s",)]``).
         small_threshold: a term with at most this many coefficients in all is "small".
         dtype: ``"float64"`` (default) or ``"float32"`` for the arrays and the fit.
+        missing: ``"raise"`` (default: a ValueError naming the columns with NA or inf and counting the rows)
+            or ``"drop"`` (drop those rows, looking only at the formula's columns, with a warning).
         init_scale: initial scale of q for the optax path.
         snapshot_steps: steps after which to keep the parameters; ``result.at_step(t)`` is then the fit as
             it stood after step ``t`` (the tutorial's residual histograms every ``n_print`` steps).
@@ -118,7 +125,7 @@ def fit(
         raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
 
     parsed = parse_formula(formula)
-    design, info = build_design(parsed, data, jdtype)
+    design, info = build_design(parsed, data, jdtype, missing)
     if family == "meanfield":
         spec = family_lib.meanfield_spec(info, reml)
     else:
@@ -162,6 +169,10 @@ def fit(
             ConvergenceWarning,
             stacklevel=2,
         )
+    if not np.isfinite(run.elbo_trace[-1]):
+        raise FloatingPointError(
+            "the fit diverged (the ELBO is not finite); try dtype='float64', method='cavi', or rescaling predictors"
+        )
     mean, _ = _row_moments(design, spec, params.blocks, data_b)
     fixed = design.X @ params.model.beta if params.model.beta is not None else 0.0
     options = dict(
@@ -169,7 +180,7 @@ def fit(
         residual_scale=residual_scale, seed=seed, dtype=dtype, stop_rule=rule,
         optimizer=None if method == "cavi" else repr(optimizer)[:80],
     )
-    return FitResult(
+    result = FitResult(
         info=info,
         spec=spec,
         params=params,
@@ -178,6 +189,17 @@ def fit(
         fitted=np.asarray(fixed + mean),
         y=np.asarray(design.y),
     )
+    for msg in result.singular():
+        hint = (
+            " Under family='meanfield' this is often mean-field q draining a nested factor's variance; "
+            "family='structured' avoids it." if family == "meanfield" else ""
+        )
+        warnings.warn(
+            f"boundary (singular) fit: {msg}: the data do not support this variance component as modelled.{hint}",
+            SingularFitWarning,
+            stacklevel=2,
+        )
+    return result
 
 
 @functools.cache

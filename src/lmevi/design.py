@@ -14,16 +14,18 @@ is labelled ``"<a label>:<b label>"``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import warnings
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from formulaic import Formula as _FormulaicFormula
+
 from formulaic import model_matrix
 
 from lmevi.formula import Formula, RandomTerm
+from lmevi.rsyntax import CONTEXT, lme4_name, required_columns, to_formulaic
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels"])
@@ -96,7 +98,10 @@ class DesignInfo:
         formula: the parsed formula.
         fixed_names: ``(p,)`` fixed-effect names as lme4 prints them.
         terms: one :class:`TermInfo` per random term.
-        n_obs: number of rows of the data the design was built from.
+        n_obs: number of rows the model was fitted to.
+        fixed_keep: positions, among formulaic's columns, of the fixed effects kept (aliased ones dropped).
+        dropped_fixed: names of fixed-effect columns dropped as linearly dependent on earlier ones.
+        rows: index labels of the data rows used (after ``missing="drop"``), in the caller's order.
     """
 
     formula: Formula
@@ -104,30 +109,41 @@ class DesignInfo:
     terms: tuple[TermInfo, ...]
     n_obs: int
     fixed_spec: object = field(repr=False, compare=False)
+    fixed_keep: tuple[int, ...] = ()
+    dropped_fixed: tuple[str, ...] = ()
+    rows: object = field(default=None, repr=False, compare=False)
 
 
-def build_design(formula: Formula, data: pd.DataFrame, dtype=jnp.float64) -> tuple[Design, DesignInfo]:
+def build_design(
+    formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise"
+) -> tuple[Design, DesignInfo]:
     """Check ``data`` against ``formula`` and build the arrays of the model.
 
     Args:
         formula: a parsed formula.
         data: one row per observation.
         dtype: float dtype of ``y``, ``X`` and the covariates.
+        missing: ``"raise"`` (default) stops on NA or inf in a column the formula uses; ``"drop"`` drops
+            those rows (only those columns count) with a warning saying how many.
 
     Returns:
         ``(design, info)``.
 
     Raises:
-        ValueError: naming the column or term, for a missing column, a non-numeric response, NaN or inf
-            in a used column, an empty frame, or a grouping factor with fewer than two levels.
+        ValueError: naming the column or term, for a missing column, a non-numeric or constant response,
+            NA or inf in a used column, an empty frame, a grouping factor with fewer than two levels or as
+            many levels as rows, or a term with at least as many random effects as rows.
     """
     if not isinstance(data, pd.DataFrame):
         raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if missing not in ("raise", "drop"):
+        raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
     if len(data) == 0:
         raise ValueError("data is empty: the model needs at least one row")
-    _check_columns(formula, data)
+    columns = _check_columns(formula, data)
+    data = _handle_missing(data, columns, missing)
     y = _response(formula.response, data)
-    X, fixed_names, fixed_spec = _fixed(formula.fixed, data)
+    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data)
     terms, infos = [], []
     for term in formula.random:
         td, ti = _random_term(term, data, dtype)
@@ -135,15 +151,17 @@ def build_design(formula: Formula, data: pd.DataFrame, dtype=jnp.float64) -> tup
         infos.append(ti)
     design = Design(y=jnp.asarray(y, dtype), X=jnp.asarray(X, dtype), terms=tuple(terms))
     info = DesignInfo(
-        formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=len(data), fixed_spec=fixed_spec
+        formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=len(data), fixed_spec=fixed_spec,
+        fixed_keep=keep, dropped_fixed=dropped, rows=data.index,
     )
     return design, info
 
 
 def fixed_matrix(info: DesignInfo, data: pd.DataFrame) -> np.ndarray:
     """``(n_new, p)`` fixed-effects design of new rows, encoded as at fit time."""
-    _check_finite(data, sorted(_FormulaicFormula(info.formula.fixed).required_variables))
-    return np.asarray(info.fixed_spec.get_model_matrix(data), dtype=np.float64)
+    _handle_missing(data, sorted(required_columns(info.formula.fixed)), "raise")
+    mm = np.asarray(info.fixed_spec.get_model_matrix(data, context=CONTEXT), dtype=np.float64)
+    return mm[:, list(info.fixed_keep)]
 
 
 def term_rows(term: TermInfo, data: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -155,59 +173,123 @@ def term_rows(term: TermInfo, data: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     labels = group_labels(data, term.group_columns)
     lookup = pd.Index(term.levels)
     codes = lookup.get_indexer(labels)
-    cov = np.asarray(term.coef_spec.get_model_matrix(data), dtype=np.float64)
+    cov = np.asarray(term.coef_spec.get_model_matrix(data, context=CONTEXT), dtype=np.float64)
     return codes.astype(np.int64), cov
 
 
-def lme4_name(name: str) -> str:
-    """A formulaic column name as lme4 prints it: ``Intercept`` -> ``(Intercept)``, ``f[T.b]`` -> ``fb``."""
-    if name == "Intercept":
-        return "(Intercept)"
-    return name.replace("[T.", "").replace("]", "")
-
-
-def _check_columns(formula: Formula, data: pd.DataFrame) -> None:
-    needed = [formula.response, *formula.columns]
+def _check_columns(formula: Formula, data: pd.DataFrame) -> list[str]:
+    """The columns the formula reads; raises if any is absent."""
+    needed = sorted(required_columns(formula.response)) + list(formula.columns)
     for part in [formula.fixed, *(t.coefs for t in formula.random)]:
-        needed.extend(sorted(_FormulaicFormula(part).required_variables))
-    missing = [c for c in dict.fromkeys(needed) if c not in data.columns]
+        needed.extend(sorted(required_columns(part)))
+    needed = list(dict.fromkeys(needed))
+    missing = [c for c in needed if c not in data.columns]
     if missing:
         raise ValueError(
             f"the formula uses column(s) {missing} that the data does not have "
             f"(available: {list(data.columns)[:20]})"
         )
-    _check_finite(data, [c for c in dict.fromkeys(needed)])
+    return needed
 
 
-def _check_finite(data: pd.DataFrame, columns) -> None:
+def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
+    bad_rows = np.zeros(len(data), dtype=bool)
+    per_column = {}
     for c in columns:
         col = data[c]
-        bad = int(col.isna().sum())
+        bad = col.isna().to_numpy()
         if pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype):
-            bad += int(np.isinf(col.to_numpy(dtype=np.float64, na_value=0.0)).sum())
-        if bad:
-            raise ValueError(
-                f"column {c!r} has {bad} missing or infinite value(s); drop those rows before fitting, "
-                f"e.g. data.dropna(subset=[{c!r}])"
-            )
+            bad = bad | np.isinf(col.to_numpy(dtype=np.float64, na_value=0.0))
+        if bad.any():
+            per_column[c] = int(bad.sum())
+            bad_rows |= bad
+    if not per_column:
+        return data
+    n_bad = int(bad_rows.sum())
+    detail = ", ".join(f"{c!r}: {k}" for c, k in per_column.items())
+    if missing == "raise":
+        raise ValueError(
+            f"{n_bad} row(s) have missing or infinite values in the columns the formula uses ({detail}); "
+            f"drop them first (data.dropna(subset={list(per_column)})) or pass missing='drop'"
+        )
+    if n_bad == len(data):
+        raise ValueError(f"every row has a missing or infinite value in the formula's columns ({detail})")
+    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=4)
+    return data.loc[~bad_rows]
 
 
-def _response(name: str, data: pd.DataFrame) -> np.ndarray:
-    col = data[name]
-    if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
-        raise ValueError(f"the response {name!r} must be numeric, but its dtype is {col.dtype}")
-    if pd.api.types.is_bool_dtype(col):
-        raise ValueError(f"the response {name!r} is boolean; a linear mixed model needs a numeric response")
-    return col.to_numpy(dtype=np.float64)
+def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
+    if expr in data.columns:
+        col = data[expr]
+        if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
+            raise ValueError(f"the response {expr!r} must be numeric, but its dtype is {col.dtype}")
+        if pd.api.types.is_bool_dtype(col):
+            raise ValueError(f"the response {expr!r} is boolean; a linear mixed model needs a numeric response")
+        y = col.to_numpy(dtype=np.float64)
+    else:
+        try:
+            mm = model_matrix(f"0 + {to_formulaic(expr)}", data, context=CONTEXT, na_action="raise")
+        except Exception as err:
+            raise ValueError(f"cannot evaluate the response {expr!r}: {str(err).splitlines()[0]}") from None
+        if mm.shape[1] != 1:
+            raise ValueError(f"the response {expr!r} must be one numeric column, it gives {mm.shape[1]}")
+        y = np.asarray(mm, dtype=np.float64)[:, 0]
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"the response {expr!r} has non-finite values (e.g. log of a non-positive number)")
+    if np.ptp(y) == 0:
+        raise ValueError(f"the response {expr!r} is constant ({y[0]:g}); there is no variation to model")
+    return y
 
 
 def _fixed(rhs: str, data: pd.DataFrame):
+    """Fixed-effects matrix, with columns aliased on earlier ones dropped (lme4 does this by pivoted QR)."""
     try:
-        mm = model_matrix(rhs, data, na_action="raise")
+        mm = model_matrix(to_formulaic(rhs), data, na_action="raise", context=CONTEXT)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {str(err).splitlines()[0]}") from None
-    names = tuple(lme4_name(c) for c in mm.columns)
-    return np.asarray(mm, dtype=np.float64), names, mm.model_spec
+    names = [lme4_name(c) for c in mm.columns]
+    X = np.asarray(mm, dtype=np.float64)
+    keep = _independent_columns(X)
+    dropped = tuple(n for i, n in enumerate(names) if i not in keep)
+    if dropped:
+        warnings.warn(
+            f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s) / "
+            f"coefficient(s): {list(dropped)}",
+            stacklevel=4,
+        )
+    X = X[:, keep]
+    _check_scales(X, [names[i] for i in keep])
+    return X, tuple(names[i] for i in keep), mm.model_spec, tuple(keep), dropped
+
+
+def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
+    """Columns of ``X`` kept in order: a column is dropped when it lies (to ``tol``, relative) in the span of
+    the kept columns before it, as lme4's pivoted QR drops the later of two aliased columns."""
+    if X.shape[1] == 0:
+        return []
+    scale = np.linalg.norm(X, axis=0)
+    scale[scale == 0] = 1.0
+    G = (X / scale).T @ (X / scale)
+    keep: list[int] = []
+    for j in range(X.shape[1]):
+        g = G[keep, j]
+        resid = G[j, j] - (g @ np.linalg.solve(G[np.ix_(keep, keep)], g) if keep else 0.0)
+        if resid > tol * max(G[j, j], 1e-300):
+            keep.append(j)
+    return keep
+
+
+def _check_scales(X: np.ndarray, names: list[str]) -> None:
+    sd = X.std(axis=0)
+    varying = sd > 0
+    if varying.sum() >= 2 and sd[varying].max() / sd[varying].min() > 1e3:
+        big = names[int(np.argmax(np.where(varying, sd, -np.inf)))]
+        small = names[int(np.argmin(np.where(varying, sd, np.inf)))]
+        warnings.warn(
+            f"some predictors are on very different scales (SD of {big!r} is "
+            f"{sd[varying].max() / sd[varying].min():.3g} times that of {small!r}): consider rescaling",
+            stacklevel=4,
+        )
 
 
 def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData, TermInfo]:
@@ -215,17 +297,28 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
     levels = _levels(data, term.group, labels)
     codes = pd.Index(levels).get_indexer(labels)
     counts = np.bincount(codes, minlength=len(levels))
-    if int((counts > 0).sum()) < 2:
+    used = int((counts > 0).sum())
+    if used < 2:
         raise ValueError(
-            f"the grouping factor {term.group_name!r} of {term.text} has {int((counts > 0).sum())} level "
+            f"the grouping factor {term.group_name!r} of {term.text} has {used} level "
             "in the data; a random effect needs at least two"
         )
+    if used >= len(data):
+        raise ValueError(
+            f"the grouping factor {term.group_name!r} of {term.text} has as many levels ({used}) as there are "
+            "rows: its variance cannot be told apart from the residual variance"
+        )
     try:
-        mm = model_matrix(term.coefs, data, na_action="raise")
+        mm = model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)
     except Exception as err:
         raise ValueError(f"cannot build the covariates of {term.text}: {str(err).splitlines()[0]}") from None
     if mm.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
+    if used * mm.shape[1] >= len(data):
+        raise ValueError(
+            f"the random term {term.text} has {used * mm.shape[1]} random effects for {len(data)} rows: "
+            "with at least as many random effects as observations the model is not identifiable"
+        )
     info = TermInfo(
         group=term.group_name,
         group_columns=term.group,

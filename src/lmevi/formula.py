@@ -56,7 +56,7 @@ class Formula:
     """A parsed model formula.
 
     Attributes:
-        response: name of the response column.
+        response: the response: a column name or an R expression of columns (``log(y)``).
         fixed: formulaic right-hand side of the fixed effects (``"1"`` when none are given).
         random: the random-effect terms, in the order written (after ``/`` and ``||`` expansion).
         text: the formula as given.
@@ -98,10 +98,8 @@ def parse_formula(text: str) -> Formula:
     lhs, rhs = sides[0].strip(), sides[1].strip()
     if not lhs:
         raise FormulaError(f"the formula {text!r} has no response on the left of '~'")
-    if not _NAME.match(lhs):
-        raise FormulaError(
-            f"the response {lhs!r} is not a plain column name; transformed responses are not supported yet"
-        )
+    if "|" in lhs:
+        raise FormulaError(f"the response {lhs!r} cannot contain '|'")
     if not rhs:
         raise FormulaError(f"the formula {text!r} has no terms on the right of '~'")
 

@@ -53,6 +53,41 @@ class FitResult:
         return float(self.run.elbo_trace[-1])
 
     @property
+    def exact(self) -> bool:
+        """Whether q is the exact posterior of the random effects (and of beta when ``reml=True``) given the
+        variance components: true when everything random lies in one block (one grouping factor, or one large
+        factor with small ones). The ELBO is then the log-likelihood (ML) or the REML log-likelihood."""
+        return len(self.spec.blocks) == 1
+
+    @property
+    def loglik(self) -> float | None:
+        """The log-likelihood (REML log-likelihood when ``reml=True``) where the fit is exact, else ``None``
+        (the ELBO is then only a lower bound)."""
+        return self.elbo if self.exact else None
+
+    def singular(self, tol: float = 1e-4) -> list[str]:
+        """Variance components at the boundary, as lme4's ``isSingular``: a relative SD (SD / residual SD)
+        below ``tol`` or a correlation within ``tol`` of +-1. Returns one sentence per finding."""
+        out = []
+        sigma = float(self.params.model.sigma)
+        for term, L in zip(self.info.terms, self.params.model.chol):
+            L = np.asarray(L)
+            cov = L @ L.T
+            sd = np.sqrt(np.diag(cov))
+            for a, name in enumerate(term.coef_names):
+                if sd[a] / sigma < tol:
+                    out.append(f"the SD of {name} for {term.group!r} is {sd[a]:.3g}, near zero")
+            for a in range(len(sd)):
+                for b in range(a + 1, len(sd)):
+                    corr = cov[a, b] / (sd[a] * sd[b])
+                    if 1.0 - abs(corr) < tol:
+                        out.append(
+                            f"the correlation of {term.coef_names[a]} and {term.coef_names[b]} for "
+                            f"{term.group!r} is {corr:+.4f}"
+                        )
+        return out
+
+    @property
     def converged(self) -> bool:
         return self.run.converged
 
@@ -75,9 +110,20 @@ class FitResult:
             raise ValueError(f"no snapshot at step {step}; fitted with snapshot_steps={sorted(snaps)}")
         return replace(self, params=snaps[step])
 
-    def fixef(self) -> pd.Series:
-        """Fixed effects indexed by the names lme4 prints (``(Intercept)``, ``service``)."""
-        return pd.Series(self._beta_mean(), index=list(self.info.fixed_names), name="estimate")
+    def fixef(self, add_dropped: bool = False) -> pd.Series:
+        """Fixed effects indexed by the names lme4 prints (``(Intercept)``, ``service``).
+
+        Args:
+            add_dropped: also list the columns dropped as aliased (rank deficiency), as NaN, in the
+                formula's column order (lme4's ``fixef(m, add.dropped = TRUE)``).
+        """
+        est = pd.Series(self._beta_mean(), index=list(self.info.fixed_names), name="estimate")
+        if not add_dropped or not self.info.dropped_fixed:
+            return est
+        names = list(self.info.fixed_spec.column_names)
+        from lmevi.rsyntax import lme4_name
+
+        return est.reindex([lme4_name(n) for n in names])
 
     def fixef_se(self) -> pd.Series | None:
         """Posterior SDs of beta when it is in q (``reml=True``), else ``None``."""
@@ -124,30 +170,33 @@ class FitResult:
             a row per pair (covariance and correlation); the residual last as ``Residual``.
         """
         rows = []
+        seen = collections.Counter()
         for term, L in zip(self.info.terms, self.params.model.chol):
             L = np.asarray(L)
             cov = L @ L.T
             sd = np.sqrt(np.diag(cov))
+            # lme4 names a second term on the same factor "g.1", a third "g.2"
+            grp = term.group if not seen[term.group] else f"{term.group}.{seen[term.group]}"
+            seen[term.group] += 1
             for a, name in enumerate(term.coef_names):
-                rows.append((term.group, name, None, cov[a, a], sd[a]))
+                rows.append((grp, name, None, cov[a, a], sd[a]))
             for a in range(len(sd)):
                 for b in range(a + 1, len(sd)):
                     corr = cov[a, b] / (sd[a] * sd[b])
-                    rows.append((term.group, term.coef_names[a], term.coef_names[b], cov[a, b], corr))
+                    rows.append((grp, term.coef_names[a], term.coef_names[b], cov[a, b], corr))
         sigma = float(self.params.model.sigma)
         rows.append(("Residual", None, None, sigma**2, sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     def sd(self) -> pd.Series:
-        """SD of every random coefficient and of the residual, indexed ``group`` or ``group:coef``."""
+        """SD of every random coefficient and of the residual, indexed by ``varcorr()``'s ``grp`` where the
+        term has one coefficient, else ``grp:coef`` (``Subject:Days``)."""
         vc = self.varcorr()
         vc = vc[vc["var2"].isna()]
-        per_group = collections.Counter()
-        for t in self.info.terms:
-            per_group[t.group] += t.n_coefs
+        per_group = collections.Counter(vc["grp"])
         keys = []
         for grp, var1 in zip(vc["grp"], vc["var1"]):
-            keys.append(grp if pd.isna(var1) or per_group.get(grp, 1) == 1 else f"{grp}:{var1}")
+            keys.append(grp if pd.isna(var1) or per_group[grp] == 1 else f"{grp}:{var1}")
         return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
 
     def predict(self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full") -> np.ndarray:
@@ -193,35 +242,60 @@ class FitResult:
         return self.y - self.fitted
 
     def summary(self) -> str:
-        """A short lme4-style summary."""
+        """An lme4-style summary: method, formula, ELBO (and log-likelihood where exact), scaled residuals,
+        random effects, fixed effects, convergence and singular-fit messages."""
         o = self.options
+        kind = "REML-like: beta in q, flat prior" if o["reml"] else "ML-like: beta a point estimate"
         lines = [
-            f"Linear mixed model fitted by variational EM ({o['family']} q, "
-            f"{'REML-like: beta in q' if o['reml'] else 'ML-like: beta a point estimate'}; "
-            f"{o['method']}, {o['elbo']} ELBO)",
+            f"Linear mixed model fit by variational EM ({o['family']} q, {kind}; {o['method']}, {o['elbo']} ELBO)",
             f"Formula: {self.info.formula.text}",
-            f"ELBO: {self.elbo:.4f}   steps: {self.steps}   converged: {self.converged}   "
-            f"time: {self.seconds:.2f} s",
             "",
-            "Random effects:",
+            f"ELBO: {self.elbo:.4f}"
+            + (f"   {'REML log-likelihood' if o['reml'] else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
+               if self.exact else "   (q is an approximation: the ELBO is a lower bound)"),
+            "",
+            "Scaled residuals:",
         ]
+        r = self.residuals() / float(self.params.model.sigma)
+        q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
+        lines.append("     Min       1Q   Median       3Q      Max")
+        lines.append(" ".join(f"{v:8.4f}" for v in q))
+        lines += ["", "Random effects:", f" {'Groups':<14} {'Name':<16} {'Variance':>10} {'Std.Dev.':>9}  Corr"]
         vc = self.varcorr()
-        for _, r in vc.iterrows():
-            name = "" if pd.isna(r["var1"]) else r["var1"]
-            kind = "sd" if pd.isna(r["var2"]) else "corr"
-            lines.append(f"  {r['grp']:<14} {name:<14} {kind} {r['sdcor']:.4f}")
-        lines.append(f"Number of obs: {self.info.n_obs}, groups: " + ", ".join(
-            f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in self.info.terms
-        ))
-        lines.append("")
-        lines.append("Fixed effects:")
+        corr = vc[vc["var2"].notna()]
+        for _, row in vc[vc["var2"].isna()].iterrows():
+            name = "" if pd.isna(row["var1"]) else row["var1"]
+            cs = corr[(corr["grp"] == row["grp"]) & (corr["var2"] == name)]["sdcor"].to_numpy()
+            lines.append(
+                f" {row['grp']:<14} {name:<16} {row['vcov']:>10.4g} {row['sdcor']:>9.4g}  "
+                + " ".join(f"{c:+.2f}" for c in cs)
+            )
+        groups = ", ".join(f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in self._distinct_terms())
+        lines.append(f"Number of obs: {self.info.n_obs}, groups:  {groups}")
+        lines += ["", "Fixed effects:"]
         se = self.fixef_se()
+        lines.append(f" {'':<20} {'Estimate':>10}" + (f" {'Post. SD':>10}" if se is not None else ""))
         for name, value in self.fixef().items():
-            extra = "" if se is None else f"   (posterior sd {se[name]:.4f})"
-            lines.append(f"  {name:<16} {value: .5f}{extra}")
-        if not self.converged:
-            lines.append(f"\nWarning: stopped on the step budget ({self.steps} steps) before converging.")
+            lines.append(f" {name:<20} {value:>10.5g}" + (f" {se[name]:>10.4g}" if se is not None else ""))
+        if self.info.dropped_fixed:
+            lines.append(f"fixed-effect columns dropped as rank deficient: {list(self.info.dropped_fixed)}")
+        lines.append("")
+        lines.append(
+            f"{'converged' if self.converged else 'NOT converged'} after {self.steps} steps "
+            f"({self.seconds:.2f} s)"
+            + ("" if np.isnan(self.run.grad_norm) else f"; final gradient norm {self.run.grad_norm:.3g}")
+        )
+        for msg in self.singular():
+            lines.append(f"boundary (singular) fit: {msg}")
         return "\n".join(lines)
+
+    def _distinct_terms(self):
+        seen, out = set(), []
+        for t in self.info.terms:
+            if t.group not in seen:
+                seen.add(t.group)
+                out.append(t)
+        return out
 
     def __str__(self) -> str:
         return self.summary()

@@ -1,0 +1,92 @@
+"""R formula expressions in formulaic: the one place where R and Python disagree.
+
+formulaic evaluates the terms of a formula as Python; R evaluates them as R. The differences that matter
+for model formulas, and what this module does about each:
+
+=================================  ======================================  ===============================
+R                                  formulaic                               here
+=================================  ======================================  ===============================
+``x^2`` is a power inside ``I()``  ``^`` is XOR in Python                   ``^`` becomes ``**``
+``log.NIF`` is a column name       ``log.NIF`` is attribute access          quoted as ```log.NIF```
+``factor(x)``, ``as.factor(x)``    ``C(x)``                                  ``factor`` in the context
+``sqrt``, ``log10``, ``abs``, ...  not defined                               defined in the context
+term names ``I(x^2)``, ``fb``      ``I(x ** 2)``, ``f[T.b]``                 :func:`lme4_name`
+=================================  ======================================  ===============================
+
+``log``, ``exp`` and ``I()`` mean the same in both and pass through.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+# identifiers with a dot that are not calls (``log.NIF``, ``avg.IQ.ver.cen``, but not ``as.factor(``)
+_DOTTED = re.compile(r"(?<![\w.`])([A-Za-z_][\w]*(?:\.[\w]+)+|\.[A-Za-z_][\w.]*)(?![\w.`]*\s*\()")
+_AS_FACTOR = re.compile(r"\bas\.factor\s*\(")
+_UNSUPPORTED = {
+    "offset": "offset() terms are not supported",
+    "poly": "poly() (orthogonal polynomials) is not supported; use I(x^2) terms",
+    "ns": "spline terms ns() are not supported",
+    "bs": "spline terms bs() are not supported",
+    "s": "smooth terms s() belong to GAMs, not to linear mixed models",
+}
+
+
+def _factor(x) -> pd.Series:
+    """R's ``factor``: levels in sorted order, labels as R prints them (``1``, not ``1.0``)."""
+    index = getattr(x, "index", None)
+    if isinstance(getattr(x, "dtype", None), pd.CategoricalDtype):
+        return pd.Series(pd.Categorical(x), index=index)
+    values = pd.Series(np.asarray(x), index=index)
+    if pd.api.types.is_float_dtype(values) and np.all(np.mod(values.dropna(), 1) == 0):
+        values = values.astype("Int64")
+    levels = sorted(pd.unique(values.dropna()))
+    return pd.Series(pd.Categorical(values.astype(str), categories=[str(v) for v in levels]), index=index)
+
+
+CONTEXT = {
+    "factor": _factor,
+    "sqrt": np.sqrt,
+    "log10": np.log10,
+    "log2": np.log2,
+    "log1p": np.log1p,
+    "abs": np.abs,
+    "exp": np.exp,
+    "log": np.log,
+}
+
+
+def required_columns(expr: str) -> set[str]:
+    """Data columns an R expression reads (function names of :data:`CONTEXT` excluded)."""
+    from formulaic import Formula
+
+    return set(Formula(to_formulaic(expr)).required_variables) - set(CONTEXT) - {"np", "C", "I"}
+
+
+def to_formulaic(expr: str) -> str:
+    """Translate an R formula expression (one side, no random terms) into formulaic syntax.
+
+    Raises:
+        ValueError: naming an R construct that has no counterpart here.
+    """
+    for name, why in _UNSUPPORTED.items():
+        if re.search(rf"(?<![\w.]){name}\s*\(", expr):
+            raise ValueError(f"{why} (in {expr!r})")
+    out = _AS_FACTOR.sub("factor(", expr)
+    out = out.replace("^", "**")
+    return _DOTTED.sub(lambda m: f"`{m.group(1)}`", out)
+
+
+def lme4_name(name: str) -> str:
+    """A formulaic column name as lme4 prints it.
+
+    ``Intercept`` -> ``(Intercept)``; ``f[T.b]`` and ``f[b]`` -> ``fb``; ``I(x ** 2)`` -> ``I(x^2)``.
+    """
+    if name == "Intercept":
+        return "(Intercept)"
+    name = re.sub(r"\[T\.([^\]]*)\]", r"\1", name)
+    name = re.sub(r"\[([^\]]*)\]", r"\1", name)
+    return name.replace(" ** ", "^").replace("**", "^").replace("`", "")
