@@ -55,6 +55,7 @@ def configs(args) -> dict[str, dict]:
     }
 
 
+FORMATS = {"corr": ".6f", "rmse": ".2e", "max_abs": ".2e", "fit seconds": ".2f", "test RMSE": ".4f"}
 LME4_KIND = {"tutorial": "ml", "meanfield": "ml", "recommended": "reml"}
 
 
@@ -102,14 +103,14 @@ def main(argv=None) -> dict:
     tables = _tables(fits, lme4, metrics)
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv", index=False)
-        (out / f"{name}.md").write_text(report.markdown(table) + "\n")
+        (out / f"{name}.md").write_text(report.markdown(table, formats=FORMATS) + "\n")
     for (config, which), fit in fits.items():
         fit.ranef().to_csv(out / f"ranef_{config}_{which}.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _figures(fits, lme4, train, test, data, snapshots, out)
     (out / "report.md").write_text(_report_text(metrics, tables, args))
     print(report.markdown(tables["params"]))
-    print(report.markdown(tables["effects"]))
+    print(report.markdown(tables["effects"], formats=FORMATS))
     print(f"wrote {out}")
     return metrics
 
@@ -258,12 +259,14 @@ def _report_text(metrics, tables, args) -> str:
         report.markdown(tables["params"]),
         "",
         "## Random effects against lme4 (joined by level label)",
-        report.markdown(tables["effects"]),
+        report.markdown(tables["effects"], formats=FORMATS),
         "",
         "## Fits",
-        report.markdown(tables["fits"], ".3f"),
+        report.markdown(tables["fits"], formats=FORMATS),
         "",
-        "Test RMSE of the `full` fits is in-sample (the test rows are part of the full data).",
+        "Test RMSE of the `full` fits is in-sample (the test rows are part of the full data). Fit seconds "
+        "include JIT compilation (each configuration compiles once per data shape); see the benchmark for "
+        "warm timings.",
         "",
         "## Where variational EM and lme4 differ, and why",
         f"- Mean-field q drains the department variance: SD dept {mf['sd']['dept']:.4f} (meanfield) and "

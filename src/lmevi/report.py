@@ -284,15 +284,23 @@ def sd_table(fits: dict[str, FitResult]) -> pd.DataFrame:
     return pd.DataFrame({name: fit.sd() for name, fit in fits.items()})
 
 
-def markdown(df: pd.DataFrame, floatfmt: str = ".4f") -> str:
-    """A pipe table (pandas' ``to_markdown`` needs the ``tabulate`` package, which we do not depend on)."""
-    def fmt(v):
+def markdown(df: pd.DataFrame, floatfmt: str = ".4f", formats: dict[str, str] | None = None) -> str:
+    """A pipe table (pandas' ``to_markdown`` needs the ``tabulate`` package, which we do not depend on).
+
+    Args:
+        df: the table.
+        floatfmt: format of float cells.
+        formats: per-column float formats that override ``floatfmt`` (``{"corr": ".6f"}``).
+    """
+    formats = formats or {}
+
+    def fmt(v, col):
         if isinstance(v, (float, np.floating)):
-            return format(v, floatfmt) if np.isfinite(v) else "–"
+            return format(v, formats.get(col, floatfmt)) if np.isfinite(v) else "–"
         return str(v)
 
     cols = [str(c) for c in df.columns]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(fmt(v) for v in row.to_numpy()) + " |")
+        lines.append("| " + " | ".join(fmt(v, c) for v, c in zip(row.to_numpy(), cols)) + " |")
     return "\n".join(lines)
