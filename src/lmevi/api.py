@@ -12,7 +12,7 @@ import optax
 import pandas as pd
 
 from lmevi import family as family_lib
-from lmevi.design import build_design
+from lmevi.design import Design, build_design
 from lmevi.formula import parse_formula
 from lmevi.inference import StopRule, run_cavi, run_optax
 from lmevi.results import FitResult
@@ -148,11 +148,16 @@ def fit(
     else:
         if optimizer is None:
             optimizer = edward_adam() if elbo == "mc" else _lbfgs()
+        # gradient steps are not invariant to the scale of X's columns (coordinate ascent is): fit with
+        # standardised columns and map beta back
+        col_sd = jnp.std(design.X, axis=0)
+        scale = jnp.where(col_sd > 0, col_sd, 1.0)
+        scaled = Design(y=design.y, X=design.X / scale, terms=design.terms)
         params, run = run_optax(
-            design,
+            scaled,
             spec,
-            data_b,
-            init,
+            _block_data(scaled, spec),
+            family_lib.rescale_fixed(init, spec, scale),
             optimizer,
             rule,
             estimator=elbo,
@@ -162,6 +167,8 @@ def fit(
             progress=progress,
             snapshot_steps=snapshot_steps,
         )
+        params = family_lib.rescale_fixed(params, spec, 1.0 / scale)
+        run = run._replace(snapshots={t: family_lib.rescale_fixed(p, spec, 1.0 / scale) for t, p in run.snapshots.items()})
     if not run.converged:
         warnings.warn(
             f"the fit stopped on its step budget ({rule.num_steps} steps) before the ELBO settled "
