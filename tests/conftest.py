@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
 
-import lmevi  # noqa: F401  (importing lmevi switches JAX to float64 before any array is made)
+import lmevi  # importing lmevi switches JAX to float64 before any array is made
 from dense import Problem, make_problem
 from lmevi import family
 from lmevi.family import FamilySpec
@@ -30,6 +32,15 @@ def simulate_crossed(seed: int = 0, n_obs: int = 60, n_g: int = 6, n_h: int = 4)
 def crossed() -> Problem:
     """60 rows, ``(1 + x | g)`` with 6 levels crossed with ``(1 | h)`` with 4 levels."""
     return make_problem(simulate_crossed(), CROSSED_FORMULA)
+
+
+@pytest.fixture(scope="session")
+def crossed_fit(crossed) -> lmevi.FitResult:
+    """The default fit (structured q, beta in q, coordinate ascent) of the crossed design, run to a relative
+    ELBO change of 1e-14; no warning allowed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lmevi.ConvergenceWarning)
+        return lmevi.fit(CROSSED_FORMULA, crossed.frame, tol=1e-14, num_steps=3000, progress=False)
 
 
 # Families of q exercised by the ELBO, family and CAVI tests. With ``small_threshold=5`` the slope term

@@ -47,8 +47,16 @@ def test_update_block_is_the_exact_conditional_posterior(crossed, family_spec):
         np.testing.assert_allclose(got_cov, want_cov, rtol=0, atol=1e-9 * np.abs(want_cov).max())
 
 
-@pytest.mark.parametrize("residual_scale", [None, 1.0], ids=["sigma-estimated", "sigma-fixed"])
-def test_sweeps_never_decrease_the_elbo(crossed, family_spec, residual_scale):
+def test_sweeps_never_decrease_the_elbo(crossed, family_spec):
+    check_monotone_sweeps(crossed, family_spec, residual_scale=None)
+
+
+@pytest.mark.parametrize("family_spec", ["arrowhead-reml"], indirect=True)
+def test_sweeps_with_fixed_sigma_never_decrease_the_elbo(crossed, family_spec):
+    check_monotone_sweeps(crossed, family_spec, residual_scale=1.0)
+
+
+def check_monotone_sweeps(crossed, family_spec, residual_scale):
     """50 sweeps from the fit's starting point; the ELBO after every block pass and every M-step."""
     design = crossed.design
     data = block_data(design, family_spec)
@@ -62,14 +70,16 @@ def test_sweeps_never_decrease_the_elbo(crossed, family_spec, residual_scale):
         # m_step's own ELBO is the closed form at its output (same sums, other order: 1e-12 relative)
         assert float(reported) == pytest.approx(trace[-1], rel=1e-12)
     trace = np.array(trace)
-    # every step maximises the ELBO exactly in its variables, so it can only go up; 1e-10 relative
-    # tolerates the rounding of a ~100-term float64 sum near the optimum, where steps become ~1e-14
-    assert np.all(np.diff(trace) >= -1e-10 * np.abs(trace[1:]))
+    # every step maximises the ELBO exactly in its variables, so it can only go up; near the optimum the
+    # steps shrink to rounding of a ~100-term float64 sum (measured down-steps at most 2e-16 relative)
+    assert np.all(np.diff(trace) >= -1e-12 * np.abs(trace[1:]))
     assert trace[-1] > trace[0] + 1.0  # and the sweeps do move it
     if residual_scale is not None:
         assert float(params.model.sigma) == residual_scale
 
 
+# the M-step's formulas differ only where beta is a point estimate (ML) or in a block with a large term
+@pytest.mark.parametrize("family_spec", ["meanfield-ml", "arrowhead-reml"], indirect=True)
 def test_m_step_is_a_stationary_point_of_the_elbo(crossed, family_spec):
     """Given q, the M-step's beta, Sigma_k (through L_k) and sigma zero the ELBO's gradient."""
     design = crossed.design
@@ -78,9 +88,8 @@ def test_m_step_is_a_stationary_point_of_the_elbo(crossed, family_spec):
     params, _ = m_step(design, family_spec, params, data, estimate_sigma=True)
     grad = jax.jit(jax.grad(elbo.closed_form), static_argnames="spec")(params, design, spec=family_spec, data=data)
     leaves = jax.tree_util.tree_leaves(grad.model)
-    # before the M-step these gradients are O(10-100); at the optimum they are float64 rounding of
-    # sums of ~100 terms of size O(100): 1e-8 absolute
-    assert leaves and max(float(np.abs(g).max()) for g in leaves) < 1e-8
+    # before the M-step these gradients are O(10-100); after it, rounding (measured <= 1.4e-14)
+    assert leaves and max(float(np.abs(g).max()) for g in leaves) < 1e-10
 
 
 def test_m_step_covariances_are_the_average_second_moments(crossed, family_spec):

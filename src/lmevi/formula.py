@@ -105,6 +105,10 @@ def parse_formula(text: str) -> Formula:
 
     fixed_parts: list[str] = []
     random: list[RandomTerm] = []
+    if len(_split_top(rhs, "|")) > 1 or len(_split_top(rhs, "||")) > 1:
+        # R reads ``y ~ 1 | g`` as ``y ~ (1 | g)``: '|' binds looser than '+', so the whole right side is
+        # one random term and the fixed part is the intercept (lme4's nobars gives ``y ~ 1``)
+        rhs = f"({rhs})"
     for sign, term in _signed_terms(rhs):
         inner = _random_inner(term)
         if inner is None:

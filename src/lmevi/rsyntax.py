@@ -9,7 +9,8 @@ R                                  formulaic                               here
 ``x^2`` is a power inside ``I()``  ``^`` is XOR in Python                   ``^`` becomes ``**``
 ``log.NIF`` is a column name       ``log.NIF`` is attribute access          quoted as ```log.NIF```
 ``factor(x)``, ``as.factor(x)``    ``C(x)``                                  ``factor`` in the context
-``sqrt``, ``log10``, ``abs``, ...  not defined                               defined in the context
+``ordered(x)`` (polynomial)         ``C(x, contr.poly)``                      translated, names mapped back
+``sqrt``, ``sin``, ``pi``, ...     not defined                               defined in the context
 term names ``I(x^2)``, ``fb``      ``I(x ** 2)``, ``f[T.b]``                 :func:`lme4_name`
 =================================  ======================================  ===============================
 
@@ -26,6 +27,8 @@ import pandas as pd
 # identifiers with a dot that are not calls (``log.NIF``, ``avg.IQ.ver.cen``, but not ``as.factor(``)
 _DOTTED = re.compile(r"(?<![\w.`])([A-Za-z_][\w]*(?:\.[\w]+)+|\.[A-Za-z_][\w.]*)(?![\w.`]*\s*\()")
 _AS_FACTOR = re.compile(r"\bas\.factor\s*\(")
+_ORDERED = re.compile(r"(?<![\w.])ordered\s*\(([^()]*)\)")
+_POLY_NAME = re.compile(r"C\(([^,()]+), contr\.poly\)")
 _UNSUPPORTED = {
     "offset": "offset() terms are not supported",
     "poly": "poly() (orthogonal polynomials) is not supported; use I(x^2) terms",
@@ -56,6 +59,10 @@ CONTEXT = {
     "abs": np.abs,
     "exp": np.exp,
     "log": np.log,
+    "sin": np.sin,
+    "cos": np.cos,
+    "tan": np.tan,
+    "pi": np.pi,
 }
 
 
@@ -63,7 +70,17 @@ def required_columns(expr: str) -> set[str]:
     """Data columns an R expression reads (function names of :data:`CONTEXT` excluded)."""
     from formulaic import Formula
 
-    return set(Formula(to_formulaic(expr)).required_variables) - set(CONTEXT) - {"np", "C", "I"}
+    # formulaic's required_variables splits quoted names at their dots: stand in plain names for them
+    quoted: dict[str, str] = {}
+
+    def hold(m):
+        key = f"__lmevi_q{len(quoted)}__"
+        quoted[key] = m.group(1)
+        return key
+
+    plain = re.sub(r"`([^`]*)`", hold, to_formulaic(expr))
+    names = set(Formula(plain).required_variables) - set(CONTEXT) - {"np", "C", "I", "contr"}
+    return {quoted.get(n, n) for n in names}
 
 
 def to_formulaic(expr: str) -> str:
@@ -77,7 +94,8 @@ def to_formulaic(expr: str) -> str:
             raise ValueError(f"{why} (in {expr!r})")
     out = _AS_FACTOR.sub("factor(", expr)
     out = out.replace("^", "**")
-    return _DOTTED.sub(lambda m: f"`{m.group(1)}`", out)
+    out = _DOTTED.sub(lambda m: f"`{m.group(1)}`", out)
+    return _ORDERED.sub(lambda m: f"C({m.group(1).strip()}, contr.poly)", out)
 
 
 def lme4_name(name: str) -> str:
@@ -87,6 +105,7 @@ def lme4_name(name: str) -> str:
     """
     if name == "Intercept":
         return "(Intercept)"
+    name = _POLY_NAME.sub(r"ordered(\1)", name)
     name = re.sub(r"\[T\.([^\]]*)\]", r"\1", name)
     name = re.sub(r"\[([^\]]*)\]", r"\1", name)
     return name.replace(" ** ", "^").replace("**", "^").replace("`", "")

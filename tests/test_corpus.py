@@ -1,0 +1,139 @@
+"""The model corpus against its committed baseline (``results/corpus/corpus.csv``).
+
+``experiments/corpus.py`` fits every model of ``experiments/corpus_models.csv`` (linear mixed models
+documented in R packages and books) with ``lmevi.fit`` and compares each fit with lme4's (saved under
+``results/lme4/corpus/``; nothing here needs R). A full run takes a few minutes, so these tests
+
+* check the committed baseline file itself: one row per model and kind, statuses consistent with the
+  metrics they summarise (this is what covers the models not re-run here), and
+* re-run a representative subset (:data:`RERUN`, marked ``slow``) and assert that nothing regresses: every
+  model that fitted in the baseline still fits, the number that fit does not drop, and every metric is no
+  worse than its baseline value plus ``TOL_REL`` of it plus ``TOL_ABS``.
+
+After a change that improves the corpus, refresh the baseline with ``python experiments/corpus.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = ROOT / "results" / "corpus" / "corpus.csv"
+
+# Models re-run here: one per main feature (singular fit, crossed and nested intercepts, ||, correlated
+# and categorical random slopes, I(), categorical fixed effects, missing values, a transformed response)
+# plus formulas that failed when the baseline was made, whose failure is cheap to re-check.
+RERUN = (
+    "dyestuff2",
+    "penicillin",
+    "pastes_nested",
+    "sleepstudy_dblbar",
+    "machines_slopes",
+    "orthodont_centred",
+    "gcsemv_course",
+    "blackmore",
+    "dyestuff",
+    "ovary",
+    "bdf_slope",
+    "sitka",
+)
+
+# A metric may grow by 10% of its baseline value plus 2e-3 (on scales where 1e-3 is an exact match and
+# 5e-2 a close one) before it counts as a regression.
+TOL_REL = 0.10
+TOL_ABS = 2e-3
+
+
+def _load_corpus():
+    spec = importlib.util.spec_from_file_location("corpus", ROOT / "experiments" / "corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("corpus", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+corpus = _load_corpus()
+
+
+def _bool(v) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() == "true"
+    return corpus._flag(v)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> pd.DataFrame:
+    return pd.read_csv(BASELINE, keep_default_na=True)
+
+
+def test_baseline_covers_the_corpus(baseline):
+    names = [s["name"] for s in corpus.read_models()]
+    assert len(names) >= 40 and len(set(names)) == len(names)
+    got = set(zip(baseline["name"], baseline["kind"]))
+    assert got == {(n, k) for n in names for k in corpus.KINDS}
+    assert set(baseline["status"]) <= set(corpus.STATUSES)
+
+
+def test_baseline_statuses_follow_from_their_metrics(baseline):
+    for r in baseline.to_dict("records"):
+        row = dict(r)
+        for key in ("fits", "lme4_fits", "data_ok"):
+            row[key] = _bool(row[key])
+        row["unmatched"] = "" if pd.isna(row["unmatched"]) else row["unmatched"]
+        for m in corpus.METRICS:
+            row[m] = None if pd.isna(row[m]) else float(row[m])
+        assert corpus.status_of(row) == r["status"], (r["name"], r["kind"])
+
+
+def test_rerun_subset_is_in_the_corpus():
+    names = {s["name"] for s in corpus.read_models()}
+    assert set(RERUN) <= names
+
+
+@pytest.fixture(scope="module")
+def rerun() -> pd.DataFrame:
+    specs = [s for s in corpus.read_models() if s["name"] in RERUN]
+    return corpus.run(specs, echo=None)
+
+
+def _pairs(baseline, rerun):
+    base = baseline.set_index(["name", "kind"])
+    for r in rerun.to_dict("records"):
+        yield r, base.loc[(r["name"], r["kind"])]
+
+
+@pytest.mark.slow
+def test_coverage_does_not_regress(baseline, rerun):
+    base = baseline[baseline["name"].isin(RERUN)]
+    assert int(rerun["fits"].astype(bool).sum()) >= int(base["fits"].map(_bool).sum())
+    lost = [(r["name"], r["kind"], r["error"]) for r, b in _pairs(baseline, rerun)
+            if _bool(b["fits"]) and not r["fits"]]
+    assert not lost, f"models that fitted in the baseline fail now: {lost}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", corpus.METRICS)
+def test_accuracy_does_not_regress(baseline, rerun, metric):
+    worse = []
+    for r, b in _pairs(baseline, rerun):
+        old = b[metric]
+        if pd.isna(old) or not r["fits"]:
+            continue  # nothing to compare in the baseline; a lost fit fails the coverage test
+        new = r[metric]
+        if new is None or not math.isfinite(new) or new > old * (1 + TOL_REL) + TOL_ABS:
+            worse.append((r["name"], r["kind"], float(old), new))
+    assert not worse, f"{metric} regressed (name, kind, baseline, now): {worse}"
+
+
+@pytest.mark.slow
+def test_singular_fit_agreement_does_not_regress(baseline, rerun):
+    lost = [(r["name"], r["kind"]) for r, b in _pairs(baseline, rerun)
+            if not pd.isna(b["singular_agree"]) and _bool(b["singular_agree"])
+            and r["singular_agree"] is not None and not r["singular_agree"]]
+    assert not lost, f"singular-fit agreement lost for {lost}"

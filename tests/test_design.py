@@ -1,0 +1,133 @@
+"""Design arrays: shapes and dtypes, level coding and labels, and no dense Z anywhere."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from lmevi.design import build_design, term_rows
+from lmevi.formula import parse_formula
+
+
+def build(formula: str, frame: pd.DataFrame):
+    return build_design(parse_formula(formula), frame)
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = 40
+    return pd.DataFrame(
+        {
+            "y": rng.normal(size=n),
+            "x": rng.normal(size=n),
+            "f": np.resize(["lo", "mid", "hi"], n),
+            "g": np.resize([10, 2, 33, 4], n),
+            "a": np.resize(["A", "B"], n),
+            "b": np.repeat(["p", "q", "r", "s"], n // 4),
+        }
+    )
+
+
+def test_shapes_and_dtypes(crossed):
+    design, info = crossed.design, crossed.info
+    n = len(crossed.frame)
+    assert design.y.shape == (n,) and design.y.dtype == jnp.float64
+    assert design.X.shape == (n, 2) and design.X.dtype == jnp.float64
+    assert info.fixed_names == ("(Intercept)", "x")
+    (g, h), (ig, ih) = design.terms, info.terms
+    assert g.index.shape == (n,) and g.index.dtype == jnp.int32
+    assert g.covariates.shape == (n, 2) and g.covariates.dtype == jnp.float64
+    assert h.covariates.shape == (n, 1)
+    assert (g.n_levels, h.n_levels) == (6, 4)
+    assert ig.coef_names == ("(Intercept)", "x") and ih.coef_names == ("(Intercept)",)
+    assert sum(ig.counts) == n and min(ig.counts) > 0
+
+
+def test_codes_point_at_each_rows_label(crossed):
+    for term, info in zip(crossed.design.terms, crossed.info.terms):
+        (col,) = info.group_columns
+        labels = np.asarray(info.levels)[np.asarray(term.index)]
+        assert list(labels) == list(crossed.frame[col].astype(str))
+
+
+def test_covariates_are_the_per_level_design(crossed):
+    g = crossed.design.terms[0]
+    np.testing.assert_array_equal(g.covariates[:, 0], 1.0)
+    np.testing.assert_array_equal(g.covariates[:, 1], crossed.frame["x"].to_numpy())
+
+
+def test_no_array_grows_with_the_number_of_levels():
+    """A dense Z would be (n_obs, J p): with J = n_obs / 4 levels every stored array must stay O(n_obs p)."""
+    n = 400
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "g": np.resize(np.arange(n // 4), n)})
+    design, info = build("y ~ x + (1 + x | g)", frame)
+    assert info.terms[0].n_levels == n // 4
+    for leaf in jax.tree_util.tree_leaves(design):
+        assert leaf.shape[0] == n and leaf.size <= 2 * n
+
+
+def test_design_is_a_pytree_that_jit_accepts(crossed):
+    f = jax.jit(lambda d: d.X.sum() + sum(t.covariates.sum() + t.index.sum() for t in d.terms))
+    want = float(crossed.design.X.sum()) + sum(
+        float(t.covariates.sum()) + int(t.index.sum()) for t in crossed.design.terms
+    )
+    assert float(f(crossed.design)) == pytest.approx(want, rel=1e-12)  # sums of small integers and O(1) floats
+
+
+def test_integer_levels_sort_numerically_with_string_labels(frame):
+    _, info = build("y ~ (1 | g)", frame)
+    assert info.terms[0].levels == ("2", "4", "10", "33")
+
+
+def test_string_levels_sort_alphabetically(frame):
+    _, info = build("y ~ (1 | f)", frame)
+    assert info.terms[0].levels == ("hi", "lo", "mid")
+
+
+def test_categorical_keeps_unused_categories(frame):
+    data = frame.assign(f=pd.Categorical(frame["f"], categories=["mid", "lo", "hi", "never"]))
+    design, info = build("y ~ (1 | f)", data)
+    assert info.terms[0].levels == ("mid", "lo", "hi", "never")  # category order, unused level kept
+    assert info.terms[0].counts[-1] == 0
+    assert design.terms[0].n_levels == 4
+    assert set(np.unique(design.terms[0].index)) == {0, 1, 2}
+
+
+def test_interaction_and_nesting_labels(frame):
+    _, info = build("y ~ (1 | a:b)", frame)
+    (interaction,) = info.terms
+    assert interaction.group == "a:b"
+    assert interaction.levels == ("A:p", "A:q", "A:r", "A:s", "B:p", "B:q", "B:r", "B:s")  # the pairs that occur
+    _, info = build("y ~ (1 | b/a)", frame)  # expands to (1 | b) + (1 | a:b), labelled "<a>:<b>"
+    outer, nested = info.terms
+    assert (outer.group, nested.group) == ("b", "a:b")
+    assert outer.levels == ("p", "q", "r", "s")
+    assert nested.levels == interaction.levels
+
+
+def test_fixed_effect_names_follow_lme4(frame):
+    _, info = build("y ~ x + f + (1 | g)", frame)
+    assert info.fixed_names == ("(Intercept)", "x", "flo", "fmid")  # treatment coding, first level dropped
+    _, info = build("y ~ 0 + x + (1 | g)", frame)
+    assert info.fixed_names == ("x",)
+    _, info = build("y ~ x - 1 + (1 | g)", frame)
+    assert info.fixed_names == ("x",)
+
+
+def test_transformed_response_is_evaluated(frame):
+    data = frame.assign(y=np.exp(frame["y"]))
+    design, _ = build("log(y) ~ x + (1 | g)", data)
+    np.testing.assert_allclose(design.y, frame["y"], rtol=1e-14)  # log(exp(v)): rounding only
+
+
+def test_new_rows_get_codes_and_unseen_labels_get_minus_one(crossed):
+    new = pd.DataFrame({"x": [0.5, -1.0, 2.0], "g": ["g3", "unseen", "g0"], "h": ["h0", "h1", "h2"]})
+    codes, cov = term_rows(crossed.info.terms[0], new)
+    levels = crossed.info.terms[0].levels
+    assert list(codes) == [levels.index("g3"), -1, levels.index("g0")]
+    np.testing.assert_array_equal(cov, [[1.0, 0.5], [1.0, -1.0], [1.0, 2.0]])

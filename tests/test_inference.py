@@ -1,0 +1,181 @@
+"""Fitting loops: the stop rule, coordinate ascent against L-BFGS, and recovery of simulated truth."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import numpy as np
+import optax
+import pandas as pd
+import pytest
+
+import lmevi
+from lmevi import elbo, family, inference
+from lmevi.inference import StopRule
+
+block_data = jax.jit(family.block_data, static_argnames="spec")
+closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
+
+
+@pytest.fixture(scope="module")
+def arrowhead(crossed):
+    """The crossed design under the arrowhead family (large ``g``, small ``h`` and beta in one block)."""
+    spec = family.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
+    data = block_data(crossed.design, spec)
+    init = family.init_params(crossed.design, spec, residual_scale=None)
+    return crossed.design, spec, data, init
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stop rule
+
+
+def test_cavi_stops_at_the_first_step_that_meets_the_tolerance(arrowhead):
+    design, spec, data, init = arrowhead
+    tol = 1e-8
+    params, run = inference.run_cavi(design, spec, data, init, StopRule(num_steps=500, tol=tol), progress=False)
+    trace = run.elbo_trace
+    assert run.converged and run.steps == len(trace) < 500
+    change = np.abs(np.diff(trace)) / np.abs(trace[1:])
+    assert change[-1] <= tol  # the rule holds at the last step ...
+    assert np.all(change[:-1] > tol)  # ... and at no step before it
+    # the trace is the ELBO of the returned parameters (same function, other compilation: 1e-12 relative)
+    assert trace[-1] == pytest.approx(float(closed_form(params, design, spec, data)), rel=1e-12)
+
+
+def test_windowed_rule_compares_means_of_consecutive_windows(arrowhead):
+    design, spec, data, init = arrowhead
+    tol, w = 1e-6, 3
+    _, run = inference.run_cavi(design, spec, data, init, StopRule(num_steps=500, tol=tol, window=w), progress=False)
+    trace = run.elbo_trace
+    assert run.converged
+    means = np.array([trace[t - w + 1 : t + 1].mean() for t in range(2 * w - 1, len(trace))])
+    prev = np.array([trace[t - 2 * w + 1 : t - w + 1].mean() for t in range(2 * w - 1, len(trace))])
+    met = np.abs(means - prev) <= tol * np.abs(means)
+    assert met[-1] and not met[:-1].any()
+
+
+def test_chunking_does_not_change_the_run(arrowhead):
+    """The host loop pauses every ``chunk`` steps for the progress bar; the computation must not notice."""
+    design, spec, data, init = arrowhead
+    rule = StopRule(num_steps=500, tol=1e-8)  # the rule of the test above: no new compilation
+    a, run_a = inference.run_cavi(design, spec, data, init, rule, progress=False)
+    b, run_b = inference.run_cavi(design, spec, data, init, rule, chunk=2, progress=False)
+    assert run_a.steps == run_b.steps > 2
+    # identical operations in a different number of compiled calls: 1e-12 relative
+    np.testing.assert_allclose(run_a.elbo_trace, run_b.elbo_trace, rtol=1e-12)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_lbfgs_refuses_the_monte_carlo_elbo(arrowhead):
+    design, spec, data, init = arrowhead
+    with pytest.raises(ValueError, match="deterministic"):
+        inference.run_optax(design, spec, data, init, optax.lbfgs(), StopRule(5, 0.0), estimator="mc")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tier 2: coordinate ascent and L-BFGS reach the same optimum
+
+
+@pytest.fixture(scope="module")
+def cavi_and_lbfgs(crossed, crossed_fit):
+    """Both methods on the crossed design, exact (structured) q with beta in q, run to tight tolerances."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lmevi.ConvergenceWarning)
+        lbfgs = lmevi.fit(
+            crossed_fit.info.formula.text, crossed.frame, method="optax", tol=1e-14, num_steps=3000, progress=False
+        )
+    return crossed_fit, lbfgs
+
+
+def test_cavi_and_lbfgs_reach_the_same_estimates(cavi_and_lbfgs):
+    cavi, lbfgs = cavi_and_lbfgs
+    # Both stop where the relative ELBO change is 1e-14; the estimates then sit within ~sqrt(1e-14)
+    # relative of the optimum along its flattest direction. Measured: 2e-7 (SDs), 2e-8 (beta),
+    # 1.3e-7 (effects, absolute, on a scale of 1); 1e-5 leaves room for the stopping point.
+    np.testing.assert_allclose(lbfgs.varcorr()["sdcor"], cavi.varcorr()["sdcor"], rtol=1e-5)
+    np.testing.assert_allclose(lbfgs.fixef(), cavi.fixef(), rtol=1e-5)
+    np.testing.assert_allclose(lbfgs.ranef()["condval"], cavi.ranef()["condval"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lbfgs.ranef()["condsd"], cavi.ranef()["condsd"], rtol=1e-5)
+
+
+def test_cavi_and_lbfgs_parameters_have_the_same_elbo(cavi_and_lbfgs, crossed):
+    """Recomputed from each result's parameters: agree to the stopping tolerance (measured 1e-14 relative)."""
+    cavi, lbfgs = cavi_and_lbfgs
+    data = block_data(crossed.design, cavi.spec)
+    a = float(closed_form(cavi.params, crossed.design, cavi.spec, data))
+    b = float(closed_form(lbfgs.params, crossed.design, lbfgs.spec, data))
+    assert b == pytest.approx(a, rel=1e-10)
+    assert cavi.elbo == pytest.approx(a, rel=1e-12)  # the CAVI trace is the ELBO of its parameters
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    reason="the optax path fits with standardised X columns; with beta in q (reml=True) the flat prior's "
+    "bound is not invariant to that rescaling, so its reported ELBO (and FitResult.loglik) is off by "
+    "sum(log sd(X_j)) from the ELBO of the returned parameters",
+    strict=True,
+)
+def test_lbfgs_reported_elbo_is_the_elbo_of_its_parameters(cavi_and_lbfgs, crossed):
+    cavi, lbfgs = cavi_and_lbfgs
+    data = block_data(crossed.design, lbfgs.spec)
+    recomputed = float(closed_form(lbfgs.params, crossed.design, lbfgs.spec, data))
+    # at convergence the last trace value is the ELBO at the returned parameters: 1e-10 relative
+    assert lbfgs.elbo == pytest.approx(recomputed, rel=1e-10)
+    assert lbfgs.elbo == pytest.approx(cavi.elbo, rel=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tier 3: recovery of simulated variance components and effects
+
+
+TRUE_SD = {"a": 1.0, "b": 0.6, "c": 0.4}
+LEVELS = {"a": 200, "b": 80, "c": 10}
+SIGMA = 0.8
+N_OBS = 3000
+
+
+@pytest.fixture(scope="module")
+def recovery():
+    """3000 rows, three crossed factors with 200, 80 and 10 levels (every level used), one covariate."""
+    rng = np.random.default_rng(2024)
+    codes = {k: rng.permutation(np.resize(np.arange(J), N_OBS)) for k, J in LEVELS.items()}
+    effects = {k: rng.normal(0.0, TRUE_SD[k], LEVELS[k]) for k in LEVELS}
+    x = rng.normal(size=N_OBS)
+    noise = rng.normal(0.0, SIGMA, N_OBS)
+    y = 2.0 + 0.5 * x + sum(effects[k][codes[k]] for k in LEVELS) + noise
+    frame = pd.DataFrame({"y": y, "x": x, **codes})
+    result = lmevi.fit("y ~ x + (1 | a) + (1 | b) + (1 | c)", frame, progress=False)
+    return result, effects, noise
+
+
+def test_recovers_variance_components(recovery):
+    """Each fitted SD against the SD of the effects actually drawn (ddof=1: the intercept absorbs their mean).
+
+    Given the draws, the error of a variance estimate from ``J`` levels whose means carry noise variance
+    ``c = sigma^2 J / n`` is about ``sqrt((2 c^2 + 4 S c) / J)`` on ``S``; we allow 3 of those, halved for
+    the SD: 2% (a), 3.5% (b), 5% (c); 2.4% for the residual SD (3 / sqrt(2 n)).
+    """
+    result, effects, noise = recovery
+    sd = result.sd()
+    for k, b in effects.items():
+        J = LEVELS[k]
+        S, c = np.var(b, ddof=1), SIGMA**2 * J / N_OBS
+        tol = 3 * 0.5 * np.sqrt((2 * c**2 + 4 * S * c) / J) / S
+        assert sd[k] == pytest.approx(np.std(b, ddof=1), rel=tol), k
+    assert sd["Residual"] == pytest.approx(np.std(noise), rel=3 / np.sqrt(2 * N_OBS))
+
+
+def test_recovers_effects_and_fixed_effects(recovery):
+    result, effects, _ = recovery
+    ranef = result.ranef()
+    for k, b in effects.items():
+        rows = ranef[ranef["grpvar"] == k]
+        truth = b[rows["grp"].astype(int).to_numpy()]  # joined by level label, not by position
+        # shrinkage estimates against the truth: reliability S / (S + c) >= 0.95 for every factor here,
+        # so the correlation is about sqrt(0.95) = 0.975 or more; measured 0.970 - 0.991
+        assert np.corrcoef(rows["condval"], truth)[0, 1] >= 0.95, k
+    # slope of x: standard error sigma / sqrt(n) = 0.015; 4 of those
+    assert result.fixef()["x"] == pytest.approx(0.5, abs=4 * SIGMA / np.sqrt(N_OBS))
