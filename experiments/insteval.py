@@ -198,12 +198,12 @@ def _tables(fits, lme4, metrics) -> dict[str, pd.DataFrame]:
 
 def _figures(fits, lme4, train, test, data, snapshots, out: Path) -> None:
     tut = fits["tutorial", "train"]
-    report.plot_residual_panel(
-        {t: _test_residuals(tut.at_step(t), test) for t in snapshots},
+    report.plot_residual_histograms(
+        {f"step {t}": _test_residuals(tut.at_step(t), test) for t in snapshots},
         out / "residuals_during_training.png",
         "Residuals for predicted ratings on the test set, tutorial configuration (fit on the training split)",
     )
-    report.plot_final_residuals(
+    report.plot_residual_histograms(
         {c: _test_residuals(fits[c, "train"], test) for c in ("tutorial", "meanfield", "recommended")},
         out / "residuals_final.png",
         "Residuals for predicted ratings on the test set after training (fit on the training split)",

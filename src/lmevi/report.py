@@ -93,36 +93,21 @@ def effect_agreement(joined: pd.DataFrame, condsd_band: float = 0.05) -> pd.Data
 # figures
 
 
-def plot_residual_panel(residuals: dict[int, np.ndarray], path: Path, title: str) -> None:
-    """The tutorial's residual histograms (75 bins, x in [-4, 4]) at several steps, as one panel."""
-    steps = sorted(residuals)
-    cols = min(3, len(steps))
-    rows = int(np.ceil(len(steps) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
-    for ax, step in zip(axes.ravel(), steps):
-        r = residuals[step]
+def plot_residual_histograms(residuals: dict[str, np.ndarray], path: Path, title: str, cols: int = 3) -> None:
+    """Histograms of test-set residuals with the tutorial's axes (75 bins, x in [-4, 4]), one panel per
+    entry: the fit at several steps, or several fits after training."""
+    cols = min(cols, len(residuals))
+    rows = int(np.ceil(len(residuals) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    for ax, (label, r) in zip(axes.ravel(), residuals.items()):
         ax.hist(r, 75, color="C0")
         ax.set_xlim(-4, 4)
-        ax.set_title(f"step {step}: mean {np.mean(r):+.3f}, sd {np.std(r):.3f}", fontsize=9)
+        ax.set_title(f"{label}: mean {np.mean(r):+.3f}, RMSE {np.sqrt(np.mean(r**2)):.3f}", fontsize=9)
         ax.set_xlabel("predicted - observed rating")
-    for ax in axes.ravel()[len(steps):]:
+    for ax in axes.ravel()[len(residuals):]:
         ax.axis("off")
-    axes[0, 0].set_ylabel("test-set rows")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_final_residuals(residuals: dict[str, np.ndarray], path: Path, title: str) -> None:
-    """Post-convergence residual histograms of several configurations, tutorial axes."""
-    fig, axes = plt.subplots(1, len(residuals), figsize=(4.2 * len(residuals), 3.3), squeeze=False, sharey=True)
-    for ax, (name, r) in zip(axes[0], residuals.items()):
-        ax.hist(r, 75, color="C0")
-        ax.set_xlim(-4, 4)
-        ax.set_title(f"{name}\nmean {np.mean(r):+.3f}, RMSE {np.sqrt(np.mean(r**2)):.3f}", fontsize=9)
-        ax.set_xlabel("predicted - observed rating")
-    axes[0, 0].set_ylabel("test-set rows")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test-set rows")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -220,8 +205,12 @@ def plot_department_pairing(
 
 def plot_elbo_traces(traces: dict[str, np.ndarray], path: Path) -> None:
     """ELBO against step for each fit, one panel per fit (the objectives differ: sigma fixed or not)."""
-    fig, axes = plt.subplots(1, len(traces), figsize=(4.2 * len(traces), 3.3), squeeze=False)
-    for ax, (name, tr) in zip(axes[0], traces.items()):
+    cols = min(2, len(traces))
+    rows = int(np.ceil(len(traces) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.ravel()[len(traces):]:
+        ax.axis("off")
+    for ax, (name, tr) in zip(axes.ravel(), traces.items()):
         steps = np.arange(1, len(tr) + 1)
         ax.plot(steps, tr, lw=0.8)
         ax.set_xscale("log")
@@ -229,7 +218,7 @@ def plot_elbo_traces(traces: dict[str, np.ndarray], path: Path) -> None:
         ax.set_ylim(lo - 0.02 * abs(lo - tr.max()), tr.max() + 0.05 * abs(tr.max() - lo))
         ax.set_title(f"{name}\nfinal ELBO {tr[-1]:.1f} after {len(tr)} steps", fontsize=9)
         ax.set_xlabel("step")
-    axes[0, 0].set_ylabel("ELBO")
+        ax.set_ylabel("ELBO")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
