@@ -250,24 +250,34 @@ def squarem_step(sweep, params: VIParams, residual_scale):
     boundary fit); SQUAREM extrapolates along two plain sweeps in the unconstrained coordinates (so any
     extrapolated point is a valid q and valid SDs), then takes one sweep from there. That result is kept only
     when its ELBO is at least that of the two plain sweeps (else those are), so the ELBO never decreases.
+    The three sweeps run in one ``fori_loop`` so that the sweep is compiled once.
 
     Returns:
         ``(params, elbo)`` after three sweeps.
     """
-    p1, _ = sweep(params)
-    p2, e2 = sweep(p1)
     x0, unravel = ravel_pytree(family.to_unconstrained(params))
-    x1, _ = ravel_pytree(family.to_unconstrained(p1))
-    x2, _ = ravel_pytree(family.to_unconstrained(p2))
-    r = x1 - x0
-    v = x2 - x1 - r
-    alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
-    alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
-    x_new = x0 - 2.0 * alpha * r + alpha**2 * v
-    p3, e3 = sweep(family.to_constrained(unravel(x_new), residual_scale))
+    pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
+
+    def extrapolate(p1, p2):
+        x1, _ = ravel_pytree(family.to_unconstrained(p1))
+        x2, _ = ravel_pytree(family.to_unconstrained(p2))
+        r = x1 - x0
+        v = x2 - x1 - r
+        alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
+        alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
+        return family.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), residual_scale)
+
+    def body(i, c):
+        cur, p1, p2, e2, e3 = c
+        out, e = sweep(pick(i == 2, extrapolate(p1, p2), cur))
+        p1 = pick(i == 0, out, p1)
+        p2 = pick(i == 1, out, p2)
+        return out, p1, p2, jnp.where(i == 1, e, e2), jnp.where(i == 2, e, e3)
+
+    nan = jnp.asarray(jnp.nan, x0.dtype)
+    p3, _, p2, e2, e3 = jax.lax.fori_loop(0, 3, body, (params, params, params, nan, nan))
     take = jnp.isfinite(e3) & (e3 >= e2)
-    params = jax.tree_util.tree_map(lambda a, b: jnp.where(take, a, b), p3, p2)
-    return params, jnp.where(take, e3, e2)
+    return pick(take, p3, p2), jnp.where(take, e3, e2)
 
 
 @partial(jax.jit, static_argnames=("spec", "residual_scale", "rule", "accelerate"))
