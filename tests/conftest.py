@@ -1,4 +1,4 @@
-"""Shared fixtures: small simulated designs in float64, built once per session."""
+"""Shared fixtures: small simulated designs in float64, each built once per test run."""
 
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def fits(frame):
         "categorical": frame.assign(g=pd.Categorical(frame["g"]), h=pd.Categorical(frame["h"])),
     }
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return {k: lmevi.fit(FORMULA, v, progress=False) for k, v in variants.items()}
+        warnings.simplefilter("error", UserWarning)  # lmevi's warnings (convergence, singular fit, ...)
+        return {k: lmevi.fit(FORMULA, v, tol=1e-14, progress=False) for k, v in variants.items()}
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +70,12 @@ def bad_frames(frame: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, str]]:
     }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "nan response",
-        "inf response",
-        "nan predictor",
-        "inf predictor",
-        "nan group",
-        "inf group",
-        "text response",
-        "categorical response",
-        "one level",
-        "one used category",
-        "empty",
-    ],
-)
-def test_bad_data_raises_value_error_naming_the_problem(frame, case):
-    data, names = bad_frames(frame)[case]
+BAD_DATA = bad_frames(simulate())
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_raises_value_error_naming_the_problem(case):
+    data, names = BAD_DATA[case]
     with pytest.raises(ValueError, match=names):
         lmevi.fit(FORMULA, data, progress=False)
 
@@ -126,6 +114,12 @@ def test_data_must_be_a_data_frame(frame):
         (dict(num_samples=0), "num_samples"),
         (dict(dtype="float16"), "dtype"),
         (dict(num_steps=-5), "num_steps"),
+        (dict(num_steps=0), "num_steps"),
+        (dict(num_steps=2.5), "num_steps"),
+        (dict(window=0), "window"),
+        (dict(tol=-1.0), "tol"),
+        (dict(tol=float("nan")), "tol"),
+        (dict(missing="ignore"), "missing"),
         (dict(elbo="mc", optimizer=optax.lbfgs()), "deterministic"),
     ],
 )
@@ -134,34 +128,13 @@ def test_bad_options_raise_value_error_naming_the_option(frame, options, names):
         lmevi.fit(FORMULA, frame, progress=False, **options)
 
 
-@pytest.mark.xfail(
-    reason="fit() reads `num_steps or default` and `window or default`, so num_steps=0 and window=0 silently "
-    "become the defaults; a negative or NaN tol is accepted although no fit can ever meet it",
-    raises=pytest.fail.Exception,  # "DID NOT RAISE", and nothing else
-    strict=True,
-)
-def test_out_of_range_stop_rule_options_are_refused(frame):
-    # each unchecked value runs a whole fit before the test fails: keep them in one test
-    cases = [
-        (dict(num_steps=0), "num_steps"),
-        (dict(window=0, num_steps=5), "window"),
-        (dict(tol=-1.0, num_steps=5), "tol"),
-        (dict(tol=float("nan"), num_steps=5), "tol"),
-    ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", lmevi.ConvergenceWarning)
-        for options, names in cases:
-            with pytest.raises(ValueError, match=names):
-                lmevi.fit(FORMULA, frame, progress=False, **options)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Options that change how the fit runs
 
 
 def test_fit_stopped_by_its_budget_warns(frame):
     with pytest.warns(lmevi.ConvergenceWarning, match="num_steps"):
-        m = lmevi.fit(FORMULA, frame, num_steps=2, progress=False)
+        m = lmevi.fit(FORMULA, frame, num_steps=2, accelerate=False, progress=False)
     assert (m.steps, m.converged) == (2, False)
 
 
@@ -182,6 +155,13 @@ def test_monte_carlo_fit_is_reproducible_by_seed(frame):
     assert not np.array_equal(a.run.elbo_trace, c.run.elbo_trace)  # the seed is used
 
 
+def test_numpy_integer_num_samples_is_accepted(frame):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", lmevi.ConvergenceWarning)  # 30 steps, as above
+        m = lmevi.fit(FORMULA, frame, elbo="mc", num_steps=30, num_samples=np.int64(1), seed=1, progress=False)
+    assert m.options["num_samples"] == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tables
 
@@ -192,7 +172,7 @@ def test_fixef_is_indexed_by_lme4_names(result):
     assert np.all(np.isfinite(fe))
 
 
-def test_ranef_layout_and_labels(result, frame):
+def test_ranef_layout_and_labels(result):
     re = result.ranef()
     assert list(re.columns) == ["grpvar", "term", "grp", "condval", "condsd"]
     assert all(isinstance(v, str) for v in re["grp"])
@@ -220,12 +200,13 @@ def test_grouping_column_types_give_the_same_fit(fits):
     """ints, strings and categoricals code the levels in different orders; joined by label the fits agree."""
     ref = fits["int"]
     for name, m in fits.items():
-        # same model, levels in another order: the sums are reordered, so rounding only (1e-10 relative)
-        np.testing.assert_allclose(m.varcorr()["sdcor"], ref.varcorr()["sdcor"], rtol=1e-10, err_msg=name)
-        np.testing.assert_allclose(m.fixef(), ref.fixef(), rtol=1e-10, err_msg=name)
+        # same model, levels in another order: the sums are reordered and each run stops at a relative ELBO
+        # change of 1e-14 (estimates within ~1e-7 of the optimum; measured differences 1e-12)
+        np.testing.assert_allclose(m.varcorr()["sdcor"], ref.varcorr()["sdcor"], rtol=1e-7, err_msg=name)
+        np.testing.assert_allclose(m.fixef(), ref.fixef(), rtol=1e-7, err_msg=name)
         joined = ref.ranef().merge(m.ranef(), on=["grpvar", "term", "grp"], suffixes=("_ref", ""))
         assert len(joined) == len(ref.ranef())
-        np.testing.assert_allclose(joined["condval"], joined["condval_ref"], rtol=0, atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(joined["condval"], joined["condval_ref"], rtol=0, atol=1e-7, err_msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,12 +240,6 @@ def test_unseen_level_raises_when_not_allowed(result):
         result.predict(new, allow_new_levels=False)
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="a float grouping column holding a NaN is labelled '4.0' instead of '4' (the integral-float check "
-    "fails on the NaN), so every row of that column is treated as an unseen level",
-    strict=True,
-)
 def test_one_missing_group_label_does_not_unlabel_the_other_rows(result):
     """Merging new data often upcasts an integer column with a gap to float; the seen levels must still match."""
     new = pd.DataFrame({"x": [0.3, 0.3], "g": [4.0, np.nan], "h": [2, 2]})

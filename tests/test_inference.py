@@ -6,7 +6,6 @@ import warnings
 
 import jax
 import numpy as np
-import optax
 import pandas as pd
 import pytest
 
@@ -34,7 +33,8 @@ def arrowhead(crossed):
 def test_cavi_stops_at_the_first_step_that_meets_the_tolerance(arrowhead):
     design, spec, data, init = arrowhead
     tol = 1e-8
-    params, run = inference.run_cavi(design, spec, data, init, StopRule(num_steps=500, tol=tol), progress=False)
+    rule = StopRule(num_steps=500, tol=tol)
+    params, run = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
     trace = run.elbo_trace
     assert run.converged and run.steps == len(trace) < 500
     change = np.abs(np.diff(trace)) / np.abs(trace[1:])
@@ -47,7 +47,8 @@ def test_cavi_stops_at_the_first_step_that_meets_the_tolerance(arrowhead):
 def test_windowed_rule_compares_means_of_consecutive_windows(arrowhead):
     design, spec, data, init = arrowhead
     tol, w = 1e-6, 3
-    _, run = inference.run_cavi(design, spec, data, init, StopRule(num_steps=500, tol=tol, window=w), progress=False)
+    rule = StopRule(num_steps=500, tol=tol, window=w)
+    _, run = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
     trace = run.elbo_trace
     assert run.converged
     means = np.array([trace[t - w + 1 : t + 1].mean() for t in range(2 * w - 1, len(trace))])
@@ -60,8 +61,8 @@ def test_chunking_does_not_change_the_run(arrowhead):
     """The host loop pauses every ``chunk`` steps for the progress bar; the computation must not notice."""
     design, spec, data, init = arrowhead
     rule = StopRule(num_steps=500, tol=1e-8)  # the rule of the test above: no new compilation
-    a, run_a = inference.run_cavi(design, spec, data, init, rule, progress=False)
-    b, run_b = inference.run_cavi(design, spec, data, init, rule, chunk=2, progress=False)
+    a, run_a = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
+    b, run_b = inference.run_cavi(design, spec, data, init, rule, accelerate=False, chunk=2, progress=False)
     assert run_a.steps == run_b.steps > 2
     # identical operations in a different number of compiled calls: 1e-12 relative
     np.testing.assert_allclose(run_a.elbo_trace, run_b.elbo_trace, rtol=1e-12)
@@ -69,10 +70,11 @@ def test_chunking_does_not_change_the_run(arrowhead):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
-def test_lbfgs_refuses_the_monte_carlo_elbo(arrowhead):
-    design, spec, data, init = arrowhead
-    with pytest.raises(ValueError, match="deterministic"):
-        inference.run_optax(design, spec, data, init, optax.lbfgs(), StopRule(5, 0.0), estimator="mc")
+def test_accelerated_run_never_lowers_the_elbo(crossed_fit):
+    """The default coordinate ascent takes SQUAREM steps, kept only when they do not lower the ELBO."""
+    trace = crossed_fit.run.elbo_trace
+    assert crossed_fit.options["accelerate"] and crossed_fit.converged
+    assert np.all(np.diff(trace) >= -1e-12 * np.abs(trace[1:]))  # rounding only, as for plain sweeps
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,13 +113,6 @@ def test_cavi_and_lbfgs_parameters_have_the_same_elbo(cavi_and_lbfgs, crossed):
     assert cavi.elbo == pytest.approx(a, rel=1e-12)  # the CAVI trace is the ELBO of its parameters
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="the optax path fits with standardised X columns; with beta in q (reml=True) the flat prior's "
-    "bound is not invariant to that rescaling, so its reported ELBO (and FitResult.loglik) is off by "
-    "sum(log sd(X_j)) from the ELBO of the returned parameters",
-    strict=True,
-)
 def test_lbfgs_reported_elbo_is_the_elbo_of_its_parameters(cavi_and_lbfgs, crossed):
     cavi, lbfgs = cavi_and_lbfgs
     data = block_data(crossed.design, lbfgs.spec)
@@ -144,11 +139,10 @@ def recovery():
     codes = {k: rng.permutation(np.resize(np.arange(J), N_OBS)) for k, J in LEVELS.items()}
     effects = {k: rng.normal(0.0, TRUE_SD[k], LEVELS[k]) for k in LEVELS}
     x = rng.normal(size=N_OBS)
-    noise = rng.normal(0.0, SIGMA, N_OBS)
-    y = 2.0 + 0.5 * x + sum(effects[k][codes[k]] for k in LEVELS) + noise
+    y = 2.0 + 0.5 * x + sum(effects[k][codes[k]] for k in LEVELS) + rng.normal(0.0, SIGMA, N_OBS)
     frame = pd.DataFrame({"y": y, "x": x, **codes})
     result = lmevi.fit("y ~ x + (1 | a) + (1 | b) + (1 | c)", frame, progress=False)
-    return result, effects, noise
+    return result, effects
 
 
 def test_recovers_variance_components(recovery):
@@ -156,26 +150,28 @@ def test_recovers_variance_components(recovery):
 
     Given the draws, the error of a variance estimate from ``J`` levels whose means carry noise variance
     ``c = sigma^2 J / n`` is about ``sqrt((2 c^2 + 4 S c) / J)`` on ``S``; we allow 3 of those, halved for
-    the SD: 2% (a), 3.5% (b), 5% (c); 2.4% for the residual SD (3 / sqrt(2 n)).
+    the SD: 4.1% (a), 8.1% (b), 7.3% (c); measured 1.0%, 2.4%, 1.6%. The residual SD against the true
+    sigma: 3 standard errors ``3 / sqrt(2 (n - 290))`` = 4.1%, measured 0.9%.
     """
-    result, effects, noise = recovery
+    result, effects = recovery
     sd = result.sd()
     for k, b in effects.items():
         J = LEVELS[k]
         S, c = np.var(b, ddof=1), SIGMA**2 * J / N_OBS
         tol = 3 * 0.5 * np.sqrt((2 * c**2 + 4 * S * c) / J) / S
         assert sd[k] == pytest.approx(np.std(b, ddof=1), rel=tol), k
-    assert sd["Residual"] == pytest.approx(np.std(noise), rel=3 / np.sqrt(2 * N_OBS))
+    residual_df = N_OBS - sum(LEVELS.values())
+    assert sd["Residual"] == pytest.approx(SIGMA, rel=3 / np.sqrt(2 * residual_df))
 
 
 def test_recovers_effects_and_fixed_effects(recovery):
-    result, effects, _ = recovery
+    result, effects = recovery
     ranef = result.ranef()
     for k, b in effects.items():
         rows = ranef[ranef["grpvar"] == k]
         truth = b[rows["grp"].astype(int).to_numpy()]  # joined by level label, not by position
-        # shrinkage estimates against the truth: reliability S / (S + c) >= 0.95 for every factor here,
-        # so the correlation is about sqrt(0.95) = 0.975 or more; measured 0.970 - 0.991
+        # shrinkage estimates against the truth: the reliability S / (S + c) is 0.946 - 0.994 here and the
+        # correlation about its square root, 0.97 - 0.997; measured 0.972 - 0.998
         assert np.corrcoef(rows["condval"], truth)[0, 1] >= 0.95, k
     # slope of x: standard error sigma / sqrt(n) = 0.015; 4 of those
     assert result.fixef()["x"] == pytest.approx(0.5, abs=4 * SIGMA / np.sqrt(N_OBS))

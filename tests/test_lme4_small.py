@@ -102,6 +102,8 @@ def test_random_effects_match_lme4(case):
     for _, part in joined.groupby(["grpvar", "term"]):
         # an effect near zero has no meaningful relative error: measure against the term's largest effect
         spread = np.abs(part["condval_lme4"]).max()
-        np.testing.assert_allclose(part["condval"], part["condval_lme4"], rtol=RTOL_ESTIMATES, atol=RTOL_ESTIMATES * spread)
+        np.testing.assert_allclose(
+            part["condval"], part["condval_lme4"], rtol=RTOL_ESTIMATES, atol=RTOL_ESTIMATES * spread
+        )
     # lme4's condVar conditions on beta-hat; so does ranef() by default when beta is in q
     np.testing.assert_allclose(joined["condsd"], joined["condsd_lme4"], rtol=RTOL_ESTIMATES)

@@ -124,7 +124,7 @@ def fit(
         raise ValueError("blocks= applies to family='structured' only")
     if residual_scale is not None and not (np.isfinite(residual_scale) and residual_scale > 0):
         raise ValueError(f"residual_scale must be a positive number or None, got {residual_scale!r}")
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     jdtype = {"float64": jnp.float64, "float32": jnp.float32}.get(dtype)
     if jdtype is None:
@@ -184,6 +184,10 @@ def fit(
             snapshot_steps=snapshot_steps,
         )
         params = family_lib.rescale_fixed(params, spec, 1.0 / scale)
+        if spec.reml:
+            # with beta in q under a flat prior, the entropy of q(beta) depends on the units of X:
+            # report the bound in the data's units
+            run = run._replace(elbo_trace=run.elbo_trace - float(jnp.sum(jnp.log(scale))))
         run = run._replace(snapshots={t: family_lib.rescale_fixed(p, spec, 1.0 / scale) for t, p in run.snapshots.items()})
     if not run.converged:
         warnings.warn(

@@ -335,12 +335,17 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
 
 
 def _label_strings(col: pd.Series) -> np.ndarray:
+    """Level labels as R prints them: a float column of whole numbers reads ``3``, not ``3.0`` (ints often
+    turn float after a merge leaves a gap); a missing value reads ``nan``."""
     if isinstance(col.dtype, pd.CategoricalDtype):
         return col.astype(str).to_numpy()
     if pd.api.types.is_float_dtype(col):
-        vals = col.to_numpy()
-        if np.all(np.mod(vals, 1) == 0):
-            return vals.astype(np.int64).astype(str)
+        vals = col.to_numpy(dtype=np.float64)
+        ok = np.isfinite(vals)
+        if np.all(np.mod(vals[ok], 1) == 0):
+            out = np.full(len(vals), "nan", dtype=object)
+            out[ok] = vals[ok].astype(np.int64).astype(str)
+            return out
     return col.astype(str).to_numpy()
 
 

@@ -120,11 +120,11 @@ def parse_formula(text: str) -> Formula:
             raise FormulaError(f"a random term cannot be subtracted: '- {term}'")
         random.extend(_parse_random(inner, term))
 
-    seen: set[tuple[str, tuple[str, ...]]] = set()
+    seen: set = set()
     for r in random:
-        key = (_normalise(r.coefs), r.group)
+        key = (_coef_key(r.coefs), frozenset(r.group))
         if key in seen:
-            raise FormulaError(f"the random term {r.text} appears more than once")
+            raise FormulaError(f"the random term {r.text} appears more than once (perhaps written another way)")
         seen.add(key)
 
     fixed = " ".join(fixed_parts).strip() or "1"
@@ -187,8 +187,13 @@ def _split_coefs(coefs: str, term: str) -> list[str]:
     return out
 
 
-def _normalise(coefs: str) -> str:
-    return re.sub(r"\s+", "", coefs)
+def _coef_key(coefs: str) -> tuple[bool, frozenset[str]]:
+    """What a per-level design means, however written: ``1 + x``, ``x`` and ``x + 1`` are the same."""
+    terms = _signed_terms(coefs)
+    added = {re.sub(r"\s+", "", t) for s, t in terms if s == "+"}
+    removed = {re.sub(r"\s+", "", t) for s, t in terms if s == "-"}
+    intercept = "0" not in added and "1" not in removed and "0" not in removed
+    return intercept, frozenset(added - {"0", "1"})
 
 
 def _check_parentheses(text: str) -> None:
