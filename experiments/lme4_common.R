@@ -18,28 +18,36 @@ write_json_file <- function(x, path) {
 ## ---------------------------------------------------------------------------
 
 ## Fit with lmer, timing the call and collecting every warning and message
-## (e.g. convergence warnings or "boundary (singular) fit").
+## (convergence warnings, "boundary (singular) fit", rank deficiency, ...); an error is kept, not raised.
 fit_lmer <- function(formula, data, REML) {
   msgs <- character(0)
   m <- NULL
+  err <- NULL
   tm <- system.time(
-    m <- withCallingHandlers(
-      lmer(formula, data = data, REML = REML),
-      warning = function(w) {
-        msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
-        invokeRestart("muffleWarning")
-      },
-      message = function(c) {
-        msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
-        invokeRestart("muffleMessage")
+    m <- tryCatch(
+      withCallingHandlers(
+        lmer(formula, data = data, REML = REML),
+        warning = function(w) {
+          msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
+          invokeRestart("muffleWarning")
+        },
+        message = function(c) {
+          msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
+          invokeRestart("muffleMessage")
+        }
+      ),
+      error = function(e) {
+        err <<- conditionMessage(e)
+        NULL
       }
     )
   )
-  ## Convergence messages stored on the fitted object (they are usually also
-  ## raised as warnings above; keep both, de-duplicated).
-  conv <- m@optinfo$conv$lme4$messages
-  if (length(conv)) msgs <- c(msgs, paste0("optinfo: ", conv))
-  list(model = m, seconds = round(unname(tm[["elapsed"]]), 3), messages = unique(msgs))
+  if (!is.null(m)) {
+    conv <- m@optinfo$conv$lme4$messages
+    if (length(conv)) msgs <- c(msgs, paste0("optinfo: ", conv))
+  }
+  list(model = m, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
+       messages = unique(gsub("\n", " ", msgs)))
 }
 
 write_fit <- function(fit, formula, tag, outdir) {

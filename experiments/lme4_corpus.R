@@ -57,10 +57,12 @@ if (!is.null(only)) {
 }
 dir.create(outdir, recursive = TRUE, showWarnings = FALSE)
 
-write_json_file <- function(x, path) {
-  writeLines(toJSON(x, auto_unbox = TRUE, digits = NA, pretty = TRUE,
-                    null = "null", na = "null"), path)
+## Shared helpers (write_json_file, fit_lmer) live next to this script.
+script_dir <- function() {
+  f <- sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))
+  if (length(f)) dirname(normalizePath(f[[1]])) else "experiments"
 }
+source(file.path(script_dir(), "lme4_common.R"))
 
 ## The data set as a plain data.frame (groupedData and tibble classes and
 ## their formula attributes dropped; columns unchanged).
@@ -80,43 +82,10 @@ load_data <- function(package, dataset, subset) {
   df
 }
 
-## Fit with lmer, timing the call and collecting every warning and message
-## (convergence warnings, "boundary (singular) fit", rank deficiency, ...).
-fit_lmer <- function(formula, data, REML) {
-  msgs <- character(0)
-  m <- NULL
-  err <- NULL
-  tm <- system.time(
-    m <- tryCatch(
-      withCallingHandlers(
-        lmer(formula, data = data, REML = REML),
-        warning = function(w) {
-          msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
-          invokeRestart("muffleWarning")
-        },
-        message = function(c) {
-          msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
-          invokeRestart("muffleMessage")
-        }
-      ),
-      error = function(e) {
-        err <<- conditionMessage(e)
-        NULL
-      }
-    )
-  )
-  if (!is.null(m)) {
-    conv <- m@optinfo$conv$lme4$messages
-    if (length(conv)) msgs <- c(msgs, paste0("optinfo: ", conv))
-  }
-  list(model = m, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
-       messages = unique(gsub("\n", " ", msgs)))
-}
-
 versions <- function() list(R_version = R.version.string,
                             lme4_version = as.character(packageVersion("lme4")))
 
-write_fit <- function(fit, spec, data, tag, dir) {
+write_corpus_fit <- function(fit, spec, data, tag, dir) {
   base <- c(list(name = spec$name, formula = spec$formula,
                  reml = (tag == "reml"), n_data_rows = nrow(data),
                  fit_seconds = fit$seconds), versions())
@@ -220,7 +189,7 @@ total <- system.time({
     msgs <- character(0)
     for (tag in c("reml", "ml")) {
       fit <- fit_lmer(form, data, REML = (tag == "reml"))
-      info <- write_fit(fit, spec, data, tag, dir)
+      info <- write_corpus_fit(fit, spec, data, tag, dir)
       row$seconds <- row$seconds + fit$seconds
       if (length(fit$messages)) msgs <- c(msgs, paste0(tag, ": ", fit$messages))
       if (is.null(fit$model)) {
