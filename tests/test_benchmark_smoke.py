@@ -1,0 +1,58 @@
+"""Smoke test of experiments/benchmark.py: the quick run writes every output with sane numbers."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lmevi_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmark")
+    result = _load().main(["--quick", "--out", str(out)])
+    return out, result
+
+
+def test_quick_run_writes_all_outputs(quick_run):
+    out, _ = quick_run
+    for name in ("benchmark.json", "benchmark.md", "insteval.csv", "targets.csv", "scaling.csv", "profile.csv",
+                 "scaling.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+
+
+def test_quick_run_json_keys_and_numbers(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "benchmark.json").read_text())
+    assert {"insteval", "scaling", "machine", "targets", "profile"} <= set(data)
+    ins = data["insteval"]
+    for key in ("lme4_seconds", "ours_warm_seconds", "ours_cold_seconds", "numpyro_seconds",
+                "speedup_vs_lme4", "speedup_vs_numpyro"):
+        assert _positive(ins[key]), (key, ins[key])
+    # mixedlm is skipped in the quick run: its entries are null, never a made-up number
+    for key in ("mixedlm_seconds", "speedup_vs_mixedlm"):
+        assert ins[key] is None or _positive(ins[key]), (key, ins[key])
+    assert ins["lme4_source"] in ("saved", "measured")
+    # the recommended fit reached the accuracy target it was timed at
+    acc = ins["lmevi"]["float64"]["accuracy_at_target"]
+    assert acc["s"] >= 0.999 and acc["d"] >= 0.99
+    assert [row["n_obs"] for row in data["scaling"]] == [1_000, 10_000]
+    for row in data["scaling"]:
+        for key in ("seconds_per_eval", "seconds_per_sweep", "fit_seconds", "peak_rss_gb"):
+            assert _positive(row[key]), (key, row[key])
+    assert data["machine"]["cores"] >= 1 and data["machine"]["jax"]
+    assert all(t["status"] in ("pass", "not yet", "not measured") for t in data["targets"])
