@@ -249,13 +249,9 @@ def _user_blocks(info, size, reml, small_threshold, blocks):
         big = large[0] if large else None
         out.append(Block(large=big, small=tuple(k for k in ks if k != big), fixed=has_fixed))
         fixed_seen |= has_fixed
-    missing = [info.terms[k].group for k in range(len(info.terms)) if k not in seen]
-    for k in range(len(info.terms)):
-        if k not in seen:
-            out.append(Block(large=k))
+    out.extend(Block(large=k) for k in range(len(info.terms)) if k not in seen)  # unnamed terms: own block
     if reml and not fixed_seen:
         out.append(Block(large=None, fixed=True))
-    del missing
     return out
 
 
