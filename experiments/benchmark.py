@@ -600,11 +600,6 @@ def plot_scaling(rows, slopes, path: Path, lo: int, hi: int) -> None:
     ax.set_ylabel("seconds")
     ax.set_title(f"y ~ service + (1|s) + (1|d) + (1|dept), simulated\nslopes fitted from {lo:.0e} to {hi:.0e} rows")
     ax.grid(True, which="both", alpha=0.3)
-    for label, key in (("structured fit <= 2x the mean-field fit (converged, warm)", "structured_over_meanfield_seconds"),
-                       ("structured sweep <= 2x a mean-field sweep", "structured_over_meanfield_per_sweep")):
-        v = ins.get(key)
-        out.append({"target": label, "value": v, "lower_bound": False,
-                    "status": "not measured" if v is None else ("pass" if v <= 2.0 else "not yet")})
     s = slopes.get("fit_seconds")
     if s is not None:
         ax.text(0.98, 0.03, f"lmevi fit: time ~ rows^{s:.2f}", transform=ax.transAxes, ha="right", va="bottom")
@@ -635,6 +630,11 @@ def targets_table(ins: dict, rows: list[dict], slopes: dict) -> list[dict]:
         bound = key == "speedup_vs_numpyro" and ins.get("speedup_vs_numpyro_is_lower_bound")
         status = "not measured" if v is None else ("pass" if v >= need else "not yet")
         out.append({"target": label, "value": v, "lower_bound": bool(bound), "status": status})
+    for label, key in (("structured fit <= 2x the mean-field fit (converged, warm)", "structured_over_meanfield_seconds"),
+                       ("structured sweep <= 2x a mean-field sweep", "structured_over_meanfield_per_sweep")):
+        v = ins.get(key)
+        out.append({"target": label, "value": v, "lower_bound": False,
+                    "status": "not measured" if v is None else ("pass" if v <= 2.0 else "not yet")})
     s = slopes.get("fit_seconds")
     out.append({"target": "fit time ~ rows^slope, 0.9 <= slope <= 1.1 (1e5 to 1e7)", "value": s,
                 "lower_bound": False, "status": "not measured" if s is None else
