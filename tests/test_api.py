@@ -142,6 +142,35 @@ def test_converged_fit_does_not_warn(result):
     assert result.converged and result.steps < 3000  # the fixture turns every warning into an error
 
 
+def test_final_gradient_norm_is_near_zero_at_the_optimum_only(frame, result):
+    """The convergence check's gradient norm (closed-form -ELBO per observation, unconstrained coordinates):
+    at the coordinate-ascent optimum it is at rounding level (measured ~1e-9 here; 1e-6 leaves room), after one
+    plain sweep from the start it is far above lmevi's 1e-3 threshold (measured ~0.05)."""
+    from lmevi.api import GRAD_TOL
+
+    assert result.run.grad_norm < 1e-6
+    with pytest.warns(lmevi.ConvergenceWarning, match="gradient norm"):
+        early = lmevi.fit(FORMULA, frame, num_steps=1, accelerate=False, progress=False)
+    assert early.run.grad_norm > 10 * GRAD_TOL
+    assert f"final gradient norm {result.run.grad_norm:.3g}" in result.summary()
+
+
+def test_settled_fit_with_a_large_gradient_warns(frame):
+    """A loose stop rule that fires on a plateau is caught by the gradient check, not only by the budget."""
+    with pytest.warns(lmevi.ConvergenceWarning, match="plateau"):
+        m = lmevi.fit(FORMULA, frame, tol=0.5, accelerate=False, progress=False)
+    assert m.converged and m.run.grad_norm > 1e-3
+
+
+def test_optax_and_cavi_report_the_same_kind_of_gradient_norm(frame, result):
+    """Both paths end at the same optimum, so both gradient norms are small (L-BFGS stops on its ELBO change
+    rule, so its norm is larger than coordinate ascent's; below the 1e-3 threshold either way)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lmevi.ConvergenceWarning)
+        m = lmevi.fit(FORMULA, frame, method="optax", progress=False)
+    assert np.isfinite(m.run.grad_norm) and m.run.grad_norm < 1e-3
+
+
 def test_monte_carlo_fit_is_reproducible_by_seed(frame):
     def run(seed):
         with pytest.warns(lmevi.ConvergenceWarning):  # 30 steps never meet the windowed rule

@@ -23,8 +23,14 @@ METHODS = ("cavi", "optax")
 ELBOS = ("closed_form", "mc")
 
 
+# Convergence check: the largest gradient norm of the closed-form ELBO per observation, in the unconstrained
+# coordinates, that still counts as an optimum (see inference.final_grad_norm).
+GRAD_TOL = 1e-3
+
+
 class ConvergenceWarning(UserWarning):
-    """The fit stopped on its step budget before its convergence rule held."""
+    """The fit stopped on its step budget before its convergence rule held, or where the ELBO's gradient is
+    still large (``GRAD_TOL``)."""
 
 
 class SingularFitWarning(UserWarning):
@@ -192,7 +198,16 @@ def fit(
     if not run.converged:
         warnings.warn(
             f"the fit stopped on its step budget ({rule.num_steps} steps) before the ELBO settled "
-            f"(relative change <= {rule.tol:g}); estimates may still move: raise num_steps",
+            f"(relative change <= {rule.tol:g}; gradient norm {run.grad_norm:.2g} per observation); "
+            "estimates may still move: raise num_steps",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    elif run.grad_norm > GRAD_TOL:
+        warnings.warn(
+            f"the ELBO settled but its gradient norm at the end is {run.grad_norm:.2g} per observation "
+            f"(above {GRAD_TOL:g}): the fit stopped on a plateau, not at an optimum, and estimates may still "
+            "move: lower tol or raise num_steps",
             ConvergenceWarning,
             stacklevel=2,
         )
