@@ -134,6 +134,40 @@ def test_constant_response_is_an_error(frame):
         lmevi.fit("y ~ 1 + (1 | g)", frame.assign(y=3.0), progress=False)
 
 
+def test_perfectly_correlated_slopes_are_a_singular_fit():
+    """Intercepts and slopes that are one effect (slope = intercept for every group): the covariance of
+    ``(1 + x | g)`` has rank one, lme4 reports a singular fit, and lmevi's rule (a relative Cholesky
+    diagonal below 1e-3) must too, naming the slope and the correlation near +1."""
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(30), 12)
+    x = np.tile(np.linspace(-1.0, 1.0, 12), 30)
+    b = rng.normal(0.0, 1.0, 30)
+    df = pd.DataFrame({"g": g, "x": x, "y": 2.0 + b[g] + b[g] * x + rng.normal(0.0, 0.3, g.size)})
+    with pytest.warns(lmevi.SingularFitWarning, match="correlation of \\(Intercept\\) and x"):
+        m = lmevi.fit("y ~ x + (1 + x | g)", df, progress=False)
+    vc = m.varcorr()
+    assert vc[vc["var2"].notna()]["sdcor"].iloc[0] > 0.999
+
+
+def test_lme4_singular_rule_catches_a_small_relative_cholesky_entry(crossed_fit):
+    """lme4's rule on its own: a slope SD of 0.5 % of sigma correlated 0.99 with the intercept is neither a
+    zero SD nor a +-1 correlation at tol 1e-3, but its relative Cholesky entry is 0.005 * sqrt(1 - 0.99^2)
+    = 7e-4: singular. At 0.97 correlation the entry is 1.2e-3 and nothing is flagged."""
+    import dataclasses
+
+    def with_slope(corr):
+        sig = float(crossed_fit.params.model.sigma)
+        sd0, sd1 = 1.0 * sig, 0.005 * sig
+        L = np.array([[sd0, 0.0], [corr * sd1, sd1 * np.sqrt(1.0 - corr**2)]])
+        chol = (L, *crossed_fit.params.model.chol[1:])
+        model = crossed_fit.params.model._replace(chol=chol)
+        return dataclasses.replace(crossed_fit, params=crossed_fit.params._replace(model=model))
+
+    msgs = with_slope(0.99).singular()
+    assert len(msgs) == 1 and "linear combination" in msgs[0] and "'g'" in msgs[0]
+    assert with_slope(0.97).singular() == []
+
+
 def test_singular_fit_warns():
     rng = np.random.default_rng(1)
     df = pd.DataFrame({"g": np.repeat(np.arange(10), 20), "y": rng.normal(size=200)})  # no group effect at all

@@ -66,12 +66,16 @@ class FitResult:
         return self.elbo if self.exact else None
 
     def singular(self, tol: float = 1e-3) -> list[str]:
-        """Variance components at the boundary, as lme4's ``isSingular``: a relative SD (SD / residual SD)
-        below ``tol`` or a correlation within ``tol`` of +-1. Returns one sentence per finding.
+        """Variance components at the boundary. Three rules, each with tolerance ``tol``: an SD below ``tol``
+        residual SDs; a correlation within ``tol`` of +-1; and lme4's ``isSingular`` rule, a diagonal entry of
+        a relative Cholesky factor (``theta``, the Cholesky factor of ``Sigma_k / sigma^2``) below ``tol``,
+        which also catches a coefficient that is nearly a linear combination of the term's earlier ones.
+        Returns one sentence per finding.
 
-        lme4's optimizer can land exactly on zero and uses ``tol = 1e-4``; variational EM approaches the
-        boundary from inside and stops once the ELBO no longer moves, where a zero SD typically reads 1e-4 to
-        1e-3 of the residual SD: hence the default ``1e-3``.
+        lme4's optimizer can land exactly on the boundary and uses ``tol = 1e-4``; variational EM approaches
+        it from inside, slowly, and stops once the ELBO no longer moves, where a zero typically reads 1e-4 to
+        1e-2: hence the default ``1e-3`` and the correlation rule (a correlation converges to +-1 faster than
+        the Cholesky entry to zero).
         """
         out = []
         sigma = float(self.params.model.sigma)
@@ -79,17 +83,27 @@ class FitResult:
             L = np.asarray(L)
             cov = L @ L.T
             sd = np.sqrt(np.diag(cov))
-            for a, name in enumerate(term.coef_names):
+            theta = np.abs(np.diag(L)) / sigma
+            names = term.coef_names
+            flagged = set()
+            for a, name in enumerate(names):
                 if sd[a] / sigma < tol:
                     out.append(f"the SD of {name} for {term.group!r} is {sd[a]:.3g}, near zero")
+                    flagged.add(a)
             for a in range(len(sd)):
                 for b in range(a + 1, len(sd)):
+                    if a in flagged or b in flagged:
+                        continue
                     corr = cov[a, b] / (sd[a] * sd[b])
                     if 1.0 - abs(corr) < tol:
-                        out.append(
-                            f"the correlation of {term.coef_names[a]} and {term.coef_names[b]} for "
-                            f"{term.group!r} is {corr:+.4f}"
-                        )
+                        out.append(f"the correlation of {names[a]} and {names[b]} for {term.group!r} is {corr:+.4f}")
+                        flagged.add(b)
+            for a, name in enumerate(names):
+                if a not in flagged and theta[a] < tol:
+                    out.append(
+                        f"the {name} effects for {term.group!r} are nearly a linear combination of the term's "
+                        f"earlier coefficients (relative Cholesky entry {theta[a]:.2g})"
+                    )
         return out
 
     @property
