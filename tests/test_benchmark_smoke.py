@@ -40,12 +40,13 @@ def test_quick_run_json_keys_and_numbers(quick_run):
     data = json.loads((out / "benchmark.json").read_text())
     assert {"insteval", "scaling", "machine", "targets", "profile"} <= set(data)
     ins = data["insteval"]
-    for key in ("lme4_seconds", "ours_warm_seconds", "ours_cold_seconds", "numpyro_seconds",
-                "speedup_vs_lme4", "speedup_vs_numpyro"):
+    for key in ("lme4_seconds", "ours_warm_seconds", "ours_cold_seconds", "speedup_vs_lme4",
+                "speedup_cold_vs_lme4", "tutorial_seconds_per_step"):
         assert _positive(ins[key]), (key, ins[key])
-    # mixedlm is skipped in the quick run: its entries are null, never a made-up number
-    for key in ("mixedlm_seconds", "speedup_vs_mixedlm"):
+    # mixedlm and NumPyro are skipped in the quick run: their entries are null, never a made-up number
+    for key in ("mixedlm_seconds", "speedup_vs_mixedlm", "numpyro_seconds", "speedup_vs_numpyro"):
         assert ins[key] is None or _positive(ins[key]), (key, ins[key])
+    assert math.isclose(ins["speedup_vs_lme4"], ins["lme4_seconds"] / ins["ours_warm_seconds"], rel_tol=1e-9)
     assert ins["lme4_source"] in ("saved", "measured")
     # the recommended fit reached the accuracy target it was timed at
     acc = ins["lmevi"]["float64"]["accuracy_at_target"]
@@ -56,3 +57,23 @@ def test_quick_run_json_keys_and_numbers(quick_run):
             assert _positive(row[key]), (key, row[key])
     assert data["machine"]["cores"] >= 1 and data["machine"]["jax"]
     assert all(t["status"] in ("pass", "not yet", "not measured") for t in data["targets"])
+
+
+def test_a_sleeping_helper_counts_as_hung_and_a_busy_one_does_not():
+    """The scaling part's deadlock watchdog: a process that uses no CPU for ``idle_timeout`` seconds is killed
+    and marked hung; one that computes is left alone (1 s windows; each command lasts at most ~3 s)."""
+    bench = _load()
+    slept = bench.run_measured(["sleep", "30"], idle_timeout=1.0)
+    assert slept["hung"] and slept["timed_out"] and slept["wall_seconds"] < 10
+    busy = bench.run_measured(["python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"],
+                              idle_timeout=1.0)
+    assert not busy["hung"] and busy["returncode"] == 0
+
+
+def test_lme4_extrapolation_uses_the_last_two_sizes_and_never_grows_slower_than_linear():
+    bench = _load()
+    assert bench.predict_lme4([(10_000, 0.4)], 1_000_000) is None
+    # 0.4 s -> 120 s over a factor of 10 in rows: exponent log10(300) ~ 2.48
+    assert math.isclose(bench.predict_lme4([(10_000, 0.4), (100_000, 120.0)], 1_000_000), 120.0 * 300.0, rel_tol=1e-9)
+    # faster than linear growth is read as linear
+    assert math.isclose(bench.predict_lme4([(10_000, 1.0), (100_000, 2.0)], 1_000_000), 20.0, rel_tol=1e-9)
