@@ -193,7 +193,8 @@ def worker(mode: str, *args: str, timeout=None, idle_timeout=None) -> dict:
     res = run_measured([sys.executable, str(SCRIPT), "--worker", mode, *args], timeout=timeout,
                        idle_timeout=idle_timeout)
     if res["hung"]:
-        raise WorkerHung(f"worker {mode} {args} used no CPU for {idle_timeout} s after {res['wall_seconds']:.0f} s")
+        raise WorkerHung(f"worker {mode} {args} used under 2% of a core for {idle_timeout} s "
+                         f"(after {res['wall_seconds']:.0f} s)")
     if res["returncode"] != 0 or res["timed_out"]:
         raise RuntimeError(f"worker {mode} {args} failed (rc={res['returncode']}, timed out={res['timed_out']}):"
                            f"\n{res['stderr'][-3000:]}")
@@ -597,15 +598,9 @@ def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
             log(f"  {err}: running this size again on one core")
             res = worker("scale", *wargs, "--one-core", idle_timeout=args.idle_timeout)
             row_note = "one core (on all cores the XLA CPU runtime deadlocked)"
-        row = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+        row = scale_row(res)
         row["cores_used"] = row_note
-        # peak resident memory of the fitting process up to the end of its fits (the later micro-benchmarks
-        # of the ELBO gradient hold extra buffers; their peak is process_peak_rss_gb)
-        row["peak_rss_gb"] = res["peak_rss_gb_after_fits"]
         row["accuracy_vs_truth"] = res["accuracy_vs_truth"]
-        log(f"  fit {row['fit_seconds']:.2f} s warm / {row['fit_seconds_first_call']:.2f} s first call, "
-            f"{row['steps']} steps, sweep {row['seconds_per_sweep'] * 1e3:.1f} ms, "
-            f"ELBO+grad {row['seconds_per_eval'] * 1e3:.1f} ms, peak RSS {row['peak_rss_gb']:.2f} GB")
         row["lme4_seconds"] = row["lme4_peak_rss_gb"] = None
         row["lme4_status"] = "not run"
         if want_r:
@@ -638,6 +633,18 @@ def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
         csv.unlink(missing_ok=True)
         rows.append(row)
     return rows
+
+
+def scale_row(res: dict) -> dict:
+    """The flat entries of a ``scale`` worker's result, with its peak RSS, logged in one line."""
+    row = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+    # peak resident memory of the fitting process up to the end of its fits (the later micro-benchmarks
+    # of the ELBO gradient hold extra buffers; their peak is process_peak_rss_gb)
+    row["peak_rss_gb"] = res["peak_rss_gb_after_fits"]
+    log(f"  fit {row['fit_seconds']:.3g} s warm / {row['fit_seconds_first_call']:.3g} s first call, "
+        f"{row['steps']} steps, sweep {row['seconds_per_sweep'] * 1e3:.3g} ms, "
+        f"ELBO+grad {row['seconds_per_eval'] * 1e3:.3g} ms, peak RSS {row['peak_rss_gb']:.2f} GB")
+    return row
 
 
 def predict_lme4(done: list[tuple[int, float]], n: int) -> float | None:

@@ -57,11 +57,7 @@ def main(argv=None) -> dict:
     for n in args.sizes:
         bench.log(f"scaling: {n:,} rows ...")
         res = bench.worker("scale", "--n-obs", str(n), "--seed", str(args.seed), "--repeats", str(args.repeats))
-        row = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
-        row["peak_rss_gb"] = res["peak_rss_gb_after_fits"]
-        bench.log(f"  fit {row['fit_seconds']:.3f} s warm / {row['fit_seconds_first_call']:.2f} s first call, "
-                  f"{row['steps']} steps, sweep {row['seconds_per_sweep'] * 1e3:.2f} ms")
-        rows.append(row)
+        rows.append(bench.scale_row(res))
     result = bench.jsonable({"machine": machine, "insteval": ours, "scaling": rows,
                              "settings": {"repeats": args.repeats, "cold_repeats": args.cold_repeats,
                                           "sizes": args.sizes, "seed": args.seed},

@@ -40,8 +40,8 @@ For every model and both kinds of fit (REML and ML) this script
    * ``fixef_se``: max absolute difference of the fixed effects in units of lme4's standard errors;
    * ``fitted_rel``: max absolute difference of the fitted values in units of lme4's residual SD;
    * singular-fit agreement: lme4's ``isSingular()`` (a relative Cholesky diagonal below 1e-4) against
-     lmevi's ``SingularFitWarning`` (``FitResult.singular()``: the same rule at 1e-3, since variational EM
-     approaches a boundary from inside);
+     lmevi's ``SingularFitWarning`` (``FitResult.singular()``: lme4's rule plus an SD rule and a correlation
+     rule, each at 1e-3, since variational EM approaches a boundary from inside);
    * ``loglik_gap``: lmevi's ELBO minus lme4's log-likelihood (restricted log-likelihood for REML; left
      empty for REML when the fixed effects are parameterised differently, since the restricted likelihood
      depends on that). With an exact q the ELBO is a lower bound of the log-likelihood at lmevi's
