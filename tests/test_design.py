@@ -89,10 +89,10 @@ def test_string_levels_sort_alphabetically(frame):
     assert info.terms[0].levels == ("hi", "lo", "mid")
 
 
-def test_categorical_keeps_unused_categories(frame):
+def test_categorical_drops_unused_categories(frame):
     data = frame.assign(f=pd.Categorical(frame["f"], categories=["mid", "lo", "hi", "never"]))
     design, info = build("y ~ (1 | f)", data)
-    assert info.terms[0].levels == ("mid", "lo", "hi", "never")  # category order, unused level kept
+    assert info.terms[0].levels == ("mid", "lo", "hi")  # category order; unused level dropped, as lme4 does
     assert info.terms[0].counts[-1] == 0
     assert design.terms[0].n_levels == 4
     assert set(np.unique(design.terms[0].index)) == {0, 1, 2}

@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pandas as pd
 
-from lmevi import cavi
+from lmevi import cavi, scaling
 from lmevi import family as family_lib
-from lmevi.design import Design, build_design
+from lmevi.design import build_design
 from lmevi.formula import parse_formula
 from lmevi.inference import StopRule, run_cavi, run_optax
+from lmevi.options import check_bool, check_choice, check_int, check_optional_bool, check_real
 from lmevi.results import FitResult
 
 FAMILIES = ("structured", "meanfield")
@@ -117,84 +118,88 @@ def fit(
     Returns:
         A :class:`~lmevi.results.FitResult`.
     """
-    _check_choice("family", family, FAMILIES)
-    _check_choice("elbo", elbo, ELBOS)
+    family = check_choice("family", family, FAMILIES)
+    reml = check_bool("reml", reml)
+    elbo = check_choice("elbo", elbo, ELBOS)
+    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax GradientTransformation such as optax.adam(0.01), got {optimizer!r}"
+        )
     if method is None:
         method = "optax" if (optimizer is not None or elbo == "mc") else "cavi"
-    _check_choice("method", method, METHODS)
+    method = check_choice("method", method, METHODS)
     if method == "cavi" and elbo == "mc":
         raise ValueError("method='cavi' maximises the closed-form ELBO; use elbo='closed_form' or method='optax'")
     if method == "cavi" and optimizer is not None:
         raise ValueError("method='cavi' takes no optimizer; pass method='optax' to use one")
     if blocks is not None and family != "structured":
         raise ValueError("blocks= applies to family='structured' only")
-    if residual_scale is not None and not (np.isfinite(residual_scale) and residual_scale > 0):
-        raise ValueError(f"residual_scale must be a positive number or None, got {residual_scale!r}")
-    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    jdtype = {"float64": jnp.float64, "float32": jnp.float32}.get(dtype)
-    if jdtype is None:
-        raise ValueError(f"dtype must be 'float64' or 'float32', got {dtype!r}")
+    if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
+        raise TypeError(f"blocks must be a list of tuples of grouping-factor names, got {blocks!r}")
+    if residual_scale is not None:
+        residual_scale = check_real("residual_scale", residual_scale, positive=True)
+    num_samples = check_int("num_samples", num_samples, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    progress = check_optional_bool("progress", progress)
+    small_threshold = check_int("small_threshold", small_threshold, minimum=0)
+    dtype = check_choice("dtype", dtype, ("float64", "float32"))
+    missing = check_choice("missing", missing, ("raise", "drop"))
+    accelerate = check_bool("accelerate", accelerate)
+    init_scale = check_real("init_scale", init_scale, positive=True)
+    if isinstance(snapshot_steps, (str, bytes)) or not hasattr(snapshot_steps, "__iter__"):
+        raise TypeError(f"snapshot_steps must be a sequence of step numbers, got {snapshot_steps!r}")
+    snapshot_steps = tuple(check_int("snapshot_steps entry", t, minimum=1) for t in snapshot_steps)
+    steps0, tol0, window0 = _defaults(method, elbo)
+    budget = steps0 if num_steps is None else check_int("num_steps", num_steps, minimum=1)
+    rule = StopRule(
+        num_steps=budget,
+        tol=tol0 if tol is None else check_real("tol", tol, minimum=0.0),
+        window=min(window0 if window is None else check_int("window", window, minimum=1), budget),
+    )
+    jdtype = {"float64": jnp.float64, "float32": jnp.float32}[dtype]
 
     parsed = parse_formula(formula)
-    design, info = build_design(parsed, data, jdtype, missing)
+    raw_design, info = build_design(parsed, data, jdtype, missing)
+    # fit in standardised units and map back: estimates and warnings do not depend on the data's units
+    design, scales = scaling.standardise(raw_design)
     if family == "meanfield":
         spec = family_lib.meanfield_spec(info, reml)
     else:
         spec = family_lib.structured_spec(design, info, reml, small_threshold, blocks)
     data_b = _block_data(design, spec)
-    init = _init_params(design, spec, residual_scale, init_scale)
+    fixed_sigma = None if residual_scale is None else residual_scale / scales.y_scale
+    init = _init_params(design, spec, fixed_sigma, init_scale)
 
-    steps0, tol0, window0 = _defaults(method, elbo)
-    budget = steps0 if num_steps is None else num_steps
-    if not isinstance(budget, (int, np.integer)) or budget < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    tol = tol0 if tol is None else tol
-    if not (isinstance(tol, (int, float, np.floating)) and np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    window = window0 if window is None else window
-    if not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window must be a positive integer, got {window!r}")
-    rule = StopRule(num_steps=int(budget), tol=float(tol), window=min(int(window), int(budget)))
     if method == "cavi":
         params, run = run_cavi(
-            design, spec, data_b, init, rule, residual_scale=residual_scale, progress=progress,
+            design, spec, data_b, init, rule, residual_scale=fixed_sigma, progress=progress,
             snapshot_steps=snapshot_steps, accelerate=accelerate,
         )
     else:
         if optimizer is None:
             optimizer = edward_adam() if elbo == "mc" else _lbfgs()
-        # gradient steps are not invariant to the scale of X's columns (coordinate ascent is): fit with
-        # standardised columns and map beta back
-        col_sd = jnp.std(design.X, axis=0)
-        scale = jnp.where(col_sd > 0, col_sd, 1.0)
-        scaled = Design(y=design.y, X=design.X / scale, terms=design.terms)
-        scaled_data = _block_data(scaled, spec)
-        start = family_lib.rescale_fixed(init, spec, scale)
+        start = init
         if elbo == "closed_form":
             # start q at its closed-form optimum given the starting point estimates: from a q far from
             # its optimum, the first large quasi-Newton steps can collapse a nested factor's variance
-            start = _update_blocks(scaled, spec, start, scaled_data)
+            start = _update_blocks(design, spec, init, data_b)
         params, run = run_optax(
-            scaled,
+            design,
             spec,
-            scaled_data,
+            data_b,
             start,
             optimizer,
             rule,
             estimator=elbo,
             num_samples=num_samples,
-            residual_scale=residual_scale,
+            residual_scale=fixed_sigma,
             rng_key=jax.random.PRNGKey(seed),
             progress=progress,
             snapshot_steps=snapshot_steps,
         )
-        params = family_lib.rescale_fixed(params, spec, 1.0 / scale)
-        if spec.reml:
-            # with beta in q under a flat prior, the entropy of q(beta) depends on the units of X:
-            # report the bound in the data's units
-            run = run._replace(elbo_trace=run.elbo_trace - float(jnp.sum(jnp.log(scale))))
-        run = run._replace(snapshots={t: family_lib.rescale_fixed(p, spec, 1.0 / scale) for t, p in run.snapshots.items()})
+    if not np.isfinite(run.elbo_trace[-1]):
+        advice = "" if (dtype == "float64" and method == "cavi") else ": try dtype='float64' and method='cavi'"
+        raise FloatingPointError(f"the fit diverged (the ELBO is not finite){advice}")
     if not run.converged:
         warnings.warn(
             f"the fit stopped on its step budget ({rule.num_steps} steps) before the ELBO settled "
@@ -211,12 +216,15 @@ def fit(
             ConvergenceWarning,
             stacklevel=2,
         )
-    if not np.isfinite(run.elbo_trace[-1]):
-        raise FloatingPointError(
-            "the fit diverged (the ELBO is not finite); try dtype='float64', method='cavi', or rescaling predictors"
-        )
     mean, _ = _row_moments(design, spec, params.blocks, data_b)
     fixed = design.X @ params.model.beta if params.model.beta is not None else 0.0
+    fitted = scales.y_shift + scales.y_scale * np.asarray(fixed + mean, dtype=np.float64)
+    offset = scaling.elbo_offset(scales, info.n_obs, spec.reml)
+    run = run._replace(
+        elbo_trace=run.elbo_trace + offset,
+        snapshots={t: scaling.to_data_units(p, spec, scales) for t, p in run.snapshots.items()},
+    )
+    params = scaling.to_data_units(params, spec, scales)
     options = dict(
         family=family, reml=reml, method=method, elbo=elbo, num_samples=num_samples, accelerate=accelerate,
         residual_scale=residual_scale, seed=seed, dtype=dtype, stop_rule=rule,
@@ -228,8 +236,9 @@ def fit(
         params=params,
         run=run,
         options=options,
-        fitted=np.asarray(fixed + mean),
-        y=np.asarray(design.y),
+        fitted=fitted,
+        y=np.asarray(raw_design.y),
+        scales=scales,
     )
     for msg in result.singular():
         hint = (
@@ -253,8 +262,3 @@ _block_data = jax.jit(family_lib.block_data, static_argnums=1)
 _init_params = jax.jit(family_lib.init_params, static_argnums=(1, 2, 3))
 _row_moments = jax.jit(family_lib.row_moments, static_argnums=1)
 _update_blocks = jax.jit(cavi.update_blocks, static_argnums=1)
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

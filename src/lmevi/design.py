@@ -5,10 +5,10 @@ matrix ``Z_k`` is the covariate row ``z_ik`` placed in the slot of level ``g_k(i
 ``g_k`` ``(n_obs,)`` and the covariates ``z_k`` ``(n_obs, p_k)`` (a column of ones for ``(1 | g)``), as
 MixedModels.jl keeps ``refs`` and lme4 keeps ``Ztlist`` in sparse form.
 
-Levels: a pandas ``Categorical`` grouping column keeps all of its categories, used or not, so that frames
-split from one data set share one coding (an unused level simply keeps its prior); any other column's
-levels are its sorted distinct values. Labels are strings as lme4 prints them; an interaction ``a:b``
-is labelled ``"<a label>:<b label>"``.
+Levels: the levels that occur in the data, in R's order (a ``Categorical``'s category order, sorted
+numbers, sorted strings), unused categories dropped as lme4 drops them; labels follow :mod:`lmevi.labels`
+(one rule for fit, ``predict``, ``ranef`` and the export). A level of an interaction ``a:b`` is the pair
+of its parents' labels, shown as ``"<a label>:<b label>"``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import pandas as pd
 
 from formulaic import model_matrix
 
-from lmevi.formula import Formula, RandomTerm
-from lmevi.rsyntax import CONTEXT, lme4_name, required_columns, to_formulaic
+from lmevi.formula import Formula, FormulaError, RandomTerm
+from lmevi.labels import Levels, levels_of
+from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, required_columns, to_formulaic
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels"])
@@ -71,6 +72,8 @@ class TermInfo:
         coef_names: ``(p_k,)`` coefficient names as lme4 prints them (``"(Intercept)"``, ``"Days"``).
         levels: ``(J_k,)`` level labels; ``levels[code]`` is the label of a code.
         counts: ``(J_k,)`` number of rows at each level.
+        level_keys: the levels' identities (:class:`lmevi.labels.Levels`): new rows are matched on these,
+            never on the joined label.
     """
 
     group: str
@@ -80,6 +83,7 @@ class TermInfo:
     levels: tuple[str, ...]
     counts: tuple[int, ...]
     coef_spec: object = field(repr=False, compare=False)
+    level_keys: Levels = field(default=None, repr=False, compare=False)
 
     @property
     def n_levels(self) -> int:
@@ -102,6 +106,7 @@ class DesignInfo:
         fixed_keep: positions, among formulaic's columns, of the fixed effects kept (aliased ones dropped).
         dropped_fixed: names of fixed-effect columns dropped as linearly dependent on earlier ones.
         rows: index labels of the data rows used (after ``missing="drop"``), in the caller's order.
+        numeric_columns: the columns the formula reads as numbers (new data must give numbers there too).
     """
 
     formula: Formula
@@ -112,6 +117,7 @@ class DesignInfo:
     fixed_keep: tuple[int, ...] = ()
     dropped_fixed: tuple[str, ...] = ()
     rows: object = field(default=None, repr=False, compare=False)
+    numeric_columns: tuple[str, ...] = ()
 
 
 def build_design(
@@ -140,6 +146,9 @@ def build_design(
         raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
     if len(data) == 0:
         raise ValueError("data is empty: the model needs at least one row")
+    duplicated = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
+    if duplicated:
+        raise ValueError(f"the data has more than one column named {duplicated}; column names must be unique")
     columns = _check_columns(formula, data)
     data = _handle_missing(data, columns, missing)
     y = _response(formula.response, data)
@@ -149,32 +158,97 @@ def build_design(
         td, ti = _random_term(term, data, dtype)
         terms.append(td)
         infos.append(ti)
+    _check_shared_factors(formula.random, infos, terms)
     design = Design(y=jnp.asarray(y, dtype), X=jnp.asarray(X, dtype), terms=tuple(terms))
+    numeric = tuple(
+        c for c in columns
+        if pd.api.types.is_numeric_dtype(data[c]) and not isinstance(data[c].dtype, pd.CategoricalDtype)
+        and not pd.api.types.is_bool_dtype(data[c]) and c not in formula.columns
+    )
     info = DesignInfo(
         formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=len(data), fixed_spec=fixed_spec,
-        fixed_keep=keep, dropped_fixed=dropped, rows=data.index,
+        fixed_keep=keep, dropped_fixed=dropped, rows=data.index, numeric_columns=numeric,
     )
     return design, info
 
 
+def new_data_columns(info: DesignInfo, data: pd.DataFrame, with_groups: bool = True) -> list[str]:
+    """Check new rows for prediction: a DataFrame with unique column names that has every column the
+    formula's predictors read, numbers where the fit saw numbers. Returns those columns.
+
+    Raises:
+        ValueError: naming the missing columns, or a column whose values are not numeric.
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"newdata must be a pandas DataFrame, got {type(data).__name__}")
+    duplicated = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
+    if duplicated:
+        raise ValueError(f"newdata has more than one column named {duplicated}; column names must be unique")
+    formula = info.formula
+    needed = sorted(required_columns(formula.fixed))
+    if with_groups:
+        needed += list(formula.columns)
+        for t in formula.random:
+            needed.extend(sorted(required_columns(t.coefs)))
+    needed = list(dict.fromkeys(needed))
+    missing = [c for c in needed if c not in data.columns]
+    if missing:
+        raise ValueError(f"newdata lacks the column(s) {missing} that the model's predictors use")
+    for c in needed:
+        col = data[c]
+        if c in info.numeric_columns and (
+            not pd.api.types.is_numeric_dtype(col) or isinstance(col.dtype, pd.CategoricalDtype)
+        ):
+            raise ValueError(
+                f"column {c!r} was numeric when fitting but is {col.dtype} in newdata "
+                f"(e.g. {list(pd.unique(col.dropna()))[:3]}); pass numbers"
+            )
+    return needed
+
+
 def fixed_matrix(info: DesignInfo, data: pd.DataFrame) -> np.ndarray:
-    """``(n_new, p)`` fixed-effects design of new rows, encoded as at fit time."""
-    _handle_missing(data, sorted(required_columns(info.formula.fixed)), "raise")
-    mm = np.asarray(info.fixed_spec.get_model_matrix(data, context=CONTEXT), dtype=np.float64)
-    return mm[:, list(info.fixed_keep)]
+    """``(n_new, p)`` fixed-effects design of new rows, encoded as at fit time.
+
+    Raises:
+        ValueError: naming a fixed-effect factor's levels that the fit never saw (lme4 refuses them too:
+            such a row has no coefficient to predict with).
+    """
+    from formulaic.errors import DataMismatchWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataMismatchWarning)
+        try:
+            mm = info.fixed_spec.get_model_matrix(data, context=CONTEXT, na_action="ignore")
+        except Exception as err:
+            raise ValueError(f"cannot build the fixed effects of newdata: {clean_error(err)}") from None
+    for w in caught:
+        if issubclass(w.category, DataMismatchWarning):
+            raise ValueError(
+                "newdata has level(s) of a fixed-effect factor that the fit never saw: "
+                f"{clean_error(w.message).split(':', 1)[-1].split('. They')[0].strip()}; a fixed effect of an "
+                "unseen level cannot be estimated (drop those rows, or refit with them)"
+            )
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return np.asarray(mm, dtype=np.float64)[:, list(info.fixed_keep)]
 
 
 def term_rows(term: TermInfo, data: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Level codes and covariates of new rows for one fitted term.
 
     Returns:
-        ``(codes (n_new,), covariates (n_new, p_k))``; a code is -1 where the label was not seen at fit time.
+        ``(codes (n_new,), covariates (n_new, p_k))``; a code is -1 where the level was not seen at fit time.
     """
-    labels = group_labels(data, term.group_columns)
-    lookup = pd.Index(term.levels)
-    codes = lookup.get_indexer(labels)
-    cov = np.asarray(term.coef_spec.get_model_matrix(data, context=CONTEXT), dtype=np.float64)
-    return codes.astype(np.int64), cov
+    codes = term.level_keys.codes(data, term.group_columns)
+    try:
+        cov = term.coef_spec.get_model_matrix(data, context=CONTEXT, na_action="ignore")
+    except Exception as err:
+        raise ValueError(f"cannot build the covariates of {term.coef_formula!r} for newdata: {clean_error(err)}") from None
+    return codes.astype(np.int64), np.asarray(cov, dtype=np.float64)
+
+
+def row_labels(term: TermInfo, data: pd.DataFrame) -> np.ndarray:
+    """``(n_new,)`` each new row's level of ``term`` as lme4 prints it (for messages)."""
+    return term.level_keys.row_labels(data, term.group_columns)
 
 
 def _check_columns(formula: Formula, data: pd.DataFrame) -> list[str]:
@@ -192,17 +266,27 @@ def _check_columns(formula: Formula, data: pd.DataFrame) -> list[str]:
     return needed
 
 
-def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
+def incomplete_rows(data: pd.DataFrame, columns) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows with NA (or inf, in numeric columns) in any of ``columns``.
+
+    Returns:
+        ``(bad (n,) bool, {column: number of bad rows})`` listing only columns with bad rows.
+    """
     bad_rows = np.zeros(len(data), dtype=bool)
     per_column = {}
     for c in columns:
         col = data[c]
         bad = col.isna().to_numpy()
         if pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype):
-            bad = bad | np.isinf(col.to_numpy(dtype=np.float64, na_value=0.0))
+            bad = bad | ~np.isfinite(col.to_numpy(dtype=np.float64, na_value=0.0))
         if bad.any():
             per_column[c] = int(bad.sum())
             bad_rows |= bad
+    return bad_rows, per_column
+
+
+def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
+    bad_rows, per_column = incomplete_rows(data, columns)
     if not per_column:
         return data
     n_bad = int(bad_rows.sum())
@@ -230,14 +314,16 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
         try:
             mm = model_matrix(f"0 + {to_formulaic(expr)}", data, context=CONTEXT, na_action="raise")
         except Exception as err:
-            raise ValueError(f"cannot evaluate the response {expr!r}: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"cannot evaluate the response {expr!r}: {clean_error(err)}") from None
         if mm.shape[1] != 1:
             raise ValueError(f"the response {expr!r} must be one numeric column, it gives {mm.shape[1]}")
         y = np.asarray(mm, dtype=np.float64)[:, 0]
     if not np.all(np.isfinite(y)):
         raise ValueError(f"the response {expr!r} has non-finite values (e.g. log of a non-positive number)")
-    if np.ptp(y) == 0:
-        raise ValueError(f"the response {expr!r} is constant ({y[0]:g}); there is no variation to model")
+    if np.ptp(y) == 0 or np.ptp(y) <= 1e-12 * np.max(np.abs(y)):
+        raise ValueError(
+            f"the response {expr!r} is constant ({y[0]:g}, to 12 significant digits); there is no variation to model"
+        )
     return y
 
 
@@ -246,7 +332,7 @@ def _fixed(rhs: str, data: pd.DataFrame):
     try:
         mm = model_matrix(to_formulaic(rhs), data, na_action="raise", context=CONTEXT)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
-        raise ValueError(f"cannot build the fixed effects {rhs!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
     names = [lme4_name(c) for c in mm.columns]
     X = np.asarray(mm, dtype=np.float64)
     keep = _independent_columns(X)
@@ -293,11 +379,9 @@ def _check_scales(X: np.ndarray, names: list[str]) -> None:
 
 
 def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData, TermInfo]:
-    labels = group_labels(data, term.group)
-    levels = _levels(data, term.group, labels)
-    codes = pd.Index(levels).get_indexer(labels)
-    counts = np.bincount(codes, minlength=len(levels))
-    used = int((counts > 0).sum())
+    levels, codes = levels_of(data, term.group)
+    used = len(levels)
+    counts = np.bincount(codes, minlength=used)
     if used < 2:
         raise ValueError(
             f"the grouping factor {term.group_name!r} of {term.text} has {used} level "
@@ -308,12 +392,30 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             f"the grouping factor {term.group_name!r} of {term.text} has as many levels ({used}) as there are "
             "rows: its variance cannot be told apart from the residual variance"
         )
+    clashes = _label_clashes(levels)
+    if clashes:
+        warnings.warn(
+            f"the grouping factor {term.group_name!r} has distinct levels that print alike ({clashes[:3]}): "
+            "they are fitted as different levels, but tables will show the same label more than once",
+            stacklevel=4,
+        )
     try:
         mm = model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)
     except Exception as err:
-        raise ValueError(f"cannot build the covariates of {term.text}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
     if mm.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
+    coef_names = tuple(lme4_name(c) for c in mm.columns)
+    cov = np.asarray(mm, dtype=np.float64)
+    keep = _independent_columns(cov)
+    if len(keep) < cov.shape[1]:
+        bad = [coef_names[j] for j in range(cov.shape[1]) if j not in keep]
+        raise ValueError(
+            f"the covariates of the random term {term.text} are linearly dependent: {bad} "
+            f"{'is a linear combination' if len(bad) == 1 else 'are linear combinations'} of "
+            f"{[coef_names[j] for j in keep]}, so their variances and correlations are not identified; "
+            "drop the dependent column(s) from the term"
+        )
     if used * mm.shape[1] >= len(data):
         raise ValueError(
             f"the random term {term.text} has {used * mm.shape[1]} random effects for {len(data)} rows: "
@@ -323,51 +425,39 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         group=term.group_name,
         group_columns=term.group,
         coef_formula=term.coefs,
-        coef_names=tuple(lme4_name(c) for c in mm.columns),
-        levels=tuple(levels),
+        coef_names=coef_names,
+        levels=levels.labels,
         counts=tuple(int(c) for c in counts),
         coef_spec=mm.model_spec,
+        level_keys=levels,
     )
-    data_ = TermData(
-        index=jnp.asarray(codes, jnp.int32), covariates=jnp.asarray(np.asarray(mm), dtype), n_levels=len(levels)
-    )
+    data_ = TermData(index=jnp.asarray(codes, jnp.int32), covariates=jnp.asarray(cov, dtype), n_levels=used)
     return data_, info
 
 
-def _label_strings(col: pd.Series) -> np.ndarray:
-    """Level labels as R prints them: a float column of whole numbers reads ``3``, not ``3.0`` (ints often
-    turn float after a merge leaves a gap); a missing value reads ``nan``."""
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        return col.astype(str).to_numpy()
-    if pd.api.types.is_float_dtype(col):
-        vals = col.to_numpy(dtype=np.float64)
-        ok = np.isfinite(vals)
-        if np.all(np.mod(vals[ok], 1) == 0):
-            out = np.full(len(vals), "nan", dtype=object)
-            out[ok] = vals[ok].astype(np.int64).astype(str)
-            return out
-    return col.astype(str).to_numpy()
+def _label_clashes(levels: Levels) -> list[str]:
+    seen: dict[str, int] = {}
+    for label in levels.labels:
+        seen[label] = seen.get(label, 0) + 1
+    return [label for label, n in seen.items() if n > 1]
 
 
-def group_labels(data: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
-    missing = [c for c in columns if c not in data.columns]
-    if missing:
-        raise ValueError(f"the grouping column(s) {missing} are not in the data")
-    parts = [_label_strings(data[c]) for c in columns]
-    out = parts[0].astype(object)
-    for p in parts[1:]:
-        out = out + ":" + p.astype(object)
-    return np.asarray(out, dtype=object)
-
-
-def _levels(data: pd.DataFrame, columns: tuple[str, ...], labels: np.ndarray) -> list[str]:
-    if len(columns) == 1:
-        col = data[columns[0]]
-        if isinstance(col.dtype, pd.CategoricalDtype):
-            return [str(c) for c in col.cat.categories]
-        uniq = pd.unique(col)
-        if pd.api.types.is_numeric_dtype(col):
-            uniq = np.sort(uniq)
-            return list(_label_strings(pd.Series(uniq)))
-        return sorted(str(u) for u in uniq)
-    return sorted(set(labels.tolist()))
+def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
+    """Terms on one grouping factor, as ``(1 | g) + (0 + x | g)``, must not repeat a column between them:
+    ``(1 | g) + (x | g)`` would split one intercept variance in two, which the data cannot tell apart."""
+    by_group: dict[frozenset, list[int]] = {}
+    for k, term in enumerate(random):
+        by_group.setdefault(frozenset(term.group), []).append(k)
+    for ks in by_group.values():
+        if len(ks) < 2:
+            continue
+        cov = np.concatenate([np.asarray(terms[k].covariates, dtype=np.float64) for k in ks], axis=1)
+        names = [(random[k].text, name) for k in ks for name in infos[k].coef_names]
+        keep = _independent_columns(cov)
+        if len(keep) < cov.shape[1]:
+            bad = [names[j] for j in range(cov.shape[1]) if j not in keep]
+            raise ValueError(
+                f"the random terms {[random[k].text for k in ks]} on one grouping factor repeat a column: "
+                f"{', '.join(f'{n} of {t}' for t, n in bad)} is already in an earlier term, so the variance "
+                "cannot be split between them; write each column in one term only"
+            )

@@ -120,6 +120,11 @@ def parse_formula(text: str) -> Formula:
             raise FormulaError(f"a random term cannot be subtracted: '- {term}'")
         random.extend(_parse_random(inner, term))
 
+    if not random:
+        raise FormulaError(
+            f"the formula {text!r} has no random-effects term such as (1 | g): lmevi fits mixed models only "
+            "(lme4 refuses too); for fixed effects alone use ordinary least squares"
+        )
     seen: set = set()
     for r in random:
         key = (_coef_key(r.coefs), frozenset(r.group))
@@ -160,9 +165,10 @@ def _parse_group(group: str, term: str) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     outer: tuple[str, ...] = ()
     for part in nests:
-        names = tuple(n.strip() for n in part.split(":"))
-        for n in names:
-            if not _NAME.match(n):
+        raw = [n.strip() for n in part.split(":")]
+        names = tuple(_unquote(n) for n in raw)
+        for n, r in zip(names, raw):
+            if not (_NAME.match(n) or r != n):
                 raise FormulaError(
                     f"the grouping factor {group!r} in {term!r} is not supported: use column names joined "
                     f"by ':' (interaction) or '/' (nesting); {n!r} is not a column name"
@@ -170,6 +176,13 @@ def _parse_group(group: str, term: str) -> list[tuple[str, ...]]:
         outer = names + outer
         out.append(outer)
     return out
+
+
+def _unquote(name: str) -> str:
+    """```my g``` -> ``my g``: R's backticks around a column name that is not a plain identifier."""
+    if len(name) > 2 and name.startswith("`") and name.endswith("`") and "`" not in name[1:-1]:
+        return name[1:-1]
+    return name
 
 
 def _split_coefs(coefs: str, term: str) -> list[str]:

@@ -11,6 +11,7 @@ components are the point estimates of variational EM (ML-like, or REML-like when
 from __future__ import annotations
 
 import collections
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,9 +19,11 @@ import numpy as np
 import pandas as pd
 
 from lmevi import family
-from lmevi.design import DesignInfo, fixed_matrix, group_labels, term_rows
+from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
+from lmevi.options import check_bool, check_choice
 from lmevi.family import FamilySpec, VIParams
 from lmevi.inference import RunInfo
+from lmevi.scaling import Scales, relative_chol
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class FitResult:
         options: the options the fit ran with (method, family, reml, elbo, ...).
         fitted: ``(n_obs,)`` fitted values on the training rows (posterior means).
         y: ``(n_obs,)`` the training response.
+        scales: the standardisation the fit ran in (:mod:`lmevi.scaling`); the singular-fit rules read the
+            estimates in those units, so they mean the same whatever the data's units.
     """
 
     info: DesignInfo
@@ -44,6 +49,7 @@ class FitResult:
     options: dict[str, Any]
     fitted: np.ndarray = field(repr=False)
     y: np.ndarray = field(repr=False)
+    scales: Scales | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- lme4-style accessors
 
@@ -79,16 +85,23 @@ class FitResult:
         """
         out = []
         sigma = float(self.params.model.sigma)
-        for term, L in zip(self.info.terms, self.params.model.chol):
+        rel = self._relative_chol()
+        for term, L, R in zip(self.info.terms, self.params.model.chol, rel):
             L = np.asarray(L)
             cov = L @ L.T
             sd = np.sqrt(np.diag(cov))
-            theta = np.abs(np.diag(L)) / sigma
+            rcov = R @ R.T
+            rsd = np.sqrt(np.diag(rcov))  # SD of each coefficient's share of the predictor, in residual SDs
+            theta = np.abs(np.diag(R))
             names = term.coef_names
             flagged = set()
             for a, name in enumerate(names):
-                if sd[a] / sigma < tol:
-                    out.append(f"the SD of {name} for {term.group!r} is {sd[a]:.3g}, near zero")
+                if rsd[a] < tol:
+                    unit = "" if name == "(Intercept)" else f" per SD of {name}"
+                    out.append(
+                        f"the SD of {name} for {term.group!r} is {sd[a]:.3g} ({rsd[a]:.2g} residual SDs{unit}), "
+                        "near zero"
+                    )
                     flagged.add(a)
             for a in range(len(sd)):
                 for b in range(a + 1, len(sd)):
@@ -136,6 +149,7 @@ class FitResult:
             add_dropped: also list the columns dropped as aliased (rank deficiency), as NaN, in the
                 formula's column order (lme4's ``fixef(m, add.dropped = TRUE)``).
         """
+        add_dropped = check_bool("add_dropped", add_dropped)
         est = pd.Series(self._beta_mean(), index=list(self.info.fixed_names), name="estimate")
         if not add_dropped or not self.info.dropped_fixed:
             return est
@@ -163,6 +177,7 @@ class FitResult:
             Columns ``grpvar, term, grp, condval, condsd``: one row per level and coefficient, ``grp`` the
             level label, ``condval`` the posterior mean and ``condsd`` the posterior SD under q.
         """
+        given_beta = check_bool("given_beta", given_beta)
         frames = []
         for k, term in enumerate(self.info.terms):
             mean, cov = family.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
@@ -218,37 +233,63 @@ class FitResult:
             keys.append(grp if pd.isna(var1) or per_group[grp] == 1 else f"{grp}:{var1}")
         return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
 
-    def predict(self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full") -> np.ndarray:
+    def predict(
+        self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full", missing: str = "raise"
+    ) -> np.ndarray:
         """Predictions with posterior means.
 
         Args:
             data: new rows with the formula's columns (the response is not needed).
-            allow_new_levels: a level never seen at fit time gets its effect's prior mean, 0; with
-                ``False`` such a level raises ``ValueError`` naming the factor and a few labels (lme4's
-                ``allow.new.levels``).
-            re_form: ``"full"`` uses every random term; ``None`` predicts at the population level (fixed
-                effects only), as lme4's ``re.form = NA``.
+            allow_new_levels: a level of a grouping factor never seen at fit time gets its effect's prior
+                mean, 0; with ``False`` such a level raises ``ValueError`` naming the factor and a few labels
+                (lme4's ``allow.new.levels``). A fixed-effect factor's unseen level always raises.
+            re_form: ``"full"`` uses every random term; ``None`` (or lme4's ``"~0"``) predicts at the
+                population level (fixed effects only), as lme4's ``re.form = NA``.
+            missing: ``"raise"`` (default) stops on NA or inf in a column the predictions use, naming it;
+                ``"drop"`` predicts NaN for those rows, with a warning counting them, so rows still align.
 
         Returns:
-            ``(n_new,)`` predictions.
+            ``(n_new,)`` predictions, in the rows' order.
         """
+        allow_new_levels = check_bool("allow_new_levels", allow_new_levels)
+        check_choice("re_form", re_form, ("full", None, "~0"))
+        check_choice("missing", missing, ("raise", "drop"))
+        population = re_form in (None, "~0")
+        columns = new_data_columns(self.info, data, with_groups=not population)
+        bad, counts = incomplete_rows(data, columns)
+        out = np.full(len(data), np.nan)
+        if bad.any():
+            if missing == "raise":
+                raise ValueError(
+                    f"newdata has {int(bad.sum())} row(s) with missing or infinite values in the columns the "
+                    f"predictions use ({counts}); pass missing='drop' to predict NaN for them"
+                )
+            warnings.warn(
+                f"predicting NaN for {int(bad.sum())} of {len(data)} rows with missing or infinite values "
+                f"({counts})",
+                stacklevel=2,
+            )
+            data = data.loc[~bad] if data.index.is_unique else data.iloc[np.flatnonzero(~bad)]
+        if len(data) == 0:
+            return out
         X = fixed_matrix(self.info, data)
         pred = X @ self._beta_mean()
-        if re_form is None:
-            return pred
-        for k, term in enumerate(self.info.terms):
-            codes, cov = term_rows(term, data)
-            unseen = codes < 0
-            if unseen.any() and not allow_new_levels:
-                labels = pd.unique(np.asarray(group_labels(data, term.group_columns))[unseen])[:5]
-                raise ValueError(
-                    f"grouping factor {term.group!r} has {int(unseen.sum())} row(s) at level(s) not seen when "
-                    f"fitting, e.g. {list(labels)}; pass allow_new_levels=True to predict them at the prior mean"
-                )
-            mean = np.asarray(family.term_moments(self.spec, self.params.blocks, k)[0])
-            effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
-            pred = pred + np.sum(cov * effect, axis=1)
-        return pred
+        if not population:
+            for k, term in enumerate(self.info.terms):
+                codes, cov = term_rows(term, data)
+                unseen = codes < 0
+                if unseen.any() and not allow_new_levels:
+                    labels = pd.unique(row_labels(term, data)[unseen])[:5]
+                    raise ValueError(
+                        f"grouping factor {term.group!r} has {int(unseen.sum())} row(s) at level(s) not seen "
+                        f"when fitting, e.g. {list(labels)}; pass allow_new_levels=True to predict them at the "
+                        "prior mean"
+                    )
+                mean = np.asarray(family.term_moments(self.spec, self.params.blocks, k)[0])
+                effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
+                pred = pred + np.sum(cov * effect, axis=1)
+        out[~bad] = pred
+        return out
 
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
         """Draws from q as an ArviZ ``InferenceData``; see :func:`lmevi.export.to_inference_data`."""
@@ -321,7 +362,15 @@ class FitResult:
 
     # ---------------------------------------------------------------- helpers
 
+    def _relative_chol(self) -> tuple[np.ndarray, ...]:
+        """lme4's relative factors ``theta_k`` in the standardised units of the fit."""
+        sigma = float(self.params.model.sigma)
+        if self.scales is None:
+            return tuple(np.asarray(L, np.float64) / sigma for L in self.params.model.chol)
+        return relative_chol(self.params.model.chol, sigma, self.scales)
+
     def _beta_mean(self) -> np.ndarray:
         if self.spec.reml:
             return np.asarray(family.fixed_moments(self.spec, self.params.blocks)[0])
         return np.asarray(self.params.model.beta)
+

@@ -24,6 +24,9 @@ import re
 import numpy as np
 import pandas as pd
 
+from lmevi.formula import FormulaError
+from lmevi.labels import as_factor
+
 # identifiers with a dot that are not calls (``log.NIF``, ``avg.IQ.ver.cen``, but not ``as.factor(``)
 _DOTTED = re.compile(r"(?<![\w.`])([A-Za-z_][\w]*(?:\.[\w]+)+|\.[A-Za-z_][\w.]*)(?![\w.`]*\s*\()")
 _AS_FACTOR = re.compile(r"\bas\.factor\s*\(")
@@ -39,15 +42,18 @@ _UNSUPPORTED = {
 
 
 def _factor(x) -> pd.Series:
-    """R's ``factor``: levels in sorted order, labels as R prints them (``1``, not ``1.0``)."""
-    index = getattr(x, "index", None)
-    if isinstance(getattr(x, "dtype", None), pd.CategoricalDtype):
-        return pd.Series(pd.Categorical(x), index=index)
-    values = pd.Series(np.asarray(x), index=index)
-    if pd.api.types.is_float_dtype(values) and np.all(np.mod(values.dropna(), 1) == 0):
-        values = values.astype("Int64")
-    levels = sorted(pd.unique(values.dropna()))
-    return pd.Series(pd.Categorical(values.astype(str), categories=[str(v) for v in levels]), index=index)
+    """R's ``factor``: levels in R's order, labels as R prints them (``1``, not ``1.0``; see
+    :mod:`lmevi.labels`)."""
+    return pd.Series(as_factor(x), index=getattr(x, "index", None))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def clean_error(err) -> str:
+    """The first line of a formulaic error, without its terminal colour codes."""
+    text = _ANSI.sub("", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 CONTEXT = {
@@ -79,7 +85,10 @@ def required_columns(expr: str) -> set[str]:
         return key
 
     plain = re.sub(r"`([^`]*)`", hold, to_formulaic(expr))
-    names = set(Formula(plain).required_variables) - set(CONTEXT) - {"np", "C", "I", "contr"}
+    try:
+        names = set(Formula(plain).required_variables) - set(CONTEXT) - {"np", "C", "I", "contr"}
+    except Exception as err:  # formulaic's syntax errors: keep the message, drop the colours
+        raise FormulaError(f"cannot read {expr!r} as a formula: {clean_error(err)}") from None
     return {quoted.get(n, n) for n in names}
 
 

@@ -1,0 +1,140 @@
+"""Level labels: the one rule that turns a grouping column's values into the labels lme4 prints.
+
+Every place that names a level (the design at fit time, ``predict`` on new rows, ``ranef``, the ArviZ
+export, R's ``factor()`` inside formulas) goes through this module, so a level is the same level everywhere.
+
+The rule, value by value (never depending on the rest of the column):
+
+* a whole-number float reads as an integer, as R prints it: ``3.0`` -> ``"3"``; other floats use R's 15
+  significant digits: ``19.5`` -> ``"19.5"``, ``1e20`` -> ``"1e+20"``;
+* integers read as themselves, strings as themselves, anything else as ``str(value)``;
+* a pandas ``Categorical`` column's labels are its categories, each read by the same rule.
+
+Identity of a level of an interaction ``a:b`` is the *tuple* of its parents' labels; the label shown is
+``"<a>:<b>"`` as lme4 prints it, but two different tuples that print alike (``("1:2", "3")`` and
+``("1", "2:3")``) stay two levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+def level_label(value) -> str:
+    """The label of one value, as R's ``as.character`` prints it."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isfinite(v) and v == math.floor(v) and abs(v) < 1e15:
+            return str(int(v))
+        text = f"{v:.15g}"
+        if float(text) != v:  # 15 digits would merge two distinct values: keep enough to tell them apart
+            text = repr(v)
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}e{int(exponent):+03d}" if e else text
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value)
+
+
+def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str], bool]:
+    """``(codes (n,), labels of the uniques, sortable)``; code -1 marks a missing value.
+
+    The uniques of a Categorical are its categories in order; otherwise the distinct values in the order
+    R's ``factor`` uses: sorted numbers for a numeric column, sorted labels otherwise.
+    """
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        codes = col.cat.codes.to_numpy().astype(np.int64)
+        return codes, [level_label(c) for c in col.cat.categories], False
+    codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
+    values = list(uniques)
+    labels = [level_label(v) for v in values]
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        order = sorted(range(len(values)), key=lambda i: float(values[i]))
+    else:
+        order = sorted(range(len(values)), key=lambda i: labels[i])
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.arange(len(values))
+    codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(values) else -1, -1)
+    return codes, [labels[i] for i in order], True
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The levels of a grouping factor (one column or the interaction of several).
+
+    Attributes:
+        keys: ``(J,)`` identities, each a tuple of one label per grouping column.
+        labels: ``(J,)`` labels as lme4 prints them (``"A:p"`` for an interaction).
+    """
+
+    keys: tuple[tuple[str, ...], ...]
+    labels: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def codes(self, data: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
+        """``(n,)`` the code of each row's level, ``-1`` for a level not among these (or a missing value)."""
+        lookup = {key: j for j, key in enumerate(self.keys)}
+        parts = [_factorize(data[c]) for c in columns]
+        combined, uniques = _combine(parts)
+        per_unique = np.asarray([lookup.get(key, -1) for key in uniques], dtype=np.int64)
+        return np.where(combined >= 0, per_unique[np.maximum(combined, 0)] if len(uniques) else -1, -1)
+
+    def row_labels(self, data: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
+        """``(n,)`` every row's label as lme4 prints it (for messages about levels not seen)."""
+        parts = [_factorize(data[c]) for c in columns]
+        combined, uniques = _combine(parts)
+        text = np.asarray([":".join(u) for u in uniques] + ["NA"], dtype=object)
+        return text[np.where(combined >= 0, combined, len(uniques))]
+
+
+def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """Row codes into the distinct label tuples that occur, in the parents' level order (R's ``a:b``)."""
+    n = len(parts[0][0])
+    missing = np.zeros(n, dtype=bool)
+    for codes, _, _ in parts:
+        missing |= codes < 0
+    if len(parts) == 1:
+        codes, labels, _ = parts[0]
+        used = np.unique(codes[~missing])
+        remap = np.full(len(labels), -1, dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        out = np.where(missing, -1, remap[np.maximum(codes, 0)] if len(labels) else -1)
+        return out, [(labels[u],) for u in used]
+    stacked = np.stack([np.where(missing, 0, c) for c, _, _ in parts], axis=1)
+    uniq, inverse = np.unique(stacked[~missing], axis=0, return_inverse=True)  # lexicographic: a slowest
+    out = np.full(n, -1, dtype=np.int64)
+    out[~missing] = inverse.reshape(-1)
+    keys = [tuple(parts[c][1][int(v)] for c, v in enumerate(row)) for row in uniq]
+    return out, keys
+
+
+def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.ndarray]:
+    """The levels that occur in ``data`` and every row's code.
+
+    Unused categories of a Categorical are dropped, as lme4's ``factor(..., drop = TRUE)`` does. Levels are
+    ordered as R orders them: a Categorical's category order, sorted numbers, sorted strings; an
+    interaction by its first column's order, then the next.
+
+    Returns:
+        ``(levels, codes (n,))``; a row with a missing value has code ``-1``.
+    """
+    combined, keys = _combine([_factorize(data[c]) for c in columns])
+    return Levels(keys=tuple(keys), labels=tuple(":".join(k) for k in keys)), combined
+
+
+def as_factor(values) -> pd.Categorical:
+    """R's ``factor(values)``: a Categorical of labels, levels in R's order (see :func:`levels_of`)."""
+    col = pd.Series(values)
+    codes, labels, _ = _factorize(col)
+    used = np.unique(codes[codes >= 0])
+    return pd.Categorical.from_codes(
+        np.searchsorted(used, codes).astype(np.int64) * (codes >= 0) - (codes < 0), [labels[u] for u in used]
+    )

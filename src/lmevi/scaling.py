@@ -1,0 +1,160 @@
+r"""Scale-free fitting: fit on standardised columns, report in the data's units.
+
+A linear mixed model is equivariant under a change of units: with
+
+    y = c + s_y y',   X_j = s_xj X'_j,   z_ka = s_ka z'_ka     (c only when 1 is a column of X)
+
+the model for ``y'`` has ``beta'_j = (beta_j - c a_j) s_xj / s_y``, ``b'_ka = b_ka s_ka / s_y``,
+``Sigma'_k = D_k Sigma_k D_k / s_y^2`` (``D_k = diag(s_k) / s_y``) and ``sigma' = sigma / s_y``, where
+``X a = 1``. Coordinate ascent is equivariant in exact arithmetic, but its starting point, step-size-free
+thresholds and floating point are not: a slope covariate in units a million times too small left the slope
+variance at its starting value. So every fit runs on the standardised design (``s_y`` the SD of ``y``, ``c``
+its mean; ``s_x`` and ``s_k`` the columns' SDs, or their absolute value for a constant column such as the
+intercept) and the result is mapped back here. The convergence and singular-fit checks then read
+standardised numbers and mean the same whatever the units.
+
+The ELBO maps back with the Jacobian of ``y``, and under REML-like fits (beta in q with a flat prior) with
+the Jacobian of beta too, as lme4's REML criterion depends on the units of ``X``::
+
+    ELBO = ELBO' - n log s_y  [+ sum_j log(s_y / s_xj) when beta is in q]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmevi.design import Design, TermData
+from lmevi.family import FamilySpec, VIParams
+from lmevi.model import ModelParams
+
+
+class Scales(NamedTuple):
+    """The change of units between the data and the standardised design (host-side NumPy).
+
+    Attributes:
+        y_shift: ``c``, subtracted from ``y`` (0 when no column of ``X`` is constant).
+        y_scale: ``s_y``.
+        shift_coef: ``(p,)`` the ``a`` with ``X a = 1`` (zeros when ``c = 0``).
+        x_scale: ``(p,)`` ``s_x``.
+        z_scale: one ``(p_k,)`` ``s_k`` per random term.
+    """
+
+    y_shift: float
+    y_scale: float
+    shift_coef: np.ndarray
+    x_scale: np.ndarray
+    z_scale: tuple[np.ndarray, ...]
+
+
+def _column_scale(M: np.ndarray) -> np.ndarray:
+    """SD of each column, or its absolute value where the column is constant (an intercept)."""
+    if M.shape[0] == 0 or M.shape[1] == 0:
+        return np.ones(M.shape[1])
+    sd = M.std(axis=0)
+    const = np.abs(M[0])
+    scale = np.where(sd > 1e-12 * np.maximum(np.abs(M).max(axis=0), 1e-300), sd, const)
+    return np.where(scale > 0, scale, 1.0)
+
+
+def standardise(design: Design) -> tuple[Design, Scales]:
+    """The design in standardised units, and the scales that map back.
+
+    Args:
+        design: arrays in the data's units.
+
+    Returns:
+        ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``.
+    """
+    y = np.asarray(design.y, dtype=np.float64)
+    X = np.asarray(design.X, dtype=np.float64)
+    x_scale = _column_scale(X)
+    shift_coef = np.zeros(X.shape[1])
+    y_shift = 0.0
+    const = [j for j in range(X.shape[1]) if X.shape[0] and np.ptp(X[:, j]) == 0 and X[0, j] != 0]
+    if const:
+        j = const[0]
+        shift_coef[j] = 1.0 / X[0, j]
+        y_shift = float(np.mean(y))
+    y_scale = float(np.std(y - y_shift))
+    if not y_scale > 0:
+        y_scale = 1.0
+    z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64)) for t in design.terms)
+    dtype = design.y.dtype
+    scaled = Design(
+        y=jnp.asarray((y - y_shift) / y_scale, dtype),
+        X=jnp.asarray(X / x_scale, dtype),
+        terms=tuple(
+            TermData(index=t.index, covariates=jnp.asarray(np.asarray(t.covariates, np.float64) / s, dtype),
+                     n_levels=t.n_levels)
+            for t, s in zip(design.terms, z_scale)
+        ),
+    )
+    return scaled, Scales(y_shift, y_scale, shift_coef, x_scale, z_scale)
+
+
+def _block_scales(spec: FamilySpec, block, scales: Scales):
+    """Per-coordinate factors (data units per standardised unit) of one block: ``s_L`` ``(p_L,)`` of the
+    large term and ``s_w`` ``(p_w,)`` of the small part, and the shift ``(p_w,)`` of the small part."""
+    sy = scales.y_scale
+    s_large = None if block.large is None else sy / scales.z_scale[block.large]
+    parts, shift = [], []
+    for k in block.small:
+        f = np.tile(sy / scales.z_scale[k], spec.n_levels[k])
+        parts.append(f)
+        shift.append(np.zeros_like(f))
+    if block.fixed:
+        parts.append(sy / scales.x_scale)
+        shift.append(scales.y_shift * scales.shift_coef)
+    s_small = np.concatenate(parts) if parts else None
+    return s_large, s_small, (np.concatenate(shift) if shift else None)
+
+
+def to_data_units(params: VIParams, spec: FamilySpec, scales: Scales) -> VIParams:
+    """Map point estimates and q from standardised units back to the data's (see the module docstring).
+
+    Block by block, with ``b_L = s_L b'_L`` and ``w = s_w w' + shift``: ``m_L = s_L m'_L``,
+    ``T = diag(s_L) T'``, ``K = diag(s_L) K' diag(1 / s_w)``, ``m_w = s_w m'_w + shift``,
+    ``U = diag(s_w) U'``.
+    """
+    m = params.model
+    dtype = m.sigma.dtype
+    sy = scales.y_scale
+    beta = None
+    if m.beta is not None:
+        beta = m.beta * jnp.asarray(sy / scales.x_scale, dtype) + jnp.asarray(scales.y_shift * scales.shift_coef, dtype)
+    chol = tuple(L * jnp.asarray(sy / s, dtype)[:, None] for L, s in zip(m.chol, scales.z_scale))
+    model = ModelParams(beta=beta, chol=chol, sigma=m.sigma * sy)
+    blocks = []
+    for block, bp in zip(spec.blocks, params.blocks):
+        s_large, s_small, shift = _block_scales(spec, block, scales)
+        new = bp
+        if s_large is not None:
+            fl = jnp.asarray(s_large, dtype)
+            new = new._replace(loc_large=bp.loc_large * fl, chol_large=bp.chol_large * fl[:, None])
+        if s_small is not None:
+            fw = jnp.asarray(s_small, dtype)
+            new = new._replace(
+                loc_small=bp.loc_small * fw + jnp.asarray(shift, dtype), chol_small=bp.chol_small * fw[:, None]
+            )
+            if bp.coupling is not None:
+                new = new._replace(coupling=bp.coupling * jnp.asarray(s_large, dtype)[:, None] / fw)
+        blocks.append(new)
+    return VIParams(model=model, blocks=tuple(blocks))
+
+
+def elbo_offset(scales: Scales, n_obs: int, reml: bool) -> float:
+    """What to add to a standardised ELBO to get the data's: ``-n log s_y`` (plus beta's Jacobian under
+    REML-like fits)."""
+    out = -n_obs * np.log(scales.y_scale)
+    if reml:
+        out += float(np.sum(np.log(scales.y_scale / scales.x_scale)))
+    return float(out)
+
+
+def relative_chol(chol: tuple, sigma: float, scales: Scales) -> tuple[np.ndarray, ...]:
+    """lme4's relative covariance factors in standardised units, ``diag(s_k) L_k / sigma``: unit-free, what the
+    singular-fit rules read."""
+    return tuple(np.asarray(L, np.float64) * s[:, None] / sigma for L, s in zip(chol, scales.z_scale))
