@@ -158,7 +158,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 dtype="float32" if args.float32 else "float64",
             )
-    except (ValueError, OSError) as err:  # FormulaError and pandas' parser errors are ValueErrors
+    except (ValueError, TypeError, OSError) as err:  # FormulaError and pandas' parser errors are ValueErrors
         _error(err)
         return EXIT_BAD_INPUT
     for w in caught:
