@@ -93,8 +93,8 @@ def test_categorical_drops_unused_categories(frame):
     data = frame.assign(f=pd.Categorical(frame["f"], categories=["mid", "lo", "hi", "never"]))
     design, info = build("y ~ (1 | f)", data)
     assert info.terms[0].levels == ("mid", "lo", "hi")  # category order; unused level dropped, as lme4 does
-    assert info.terms[0].counts[-1] == 0
-    assert design.terms[0].n_levels == 4
+    assert min(info.terms[0].counts) > 0
+    assert design.terms[0].n_levels == 3
     assert set(np.unique(design.terms[0].index)) == {0, 1, 2}
 
 

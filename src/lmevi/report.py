@@ -55,15 +55,22 @@ def lme4_sd(varcorr: pd.DataFrame) -> pd.Series:
 def join_effects(ours: pd.DataFrame, lme4: pd.DataFrame) -> pd.DataFrame:
     """Random effects side by side, joined on ``grpvar, term, grp``; lme4's columns end in ``_lme4``.
 
+    Every level of ours must have an lme4 partner. lme4's levels that our fit never saw (a training split
+    lacks some instructors of the full data, and lmevi drops unused levels as lme4 does) are left out, and
+    their number is kept in ``joined.attrs["lme4_only"]``.
+
     Raises:
-        ValueError: if some level of either side has no partner (a join that silently drops rows would
-            make every number after it wrong).
+        ValueError: if some level of ours has no partner (a join that silently drops rows would make every
+            number after it wrong).
     """
     joined = ours.merge(lme4, on=["grpvar", "term", "grp"], how="outer", suffixes=("", "_lme4"), indicator=True)
-    unmatched = joined[joined["_merge"] != "both"]
+    unmatched = joined[joined["_merge"] == "left_only"]
     if len(unmatched):
         raise ValueError(f"{len(unmatched)} random effects have no partner, e.g. {unmatched.head(3).to_dict('records')}")
-    return joined.drop(columns="_merge")
+    lme4_only = int((joined["_merge"] == "right_only").sum())
+    joined = joined[joined["_merge"] == "both"].drop(columns="_merge").reset_index(drop=True)
+    joined.attrs["lme4_only"] = lme4_only
+    return joined
 
 
 def effect_agreement(joined: pd.DataFrame, condsd_band: float = 0.05) -> pd.DataFrame:
