@@ -50,8 +50,11 @@ import warnings
 from functools import partial
 from pathlib import Path
 
+import jax
 import matplotlib
 
+# the profile and scaling parts call lmevi's internals directly, outside the 64-bit scope of lmevi.fit
+jax.config.update("jax_enable_x64", True)
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

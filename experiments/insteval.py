@@ -36,8 +36,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-import lmevi
-from lmevi import report
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no window: the script's choice, never the library's
+
+import insteval_report as report  # noqa: E402
+import lmevi  # noqa: E402
 
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 ROOT = Path(__file__).resolve().parents[1]

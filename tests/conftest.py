@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import warnings
 
+import jax
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
 
-import lmevi  # importing lmevi switches JAX to float64 before any array is made
-from dense import Problem, make_problem
-from lmevi import family
-from lmevi.family import FamilySpec
+# The tests build designs and q by hand, outside lmevi's own x64 scope, and compare them with float64 NumPy
+# references: they need JAX's 64-bit types in the whole test process (lmevi itself never switches them on
+# globally; tests/test_side_effects.py checks that in a fresh process). Figures go to files.
+jax.config.update("jax_enable_x64", True)
+matplotlib.use("Agg")
+
+import lmevi  # noqa: E402
+from dense import Problem, make_problem  # noqa: E402
+from lmevi import family  # noqa: E402
+from lmevi.family import FamilySpec  # noqa: E402
 
 # Two crossed grouping factors, one of them with a correlated random slope.
 CROSSED_FORMULA = "y ~ x + (1 + x | g) + (1 | h)"

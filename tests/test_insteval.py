@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import lmevi
-from lmevi import report
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import insteval_report as report  # noqa: E402
 LME4 = ROOT / "results" / "lme4" / "insteval"
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 
@@ -100,11 +101,7 @@ def test_meanfield_drains_the_department_variance(insteval):
 
 
 def test_experiment_quick_writes_every_output(tmp_path):
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import insteval as experiment
-    finally:
-        sys.path.pop(0)
+    import insteval as experiment
     metrics = experiment.main(["--quick", "--out", str(tmp_path)])
     for name in [
         "residuals_during_training.png", "residuals_final.png", "effects_recommended.png",

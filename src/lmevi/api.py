@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pandas as pd
 
-from lmevi import cavi, scaling
+from lmevi import cavi, runtime, scaling
 from lmevi import family as family_lib
 from lmevi.design import build_design
 from lmevi.formula import parse_formula
 from lmevi.inference import StopRule, run_cavi, run_optax
+from lmevi.precision import to_host, x64
 from lmevi.options import check_bool, check_choice, check_int, check_optional_bool, check_real
 from lmevi.results import FitResult
 
@@ -58,6 +59,7 @@ def _defaults(method: str, elbo: str) -> tuple[int, float, int]:
     return 5000, 1e-10, 1
 
 
+@x64
 def fit(
     formula: str,
     data: pd.DataFrame,
@@ -118,6 +120,7 @@ def fit(
     Returns:
         A :class:`~lmevi.results.FitResult`.
     """
+    runtime.prepare()
     family = check_choice("family", family, FAMILIES)
     reml = check_bool("reml", reml)
     elbo = check_choice("elbo", elbo, ELBOS)
@@ -207,7 +210,7 @@ def fit(
             f"(relative change <= {rule.tol:g}; gradient norm {run.grad_norm:.2g} per observation); "
             "estimates may still move: raise num_steps",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     elif run.grad_norm > GRAD_TOL:
         warnings.warn(
@@ -215,7 +218,7 @@ def fit(
             f"(above {GRAD_TOL:g}): the fit stopped on a plateau, not at an optimum, and estimates may still "
             "move: lower tol or raise num_steps",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     mean, _ = _row_moments(design, spec, params.blocks, data_b)
     fixed = design.X @ params.model.beta if params.model.beta is not None else 0.0
@@ -234,8 +237,8 @@ def fit(
     result = FitResult(
         info=info,
         spec=spec,
-        params=params,
-        run=run,
+        params=to_host(params),
+        run=run._replace(snapshots={t: to_host(p) for t, p in run.snapshots.items()}),
         options=options,
         fitted=fitted,
         y=np.asarray(raw_design.y),
@@ -249,7 +252,7 @@ def fit(
         warnings.warn(
             f"boundary (singular) fit: {msg}: the data do not support this variance component as modelled.{hint}",
             SingularFitWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return result
 

@@ -298,7 +298,7 @@ def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
         )
     if n_bad == len(data):
         raise ValueError(f"every row has a missing or infinite value in the formula's columns ({detail})")
-    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=4)
+    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=5)
     return data.loc[~bad_rows]
 
 
@@ -341,7 +341,7 @@ def _fixed(rhs: str, data: pd.DataFrame):
         warnings.warn(
             f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s) / "
             f"coefficient(s): {list(dropped)}",
-            stacklevel=4,
+            stacklevel=5,
         )
     X = X[:, keep]
     _check_scales(X, [names[i] for i in keep])
@@ -374,7 +374,7 @@ def _check_scales(X: np.ndarray, names: list[str]) -> None:
         warnings.warn(
             f"some predictors are on very different scales (SD of {big!r} is "
             f"{sd[varying].max() / sd[varying].min():.3g} times that of {small!r}): consider rescaling",
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
@@ -397,7 +397,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         warnings.warn(
             f"the grouping factor {term.group_name!r} has distinct levels that print alike ({clashes[:3]}): "
             "they are fitted as different levels, but tables will show the same label more than once",
-            stacklevel=4,
+            stacklevel=5,
         )
     try:
         mm = model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)

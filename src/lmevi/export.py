@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from lmevi import family
+from lmevi.precision import x64
 from lmevi.results import FitResult
 
 FIXED_VAR, FIXED_DIM = "fixef", "coef"
@@ -42,6 +43,7 @@ SD_VAR, SD_DIM = "sd", "component"
 _RESERVED = {"chain", "draw", FIXED_VAR, FIXED_DIM, SD_VAR, SD_DIM}
 
 
+@x64
 def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) -> az.InferenceData:
     """Draws from q (and the point estimates) of a fit as an ArviZ ``InferenceData`` with one chain.
 

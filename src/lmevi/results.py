@@ -23,6 +23,7 @@ from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_col
 from lmevi.options import check_bool, check_choice
 from lmevi.family import FamilySpec, VIParams
 from lmevi.inference import RunInfo
+from lmevi.precision import x64
 from lmevi.scaling import Scales, relative_chol
 
 
@@ -142,6 +143,7 @@ class FitResult:
             raise ValueError(f"no snapshot at step {step}; fitted with snapshot_steps={sorted(snaps)}")
         return replace(self, params=snaps[step])
 
+    @x64
     def fixef(self, add_dropped: bool = False) -> pd.Series:
         """Fixed effects indexed by the names lme4 prints (``(Intercept)``, ``service``).
 
@@ -158,6 +160,7 @@ class FitResult:
 
         return est.reindex([lme4_name(n) for n in names])
 
+    @x64
     def fixef_se(self) -> pd.Series | None:
         """Posterior SDs of beta when it is in q (``reml=True``), else ``None``."""
         if not self.spec.reml:
@@ -165,6 +168,7 @@ class FitResult:
         _, cov = family.fixed_moments(self.spec, self.params.blocks)
         return pd.Series(np.sqrt(np.diag(np.asarray(cov))), index=list(self.info.fixed_names), name="std_error")
 
+    @x64
     def ranef(self, given_beta: bool = True) -> pd.DataFrame:
         """Random effects in the layout of lme4's ``as.data.frame(ranef(m, condVar = TRUE))``.
 
@@ -233,6 +237,7 @@ class FitResult:
             keys.append(grp if pd.isna(var1) or per_group[grp] == 1 else f"{grp}:{var1}")
         return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
 
+    @x64
     def predict(
         self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full", missing: str = "raise"
     ) -> np.ndarray:
@@ -267,7 +272,7 @@ class FitResult:
             warnings.warn(
                 f"predicting NaN for {int(bad.sum())} of {len(data)} rows with missing or infinite values "
                 f"({counts})",
-                stacklevel=2,
+                stacklevel=3,
             )
             data = data.loc[~bad] if data.index.is_unique else data.iloc[np.flatnonzero(~bad)]
         if len(data) == 0:
@@ -291,6 +296,7 @@ class FitResult:
         out[~bad] = pred
         return out
 
+    @x64
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
         """Draws from q as an ArviZ ``InferenceData``; see :func:`lmevi.export.to_inference_data`."""
         from lmevi.export import to_inference_data  # arviz loads only when exporting
@@ -301,6 +307,7 @@ class FitResult:
         """Training residuals ``y - fitted``, ``(n_obs,)``, in the caller's row order."""
         return self.y - self.fitted
 
+    @x64
     def summary(self) -> str:
         """An lme4-style summary: method, formula, ELBO (and log-likelihood where exact), scaled residuals,
         random effects, fixed effects, convergence and singular-fit messages."""

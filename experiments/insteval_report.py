@@ -1,4 +1,7 @@
-"""Report stage: compare fits with saved lme4 output, and draw the tutorial's figures.
+"""The InstEval reproduction's report: compare fits with saved lme4 output, and draw the tutorial's figures.
+
+It belongs to ``experiments/insteval.py`` (limits and names are InstEval's), not to the package. It draws with
+``matplotlib.pyplot`` and leaves the choice of backend to the script that imports it.
 
 Every comparison joins estimates by level label (``merge`` on ``grpvar, term, grp``), never by row
 position: the Edward tutorial's department figure paired lme4's rows with its own by position, and sized
@@ -10,14 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from lmevi.results import FitResult  # noqa: E402
+from lmevi.results import FitResult
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""Importing and using lmevi changes nothing for the rest of the process (checked in fresh interpreters,
+since this test process itself turns on 64-bit JAX in conftest.py)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import CROSSED_FORMULA, simulate_crossed
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    if {jax_first}:
+        jax.numpy.ones(2).block_until_ready()  # the user's own JAX work starts the backend first
+    import lmevi
+    after_import = dict(x64=bool(jax.config.jax_enable_x64), matplotlib="matplotlib" in sys.modules,
+                        flags=os.environ.get("XLA_FLAGS", ""))
+    import numpy as np, pandas as pd
+    {simulate}
+    frame = simulate_crossed()
+    m = lmevi.fit({formula!r}, frame, tol=1e-14, num_steps=3000, progress=False)
+    ranef = m.ranef()
+    pred = m.predict(frame)
+    print(json.dumps(dict(
+        after_import=after_import,
+        x64_after_fit=bool(jax.config.jax_enable_x64),
+        matplotlib_after_fit="matplotlib" in sys.modules,
+        flags_after_fit=os.environ.get("XLA_FLAGS", ""),
+        sd=[float(v) for v in m.sd()], condsd=[float(v) for v in ranef.condsd], pred=[float(v) for v in pred],
+        sigma_dtype=str(m.params.model.sigma.dtype),
+    )))
+    """
+)
+
+
+def run_fresh(jax_first: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    # conftest.py turns on 64-bit JAX for this process, so the child gets the simulation's source, not conftest
+    simulate = textwrap.indent(inspect.getsource(simulate_crossed), "    ").strip()
+    code = SCRIPT.format(jax_first=jax_first, simulate=simulate, formula=CROSSED_FORMULA)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    return run_fresh(jax_first=False)
+
+
+def test_import_and_fit_leave_jax_and_matplotlib_as_they_were(fresh):
+    assert fresh["after_import"] == {"x64": False, "matplotlib": False, "flags": ""}
+    assert fresh["x64_after_fit"] is False
+    assert fresh["matplotlib_after_fit"] is False
+
+
+def test_fits_still_run_in_float64_inside_lmevi(fresh, crossed_fit):
+    """The same fit in this (64-bit) process: equal to 1e-10, which float32 arithmetic could not reach."""
+    assert fresh["sigma_dtype"] == "float64"
+    np.testing.assert_allclose(fresh["sd"], crossed_fit.sd().to_numpy(), rtol=1e-10)
+    np.testing.assert_allclose(fresh["condsd"], crossed_fit.ranef().condsd.to_numpy(), rtol=1e-10)
+    np.testing.assert_allclose(fresh["pred"], crossed_fit.predict(simulate_crossed()), rtol=1e-10)
+
+
+def test_xla_cpu_workaround_only_when_lmevi_starts_jax(fresh):
+    """At the first fit, lmevi adds its XLA CPU flag only if JAX has not started yet; a user whose JAX ran
+    first keeps XLA_FLAGS untouched."""
+    assert "xla_cpu_enable_concurrency_optimized_scheduler=false" in fresh["flags_after_fit"]
+    jax_first = run_fresh(jax_first=True)
+    assert jax_first["flags_after_fit"] == ""
+    np.testing.assert_allclose(jax_first["sd"], fresh["sd"], rtol=1e-12)
