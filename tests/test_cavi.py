@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
-from dense import block_coordinates, dense_block, dense_design, dense_prior_precision, dense_q, random_params
+from dense import (
+    block_coordinates,
+    dense_block,
+    dense_design,
+    dense_prior_precision,
+    dense_q,
+    make_problem,
+    random_params,
+)
 from lmevi import cavi, elbo, family
 
 block_data = jax.jit(family.block_data, static_argnames="spec")
@@ -21,16 +30,20 @@ def test_update_block_is_the_exact_conditional_posterior(crossed, family_spec):
 
     ``r`` is y minus the fixed part and the other blocks' means; all of it is formed densely here.
     """
-    params = random_params(0, family_spec)
-    data = block_data(crossed.design, family_spec)
-    mean, _ = dense_q(family_spec, params.blocks)
-    A = dense_design(crossed, family_spec)
-    P = dense_prior_precision(family_spec, params.model.chol)
+    check_exact_block_updates(crossed, family_spec, seed=0)
+
+
+def check_exact_block_updates(problem, spec, seed):
+    params = random_params(seed, spec)
+    data = block_data(problem.design, spec)
+    mean, _ = dense_q(spec, params.blocks)
+    A = dense_design(problem, spec)
+    P = dense_prior_precision(spec, params.model.chol)
     s2 = float(params.model.sigma) ** 2
-    y = np.asarray(crossed.design.y)
-    fixed = 0.0 if family_spec.reml else crossed.X @ np.asarray(params.model.beta)
-    for i, block in enumerate(family_spec.blocks):
-        idx = np.concatenate(block_coordinates(family_spec, block))
+    y = np.asarray(problem.design.y)
+    fixed = 0.0 if spec.reml else problem.X @ np.asarray(params.model.beta)
+    for i, block in enumerate(spec.blocks):
+        idx = np.concatenate(block_coordinates(spec, block))
         others = np.setdiff1d(np.arange(A.shape[1]), idx)
         r = y - fixed - A[:, others] @ mean[others]
         A_B = A[:, idx]
@@ -38,12 +51,67 @@ def test_update_block_is_the_exact_conditional_posterior(crossed, family_spec):
         want_cov = np.linalg.inv(precision)
         want_mean = want_cov @ A_B.T @ r / s2
 
-        new = update_block(crossed.design, family_spec, block, data[i], params.model, r)
+        new = update_block(problem.design, spec, block, data[i], params.model, r)
         got_mean, got_cov = dense_block(new)
         # Cholesky solves against a dense inverse of a well-conditioned precision (condition number <= 80):
         # float64 rounding, measured at most 2.4e-15 of the largest entry; 1e-12 of it allowed
         np.testing.assert_allclose(got_mean, want_mean, rtol=0, atol=1e-12 * np.abs(want_mean).max())
         np.testing.assert_allclose(got_cov, want_cov, rtol=0, atol=1e-12 * np.abs(want_cov).max())
+
+
+@pytest.fixture(scope="module")
+def small_parts():
+    """``y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)`` on 90 rows in float64: ``g`` 9 levels (large with
+    ``small_threshold=12``), ``a`` 3 levels with a slope and ``b`` 4 levels (small), all crossed. Specs: beta
+    and both small terms in g's block; and the small terms with beta in a block of their own."""
+    rng = np.random.default_rng(5)
+    n = 90
+    frame = pd.DataFrame({
+        "x": rng.normal(size=n),
+        "g": [f"g{j}" for j in rng.permutation(np.resize(np.arange(9), n))],
+        "a": [f"a{j}" for j in rng.permutation(np.resize(np.arange(3), n))],
+        "b": [f"b{j}" for j in rng.permutation(np.resize(np.arange(4), n))],
+    })
+    frame["y"] = 1.0 + 0.5 * frame["x"] + rng.normal(size=n)
+    with jax.enable_x64(True):
+        problem = make_problem(frame, "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)")
+        specs = (
+            family.structured_spec(problem.design, problem.info, True, small_threshold=12),
+            family.structured_spec(problem.design, problem.info, True, small_threshold=12,
+                                   blocks=[("a", "b", "fixed"), ("g",)]),
+        )
+    assert specs[0].blocks == (family.Block(large=0, small=(1, 2), fixed=True),)
+    assert specs[1].blocks == (family.Block(large=None, small=(1, 2), fixed=True), family.Block(large=0))
+    return problem, specs
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["with-large", "without-large"])
+def test_update_block_with_several_small_terms_is_the_exact_conditional(small_parts, which):
+    """The segment-sum cross-products and ``W^T r`` of a block with two small terms (one with a slope) and
+    beta give the dense Gaussian conditional."""
+    problem, specs = small_parts
+    with jax.enable_x64(True):
+        check_exact_block_updates(problem, specs[which], seed=3)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["with-large", "without-large"])
+def test_sweep_is_update_blocks_then_m_step(small_parts, which):
+    """``sweep`` shares the rows' means between its two halves and sums the variances by traces; it must
+    equal the two public steps run one after the other, and its ELBO the closed form at its output."""
+    problem, specs = small_parts
+    spec = specs[which]
+    with jax.enable_x64(True):
+        design = problem.design
+        data = block_data(design, spec)
+        params = init_params(design, spec, None)
+        got, got_elbo = jax.jit(cavi.sweep, static_argnums=(1, 4))(design, spec, params, data, True)
+        mid = jax.jit(cavi.update_blocks, static_argnums=1)(design, spec, params, data)
+        want, want_elbo = m_step(design, spec, mid, data, estimate_sigma=True)
+        # the same operations, fused differently by XLA: float64 rounding only
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        assert float(got_elbo) == pytest.approx(float(want_elbo), rel=1e-12)
+        assert float(got_elbo) == pytest.approx(float(closed_form(got, design, spec, data)), rel=1e-12)
 
 
 # Two opposite families: several blocks with beta a point estimate and sigma estimated, and one arrowhead

@@ -120,10 +120,10 @@ def test_block_data_matches_dense_cross_products(crossed):
     spec = family.structured_spec(crossed.design, crossed.info, True, small_threshold=5)
     (bd,) = block_data(crossed.design, spec)
     Z_L, W = crossed.Z[0], np.concatenate([crossed.Z[1], crossed.X], axis=1)  # W = [Z_h, X]
-    n, J, p = len(crossed.frame), 6, 2
-    assert bd.W.shape == (n, 4 + 2) and bd.ZtZ.shape == (J, p, p) and bd.ZtW.shape == (J, p, 6)
+    J, p = 6, 2
+    assert bd.ZtZ.shape == (J, p, p) and bd.ZtW.shape == (J, p, 6) and bd.WtW.shape == (6, 6)
+    assert not hasattr(bd, "W")  # the (n_obs, p_w) small-part design is never formed
     # exact 0/1 and O(1) entries, sums of <= 60 products: 1e-12 absolute
-    np.testing.assert_allclose(bd.W, W, rtol=0, atol=1e-12)
     ZtZ, ZtW = Z_L.T @ Z_L, Z_L.T @ W
     for j in range(J):
         rows = slice(j * p, (j + 1) * p)
@@ -131,6 +131,125 @@ def test_block_data_matches_dense_cross_products(crossed):
         np.testing.assert_allclose(bd.ZtW[j], ZtW[rows], rtol=0, atol=1e-12)
     np.testing.assert_allclose(bd.WtW, W.T @ W, rtol=0, atol=1e-12)
     assert np.all(ZtZ[np.abs(np.subtract.outer(np.arange(J * p) // p, np.arange(J * p) // p)) > 0] == 0.0)
+
+
+# Gathered small parts against a dense one-hot W written here: several small terms, a slope in a small term,
+# beta in the block, with and without a large term
+
+
+SMALL_PARTS_FORMULA = "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)"
+
+
+def simulate_small_parts(seed: int = 5, n_obs: int = 90) -> pd.DataFrame:
+    """``g`` 9 levels (large with ``small_threshold=12``: 18 coefficients), ``a`` 3 levels with a slope and
+    ``b`` 4 levels (small: 6 and 4 coefficients); all three crossed."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "x": rng.normal(size=n_obs),
+        "g": [f"g{j}" for j in rng.permutation(np.resize(np.arange(9), n_obs))],
+        "a": [f"a{j}" for j in rng.permutation(np.resize(np.arange(3), n_obs))],
+        "b": [f"b{j}" for j in rng.permutation(np.resize(np.arange(4), n_obs))],
+    })
+    frame["y"] = 1.0 + 0.5 * frame["x"] + rng.normal(size=n_obs)
+    return frame
+
+
+@pytest.fixture(scope="module")
+def small_parts():
+    """The design in float64, and two specs: beta and both small terms in g's block; and a block of the
+    small terms and beta alone (no large term), g in its own."""
+    with jax.enable_x64(True):
+        problem = make_problem(simulate_small_parts(), SMALL_PARTS_FORMULA)
+        with_large = family.structured_spec(problem.design, problem.info, True, small_threshold=12)
+        without_large = family.structured_spec(
+            problem.design, problem.info, True, small_threshold=12, blocks=[("a", "b", "fixed"), ("g",)]
+        )
+    assert with_large.blocks == (Block(large=0, small=(1, 2), fixed=True),)
+    assert without_large.blocks == (Block(large=None, small=(1, 2), fixed=True), Block(large=0))
+    return problem, with_large, without_large
+
+
+def dense_small_design(problem, spec, block) -> np.ndarray:
+    """``W`` ``(n_obs, p_w)`` one row at a time: each small term's covariates in its level's slots, then ``x_i``."""
+    n = len(problem.frame)
+    cols = []
+    for k in block.small:
+        codes = np.asarray(problem.design.terms[k].index)
+        z = np.asarray(problem.design.terms[k].covariates)
+        J, p = spec.n_levels[k], spec.n_coefs[k]
+        Wk = np.zeros((n, J * p))
+        for i in range(n):
+            Wk[i, codes[i] * p : (codes[i] + 1) * p] = z[i]
+        cols.append(Wk)
+    if block.fixed:
+        cols.append(problem.X)
+    return np.concatenate(cols, axis=1)
+
+
+@pytest.mark.parametrize("which", ["with-large", "without-large"])
+def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
+    problem, with_large, without_large = small_parts
+    spec = with_large if which == "with-large" else without_large
+    with jax.enable_x64(True):
+        data = block_data(problem.design, spec)
+        r = np.random.default_rng(0).normal(size=len(problem.frame))
+        block = spec.blocks[0]
+        W = dense_small_design(problem, spec, block)
+        assert W.shape[1] == spec.small_size(block) == 6 + 4 + 2
+        bd = data[0]
+        # sums of <= 90 products of O(1) numbers: 1e-12 absolute covers float64 rounding
+        np.testing.assert_allclose(bd.WtW, W.T @ W, rtol=0, atol=1e-12)
+        got_wtr = jax.jit(family.small_crossprod, static_argnums=(1, 2))(problem.design, spec, block, r)
+        np.testing.assert_allclose(got_wtr, W.T @ r, rtol=0, atol=1e-12)
+        if block.large is None:
+            assert bd.ZtZ is None and bd.ZtW is None
+            return
+        Z = problem.Z[0]  # (n, 9 * 2), level-major
+        ZtW = (Z.T @ W).reshape(9, 2, -1)
+        np.testing.assert_allclose(bd.ZtW, ZtW, rtol=0, atol=1e-12)
+        ZtZ = np.stack([(Z.T @ Z)[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] for j in range(9)])
+        np.testing.assert_allclose(bd.ZtZ, ZtZ, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("which", ["with-large", "without-large"])
+def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
+    """Per-row mean and variance of each block against ``W`` built densely here:
+    ``Var(eta_i) = |T_g^T z_i|^2 + (K_g^T z_i + w_i)^T U U^T (K_g^T z_i + w_i)``; and the variances' sum
+    from the cross-products alone (:func:`lmevi.family.row_var_sum`)."""
+    problem, with_large, without_large = small_parts
+    spec = with_large if which == "with-large" else without_large
+    with jax.enable_x64(True):
+        params = random_params(7, spec)
+        data = block_data(problem.design, spec)
+        per_block = jax.jit(family.block_row_moments, static_argnums=1)
+        want_mean, want_var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
+        for block, bp, bd in zip(spec.blocks, params.blocks, data):
+            mean, var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
+            c = 0.0
+            if block.large is not None:
+                codes = np.asarray(problem.design.terms[block.large].index)
+                z = np.asarray(problem.design.terms[block.large].covariates)
+                T = np.asarray(bp.chol_large)[codes]
+                mean += np.einsum("np,np->n", z, np.asarray(bp.loc_large)[codes])
+                var += np.sum(np.einsum("np,npq->nq", z, T) ** 2, axis=1)
+                if bp.coupling is not None:
+                    c = np.einsum("np,npw->nw", z, np.asarray(bp.coupling)[codes])
+            if bp.loc_small is not None:
+                W = dense_small_design(problem, spec, block)
+                U = np.asarray(bp.chol_small)
+                mean += W @ np.asarray(bp.loc_small)
+                var += np.einsum("nw,wv,nv->n", c + W, U @ U.T, c + W)
+            got_mean, got_var = per_block(problem.design, block, bp, bd)
+            # quadratic forms of O(1) numbers over <= 30 coordinates: 1e-10 absolute covers float64 rounding
+            np.testing.assert_allclose(got_mean, mean, rtol=0, atol=1e-10)
+            np.testing.assert_allclose(got_var, var, rtol=0, atol=1e-10)
+            want_mean, want_var = want_mean + mean, want_var + var
+        mean, var = jax.jit(family.row_moments, static_argnums=1)(problem.design, spec, params.blocks, data)
+        np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(var, want_var, rtol=0, atol=1e-10)
+        var_sum = jax.jit(family.row_var_sum, static_argnums=0)(spec, params.blocks, data)
+        # a sum of 90 variances of size ~1-10 by traces instead of rows: 1e-12 relative
+        assert float(var_sum) == pytest.approx(want_var.sum(), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,9 @@ everything outside the block, the optimal q_B is Gaussian with precision ``Lambd
     A   = W^T W / sigma^2 + blockdiag(Sigma_s^{-1} per small level; 0 for beta's flat prior)
     h_L = segment_sum(z_i r_i) / sigma^2,   h_w = W^T r / sigma^2
 
+``W`` is never formed: ``W^T r`` is one segment sum per small term plus ``X^T r``, and the cross-products
+``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.family.block_data`.
+
 and, through the Schur complement ``S = A - sum_j C_j^T D_j^{-1} C_j``,
 ``m_w = S^{-1}(h_w - sum_j C_j^T D_j^{-1} h_Lj)``, ``m_Lj = D_j^{-1}(h_Lj - C_j m_w)``,
 ``K_j = -D_j^{-1} C_j``, ``T_j T_j^T = D_j^{-1}``, ``U U^T = S^{-1}``.
@@ -48,6 +51,53 @@ def small_prior_precision(spec: FamilySpec, block: Block, chol: tuple[jax.Array,
     return jax.scipy.linalg.block_diag(*parts)
 
 
+# Per-level p_L x p_L systems of a large term: XLA's CPU Cholesky and triangular solves call LAPACK once per
+# matrix (~0.5 us each: 20 ms for InstEval's 40,000 students), so for small p_L the textbook recursions are
+# written out as elementwise operations over all levels at once.
+_UNROLL_MAX = 4
+
+
+def _batched_cholesky(D: jax.Array) -> jax.Array:
+    """Lower Cholesky factors of ``(J, p, p)`` symmetric positive-definite matrices (symmetrised first)."""
+    p = D.shape[-1]
+    D = 0.5 * (D + jnp.swapaxes(D, 1, 2))
+    if p > _UNROLL_MAX:
+        return jnp.linalg.cholesky(D)
+    L = [[None] * p for _ in range(p)]
+    for i in range(p):
+        for r in range(i, p):
+            acc = D[:, r, i]
+            for k in range(i):
+                acc = acc - L[r][k] * L[i][k]
+            L[r][i] = jnp.sqrt(acc) if r == i else acc / L[i][i]
+    zero = jnp.zeros_like(D[:, 0, 0])
+    return jnp.stack([jnp.stack([L[r][c] if c <= r else zero for c in range(p)], -1) for r in range(p)], -2)
+
+
+def _batched_cho_solve(L: jax.Array, B: jax.Array) -> jax.Array:
+    """``(L_j L_j^T)^{-1} B_j`` for ``L`` ``(J, p, p)`` and ``B`` ``(J, p)`` or ``(J, p, m)``."""
+    p = L.shape[-1]
+    if p > _UNROLL_MAX:
+        return jax.vmap(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b))(L, B)
+    vec = B.ndim == 2
+    if vec:
+        B = B[:, :, None]
+    y = []
+    for i in range(p):
+        acc = B[:, i]
+        for k in range(i):
+            acc = acc - L[:, i, k, None] * y[k]
+        y.append(acc / L[:, i, i, None])
+    x = [None] * p
+    for i in reversed(range(p)):
+        acc = y[i]
+        for k in range(i + 1, p):
+            acc = acc - L[:, k, i, None] * x[k]
+        x[i] = acc / L[:, i, i, None]
+    out = jnp.stack(x, axis=1)
+    return out[:, :, 0] if vec else out
+
+
 def update_block(
     design: Design, spec: FamilySpec, block: Block, bd: BlockData, model: ModelParams, resid: jax.Array
 ) -> BlockParams:
@@ -70,16 +120,15 @@ def update_block(
     if block.large is not None:
         term = design.terms[block.large]
         D = bd.ZtZ / s2 + _prior_precision(model.chol[block.large])
-        h_l = jax.ops.segment_sum(term.covariates * resid[:, None], term.index, term.n_levels) / s2
-        cD = jnp.linalg.cholesky(D)
-        solve_d = jax.vmap(lambda c, b: jax.scipy.linalg.cho_solve((c, True), b))
-        d_h = solve_d(cD, h_l)
-    if bd.W is not None:
+        h_l = family.weighted_level_sums(term.covariates, resid, term.index, term.n_levels) / s2
+        cD = _batched_cholesky(D)
+        d_h = _batched_cho_solve(cD, h_l)
+    if bd.WtW is not None:
         A = bd.WtW / s2 + small_prior_precision(spec, block, model.chol, dtype)
-        rhs = bd.W.T @ resid / s2
+        rhs = family.small_crossprod(design, spec, block, resid) / s2
         if block.large is not None:
             C = bd.ZtW / s2
-            d_c = solve_d(cD, C)
+            d_c = _batched_cho_solve(cD, C)
             A = A - jnp.einsum("jpw,jpv->wv", C, d_c)
             rhs = rhs - jnp.einsum("jpw,jp->w", C, d_h)
         S = 0.5 * (A + A.T)
@@ -90,10 +139,10 @@ def update_block(
     if block.large is not None:
         p = D.shape[-1]
         eye = jnp.broadcast_to(jnp.eye(p, dtype=dtype), D.shape)
-        d_inv = solve_d(cD, eye)
-        chol_l = jnp.linalg.cholesky(0.5 * (d_inv + jnp.swapaxes(d_inv, 1, 2)))
+        d_inv = _batched_cho_solve(cD, eye)
+        chol_l = _batched_cholesky(d_inv)
         loc_l = d_h
-        if bd.W is not None:
+        if bd.WtW is not None:
             coup = -d_c
             loc_l = d_h - jnp.einsum("jpw,w->jp", d_c, loc_s)
     return BlockParams(loc_l, chol_l, coup, loc_s, chol_s)
@@ -101,16 +150,33 @@ def update_block(
 
 def update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> VIParams:
     """One pass of block updates, in order, each against the latest means of the others."""
+    return _update_blocks(design, spec, params, data)[0]
+
+
+def _update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> tuple[VIParams, jax.Array]:
+    """:func:`update_blocks`, also returning the new ``E_q`` of every row's random part ``(n_obs,)``.
+
+    Block i is updated against the new means of the blocks before it plus the old means of those after it,
+    summed directly (not as a total minus its own mean): the first block's old mean is then never needed.
+    """
     base = design.y - elbo_lib.fixed_part(design, params)
     blocks = list(params.blocks)
-    means = [family.block_mean(design, b, bp, bd) for b, bp, bd in zip(spec.blocks, blocks, data)]
-    total = sum(means)
+    n_blocks = len(spec.blocks)
+    after: list = [None] * n_blocks  # after[i]: sum of the old means of blocks i+1, ...
+    acc = None
+    for i in range(n_blocks - 1, 0, -1):
+        after[i] = acc
+        mean = family.block_mean(design, spec.blocks[i], blocks[i], data[i])
+        acc = mean if acc is None else acc + mean
+    after[0] = acc
+    before = None  # sum of the new means of blocks 0, ..., i-1
     for i, block in enumerate(spec.blocks):
-        others = total - means[i]
-        blocks[i] = update_block(design, spec, block, data[i], params.model, base - others)
-        means[i] = family.block_mean(design, block, blocks[i], data[i])
-        total = others + means[i]
-    return VIParams(model=params.model, blocks=tuple(blocks))
+        others = after[i] if before is None else (before if after[i] is None else before + after[i])
+        resid = base if others is None else base - others
+        blocks[i] = update_block(design, spec, block, data[i], params.model, resid)
+        mean = family.block_mean(design, block, blocks[i], data[i])
+        before = mean if before is None else before + mean
+    return VIParams(model=params.model, blocks=tuple(blocks)), before
 
 
 def m_step(
@@ -121,7 +187,15 @@ def m_step(
     Returns:
         ``(params, elbo)`` with ``elbo`` ``()`` the closed-form ELBO after the update.
     """
-    mean, var = family.row_moments(design, spec, params.blocks, data)
+    return _m_step(design, spec, params, data, estimate_sigma, family.row_mean(design, spec, params.blocks))
+
+
+def _m_step(design: Design, spec: FamilySpec, params: VIParams, data, estimate_sigma: bool, mean: jax.Array):
+    """:func:`m_step` given the rows' ``E_q`` of the random part, ``mean`` ``(n_obs,)``.
+
+    The rows' variances enter only through their sum, which :func:`lmevi.family.row_var_sum` takes from the
+    per-level cross-products: the M-step's one pass over the rows is the residual sum of squares.
+    """
     model = params.model
     beta = model.beta
     if beta is not None:
@@ -130,7 +204,7 @@ def m_step(
     else:
         resid = design.y - mean
     n = design.y.shape[0]
-    sq, vs = jnp.sum(resid**2), jnp.sum(var)
+    sq, vs = family.sum_of_squares(resid), family.row_var_sum(spec, params.blocks, data)
     sigma = jnp.sqrt((sq + vs) / n) if estimate_sigma else model.sigma
     chol = []
     for k in range(len(spec.n_levels)):
@@ -142,6 +216,7 @@ def m_step(
 
 
 def sweep(design: Design, spec: FamilySpec, params: VIParams, data, estimate_sigma: bool):
-    """Block updates then the M-step; returns ``(params, elbo)``."""
-    params = update_blocks(design, spec, params, data)
-    return m_step(design, spec, params, data, estimate_sigma)
+    """Block updates then the M-step; returns ``(params, elbo)``. The M-step reuses the rows' means that
+    the block updates end with, so a sweep makes one pass over the rows per block and one more."""
+    params, mean = _update_blocks(design, spec, params, data)
+    return _m_step(design, spec, params, data, estimate_sigma, mean)

@@ -43,10 +43,12 @@ def kl_part(spec: FamilySpec, params: VIParams) -> jax.Array:
 
 
 def closed_form(params: VIParams, design: Design, spec: FamilySpec, data) -> jax.Array:
-    """The exact ELBO; one pass over the rows. Returns ``()``."""
-    mean, var = family.row_moments(design, spec, params.blocks, data)
+    """The exact ELBO; one pass over the rows (for the means: the variances' sum comes from ``data``'s
+    cross-products, see :func:`lmevi.family.row_var_sum`). Returns ``()``."""
+    mean = family.row_mean(design, spec, params.blocks)
     resid = design.y - fixed_part(design, params) - mean
-    ell = expected_log_likelihood(jnp.sum(resid**2), jnp.sum(var), design.y.shape[0], params.model.sigma)
+    var_sum = family.row_var_sum(spec, params.blocks, data)
+    ell = expected_log_likelihood(family.sum_of_squares(resid), var_sum, design.y.shape[0], params.model.sigma)
     return ell + kl_part(spec, params)
 
 
