@@ -1,0 +1,734 @@
+"""Exact ML/REML estimates by lme4's profiled deviance, with blocked elimination (as MixedModels.jl).
+
+lme4 (Bates et al. 2015, J. Stat. Softw. 67(1), sec. 3) writes the random effects as ``b = Lambda_theta u``
+with ``u ~ N(0, sigma^2 I)`` and profiles beta and sigma out of the likelihood. What is left is a function
+of the relative covariance parameters ``theta`` alone, computed from the Cholesky factor of
+
+    [[Lambda' Z'Z Lambda + I,  Lambda' Z'X],          [[L_Z,  0  ],  [[L_Z', R_ZX'],
+     [X'Z Lambda,              X'X        ]]    =      [R_ZX, R_X]]    [0,    R_X' ]]         (eqs. 34-36)
+
+and of the penalised residual sum of squares ``r^2 = y'y - c'c`` where ``c`` solves
+``L [c_u; c_beta] = [Lambda'Z'y; X'y]`` (eqs. 37-40):
+
+    ML:    -2 log L      = log|L_Z|^2 + n (1 + log(2 pi r^2 / n))                                   (eq. 41)
+    REML:  -2 log L_R    = log|L_Z|^2 + log|R_X|^2 + (n - p)(1 + log(2 pi r^2 / (n - p)))          (eq. 42)
+
+Blocked elimination. As MixedModels.jl does, the factor is built blockwise. The random term with the most
+coefficients ``J_1 p_1`` ("term 1") is block diagonal in ``Lambda'Z'Z Lambda + I``: one ``(p_1, p_1)``
+block ``D_j`` per level, eliminated level by level. Everything else -- the other terms' coefficients
+(term by term, each level-major) followed by X's columns -- forms the dense "rest" block of size
+``P = sum_{k != 1} J_k p_k + p``. With ``R = [Z_rest, X]``, ``Lambda_e = blockdiag(Lambda_rest, I_p)`` and
+``G_j = Z_1j' R`` (``(p_1, P)``, sparse), the rest block's Schur complement is
+
+    S = Lambda_e' (R'R - sum_j G_j' W_j G_j) Lambda_e + diag(1_Q, 0_p),   W_j = Lambda_1 D_j^{-1} Lambda_1',
+
+whose dense Cholesky factor holds the remaining rows of ``L_Z`` (its first ``Q`` rows) and ``R_X`` (its last
+``p``). ``sum_j G_j' W_j G_j`` is a sum over pairs of non-zeros of ``G`` that share a level ``j``; the pairs
+are listed once on the host (:func:`build_structure`) so that evaluating it is a gather, a multiply and one
+``segment_sum``.
+
+Parameters. ``theta`` concatenates, over the random terms in the order of ``design.terms`` (the formula's
+order), the lower triangle of each ``Lambda_k`` read column by column, as lme4's ``getME(m, "theta")`` lays
+out one term. lme4 itself orders its terms by decreasing number of levels, so for formulas not already in
+that order the terms' blocks of lme4's theta come in a different order; within a block the order is the same.
+
+Unlike the rest of lmevi this is not variational: it is lme4's own criterion, optimised with L-BFGS-B and
+exact gradients by JAX (lme4 uses the derivative-free BOBYQA). It is meant for designs whose dense rest
+block is small enough (:func:`dense_block_size`): the cost of one evaluation is ``O(P^3)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from lmevi.design import Design
+
+LOG_2PI = 1.8378770664093453
+
+
+# ----------------------------------------------------------------------------------------------------
+# Structure: everything about the design that does not depend on theta, computed once on the host
+
+
+@partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "zz1", "zy1", "cross_level", "cross_coef", "cross_rest", "cross_value", "rr", "ry", "yy",
+        "pair_block", "pair_value", "pair_target",
+    ],
+    meta_fields=["order", "n_levels", "n_coefs", "rest_offsets", "n_rest_random", "n_fixed", "n_obs", "reml"],
+)
+@dataclass(frozen=True)
+class Structure:
+    """Cross-products of a design, arranged for blocked elimination (host-side NumPy arrays).
+
+    Term 1 is ``order[0]``, the term with the most coefficients ``J_1 p_1``. The rest coordinates
+    ``r = 0..P-1`` are the coefficients of the terms ``order[1:]`` (each level-major, starting at
+    ``rest_offsets``), then the ``p`` columns of X starting at ``Q = n_rest_random``.
+
+    Attributes:
+        zz1: ``(J_1, p_1, p_1)`` per-level ``Z_1j' Z_1j``.
+        zy1: ``(J_1, p_1)`` per-level ``Z_1j' y``.
+        cross_level, cross_coef, cross_rest, cross_value: ``(n_cross,)`` the non-zeros of ``Z_1' R``: entry
+            (level ``j``, coefficient ``a`` of term 1, rest coordinate ``r``) has the given value.
+        rr: ``(P, P)`` ``R'R`` with ``R = [Z_rest, X]``.
+        ry: ``(P,)`` ``R'y``.
+        yy: ``()`` ``y'y``.
+        pair_block: ``(n_pairs,)`` flat index ``j p_1^2 + a p_1 + a'`` into ``(J_1, p_1, p_1)``.
+        pair_value: ``(n_pairs,)`` ``w v v'`` for two entries ``(j, a, r, v)`` and ``(j, a', r', v')`` of the
+            same level with ``r >= r'``; ``w = 1/2`` when ``r = r'`` so that a matrix ``K`` accumulated over
+            the pairs gives the symmetric sum as ``K + K'``.
+        pair_target: ``(n_pairs,)`` flat index ``r P + r'`` into ``(P, P)``, sorted.
+        order: design term indices, term 1 first, then the rest by decreasing size.
+        n_levels, n_coefs: ``J_k`` and ``p_k`` of every term, in design order.
+        rest_offsets: first rest coordinate of each term of ``order[1:]``.
+        n_rest_random: ``Q``, the number of rest random-effect coordinates.
+        n_fixed: ``p``.
+        n_obs: ``n``.
+        reml: the criterion the structure was built for (the default of :func:`profiled_deviance`).
+    """
+
+    zz1: np.ndarray
+    zy1: np.ndarray
+    cross_level: np.ndarray
+    cross_coef: np.ndarray
+    cross_rest: np.ndarray
+    cross_value: np.ndarray
+    rr: np.ndarray
+    ry: np.ndarray
+    yy: np.ndarray
+    pair_block: np.ndarray
+    pair_value: np.ndarray
+    pair_target: np.ndarray
+    order: tuple[int, ...]
+    n_levels: tuple[int, ...]
+    n_coefs: tuple[int, ...]
+    rest_offsets: tuple[int, ...]
+    n_rest_random: int
+    n_fixed: int
+    n_obs: int
+    reml: bool
+
+    @property
+    def size(self) -> int:
+        """``P``, the size of the dense rest block."""
+        return self.n_rest_random + self.n_fixed
+
+
+def _term_order(design: Design) -> tuple[int, ...]:
+    sizes = [t.n_levels * t.covariates.shape[1] for t in design.terms]
+    # Stable sort: among terms of equal size the formula's order decides, so the choice is reproducible.
+    return tuple(sorted(range(len(sizes)), key=lambda k: -sizes[k]))
+
+
+def dense_block_size(design: Design) -> int:
+    """``P = sum_{k != 1} J_k p_k + p``: the size of the dense block left after eliminating the largest
+    term level by level. One deviance evaluation costs ``O(P^3)`` time and ``O(P^2)`` memory."""
+    order = _term_order(design)
+    rest = sum(design.terms[k].n_levels * design.terms[k].covariates.shape[1] for k in order[1:])
+    return int(rest + design.X.shape[1])
+
+
+def _index_dtype(bound: int):
+    return np.int32 if bound < np.iinfo(np.int32).max else np.int64
+
+
+def build_structure(design: Design, reml: bool = True) -> Structure:
+    """Precompute the theta-free cross-products of ``design`` for :func:`profiled_deviance`.
+
+    Never forms Z, a dense ``(n_obs, P)`` matrix or a dense ``(J_1, P)`` matrix: every product is a
+    ``np.bincount`` over level codes. The pair list has ``sum_j n_j (n_j + 1) / 2``-ish entries where ``n_j``
+    is the number of non-zeros of ``Z_1j' R`` (InstEval: about 1.4 million).
+
+    Args:
+        design: the model's arrays (:func:`lmevi.design.build_design`); must have at least one random term.
+        reml: the criterion :func:`profiled_deviance` computes by default.
+
+    Returns:
+        A :class:`Structure` of NumPy arrays.
+    """
+    if not design.terms:
+        raise ValueError("the exact fit needs at least one random-effect term")
+    y = np.asarray(design.y, np.float64)
+    X = np.asarray(design.X, np.float64)
+    n, p = X.shape
+    index = [np.asarray(t.index, np.int64) for t in design.terms]
+    cov = [np.asarray(t.covariates, np.float64) for t in design.terms]
+    n_levels = tuple(int(t.n_levels) for t in design.terms)
+    n_coefs = tuple(c.shape[1] for c in cov)
+    order = _term_order(design)
+    first, rest = order[0], order[1:]
+
+    offsets, pos = [], 0
+    for k in rest:
+        offsets.append(pos)
+        pos += n_levels[k] * n_coefs[k]
+    Q, P = pos, pos + p
+
+    # Each row of R = [Z_rest, X] has sum_{k != 1} p_k + p non-zeros: their coordinates and values.
+    cols = [off + index[k][:, None] * n_coefs[k] + np.arange(n_coefs[k]) for k, off in zip(rest, offsets)]
+    cols.append(np.broadcast_to(Q + np.arange(p), (n, p)))
+    rcols = np.concatenate(cols, axis=1)
+    rvals = np.concatenate([cov[k] for k in rest] + [X], axis=1)
+
+    rr = np.bincount(
+        (rcols[:, :, None] * P + rcols[:, None, :]).ravel(),
+        (rvals[:, :, None] * rvals[:, None, :]).ravel(),
+        minlength=P * P,
+    ).reshape(P, P)
+    ry = np.bincount(rcols.ravel(), (rvals * y[:, None]).ravel(), minlength=P)
+
+    g1, z1 = index[first], cov[first]
+    J1, p1 = n_levels[first], n_coefs[first]
+    a = np.arange(p1)
+    zz1 = np.bincount(
+        (g1[:, None, None] * p1 * p1 + a[:, None] * p1 + a).ravel(),
+        (z1[:, :, None] * z1[:, None, :]).ravel(),
+        minlength=J1 * p1 * p1,
+    ).reshape(J1, p1, p1)
+    zy1 = np.bincount((g1[:, None] * p1 + a).ravel(), (z1 * y[:, None]).ravel(), minlength=J1 * p1).reshape(J1, p1)
+
+    # Non-zeros of Z_1' R, keyed (level, coef, rest coordinate); np.unique sorts them by level first.
+    keys = ((g1[:, None, None] * p1 + a[None, :, None]) * P + rcols[:, None, :]).ravel()
+    keys, inverse = np.unique(keys, return_inverse=True)
+    values = np.bincount(inverse, (z1[:, :, None] * rvals[:, None, :]).ravel(), minlength=len(keys))
+    keep = values != 0.0
+    keys, values = keys[keep], values[keep]
+    level, coef, rest_coord = keys // (p1 * P), (keys // P) % p1, keys % P
+
+    # All ordered pairs of entries within a level, then the lower triangle r >= r' of the target.
+    count = np.bincount(level, minlength=J1)
+    start = np.cumsum(count) - count
+    reps = count[level]
+    left = np.repeat(np.arange(len(keys)), reps)
+    within = np.arange(len(left)) - np.repeat(np.cumsum(reps) - reps, reps)
+    right = start[level[left]] + within
+    lower = rest_coord[left] >= rest_coord[right]
+    left, right = left[lower], right[lower]
+    weight = np.where(rest_coord[left] == rest_coord[right], 0.5, 1.0)
+    target = rest_coord[left] * P + rest_coord[right]
+    sort = np.argsort(target, kind="stable")
+    left, right, weight, target = left[sort], right[sort], weight[sort], target[sort]
+
+    itarget = _index_dtype(P * P)
+    iblock = _index_dtype(J1 * p1 * p1)
+    return Structure(
+        zz1=zz1,
+        zy1=zy1,
+        cross_level=level.astype(_index_dtype(J1)),
+        cross_coef=coef.astype(np.int32),
+        cross_rest=rest_coord.astype(_index_dtype(P)),
+        cross_value=values,
+        rr=rr,
+        ry=ry,
+        yy=np.asarray(y @ y),
+        pair_block=(level[left] * p1 * p1 + coef[left] * p1 + coef[right]).astype(iblock),
+        pair_value=weight * values[left] * values[right],
+        pair_target=target.astype(itarget),
+        order=order,
+        n_levels=n_levels,
+        n_coefs=n_coefs,
+        rest_offsets=tuple(offsets),
+        n_rest_random=Q,
+        n_fixed=p,
+        n_obs=n,
+        reml=bool(reml),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# theta <-> Lambda
+
+
+def _tril_columnwise(p: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of a ``(p, p)`` lower triangle read column by column (lme4's theta order)."""
+    rows = np.concatenate([np.arange(c, p) for c in range(p)])
+    cols = np.concatenate([np.full(p - c, c) for c in range(p)])
+    return rows, cols
+
+
+def theta_size(n_coefs: tuple[int, ...]) -> int:
+    """Length of theta: ``sum_k p_k (p_k + 1) / 2``."""
+    return int(sum(q * (q + 1) // 2 for q in n_coefs))
+
+
+def theta_lower_bounds(n_coefs: tuple[int, ...]) -> np.ndarray:
+    """lme4's lower bounds: 0 for the diagonal of each ``Lambda_k``, ``-inf`` below it."""
+    out = []
+    for q in n_coefs:
+        rows, cols = _tril_columnwise(q)
+        out.append(np.where(rows == cols, 0.0, -np.inf))
+    return np.concatenate(out)
+
+
+def theta_default(n_coefs: tuple[int, ...]) -> np.ndarray:
+    """lme4's starting value: every ``Lambda_k`` the identity."""
+    return np.where(theta_lower_bounds(n_coefs) == 0.0, 1.0, 0.0)
+
+
+def lambdas(theta, n_coefs: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """Split ``theta`` into one lower-triangular ``(p_k, p_k)`` ``Lambda_k`` per term (design order)."""
+    out, pos = [], 0
+    for q in n_coefs:
+        rows, cols = _tril_columnwise(q)
+        m = len(rows)
+        out.append(jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[pos : pos + m]))
+        pos += m
+    return tuple(out)
+
+
+def _rest_weights(mats, s: Structure) -> list[tuple[int, jax.Array]]:
+    """``B = blockdiag(I_{J_k} kron B_k, I_p)`` over the rest terms as diagonals: ``(d, w_d)`` pairs with
+    ``(M B)[:, i] = sum_d M[:, i + d] w_d[i]``, ``w_d[i] = B_k[r + d, r]`` for coordinate ``i`` = (level j,
+    coefficient r) of term k (zero where ``r + d`` leaves the block)."""
+    q_max = max([s.n_coefs[k] for k in s.order[1:]], default=1)
+    flat = jnp.concatenate([m.reshape(-1) for m in mats] + [jnp.ones(1), jnp.zeros(1)])
+    one, zero = flat.shape[0] - 2, flat.shape[0] - 1
+    out, base = [], 0
+    index = {d: [] for d in range(-(q_max - 1), q_max)}
+    for k in s.order[1:]:
+        J, q = s.n_levels[k], s.n_coefs[k]
+        r = np.tile(np.arange(q), J)
+        for d in index:
+            c = r + d
+            index[d].append(np.where((c >= 0) & (c < q), base + np.clip(c, 0, q - 1) * q + r, zero))
+        base += q * q
+    for d in index:
+        index[d].append(np.full(s.n_fixed, one if d == 0 else zero))
+        out.append((d, flat[np.concatenate(index[d])]))
+    return out
+
+
+def _rest_times(M, weights):
+    """``M B`` for ``M`` of shape ``(..., P)`` and ``B`` given by :func:`_rest_weights`.
+
+    Elementwise products with shifted copies: slicing the term blocks out of ``M`` and concatenating them
+    back made the gradient of an InstEval evaluation ten times slower."""
+    out = 0.0
+    for d, w in weights:
+        out = out + (M if d == 0 else jnp.roll(M, -d, axis=-1)) * w
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The profiled deviance
+
+
+class _Factor(NamedTuple):
+    """Pieces of the blocked factorisation at one theta (internal)."""
+
+    lams: tuple
+    D: jax.Array  # (J_1, p_1, p_1) Lambda_1' Z_1j'Z_1j Lambda_1 + I
+    W: jax.Array  # (J_1, p_1, p_1) Lambda_1 D_j^{-1} Lambda_1'
+    logdet_D: jax.Array  # sum_j log|D_j|
+    S: jax.Array  # (P, P) Schur complement of the rest block
+    rhs: jax.Array  # (P,) rest right-hand side after eliminating term 1
+    quad1: jax.Array  # sum_j |c_1j|^2
+
+
+def _factor(theta, s: Structure) -> _Factor:
+    lams = lambdas(theta, s.n_coefs)
+    lam1 = lams[s.order[0]]
+    lams_rest = [lams[k] for k in s.order[1:]]
+    J1, p1 = s.zy1.shape
+    P, Q = s.rr.shape[0], s.n_rest_random
+
+    D = jnp.einsum("ba,jbc,cd->jad", lam1, s.zz1, lam1) + jnp.eye(p1)
+    logdet_D, Dinv = _small_spd_inverse(D)
+    W = lam1 @ Dinv @ lam1.T
+
+    # sum_j G_j' W_j G_j over the listed pairs; K holds its lower triangle with half diagonals.
+    K = _pair_sum(W.reshape(-1), s.pair_block, s.pair_value, s.pair_target, P * P).reshape(P, P)
+    M = s.rr - K - K.T
+    weights = _rest_weights(lams_rest, s)
+    S = _rest_times(_rest_times(M, weights).T, weights)
+    S = S + jnp.diag(jnp.concatenate([jnp.ones(Q), jnp.zeros(P - Q)]))
+
+    # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y; the rest right-hand side
+    # is Lambda_e'(R'y - sum_j G_j' W_j Z_1j'y).
+    Wzy = jnp.einsum("jab,jb->ja", W, s.zy1)
+    quad1 = jnp.sum(Wzy * s.zy1)
+    Gt = jax.ops.segment_sum(s.cross_value * Wzy[s.cross_level, s.cross_coef], s.cross_rest, num_segments=P)
+    rhs = _rest_times(s.ry - Gt, weights)
+    return _Factor(lams, D, W, logdet_D, S, rhs, quad1)
+
+
+def _small_spd_inverse(D):
+    """``(sum_j log|D_j|, D^{-1})`` of a batch ``(J, q, q)`` of small SPD matrices.
+
+    The Cholesky factor is unrolled over the ``q^2`` entries, each step an elementwise operation over the
+    ``J`` levels: LAPACK's batched Cholesky loops over the levels one call at a time, and its gradient
+    rule was most of an InstEval evaluation's time.
+    """
+    q = D.shape[-1]
+    L = [[None] * q for _ in range(q)]
+    for c in range(q):
+        L[c][c] = jnp.sqrt(D[:, c, c] - sum(L[c][k] ** 2 for k in range(c)))
+        for r in range(c + 1, q):
+            L[r][c] = (D[:, r, c] - sum(L[r][k] * L[c][k] for k in range(c))) / L[c][c]
+    logdet = 2.0 * sum(jnp.sum(jnp.log(L[c][c])) for c in range(q))
+    # Forward substitution for L^{-1}, then D^{-1} = L^{-T} L^{-1}.
+    Li = [[None] * q for _ in range(q)]
+    for c in range(q):
+        Li[c][c] = 1.0 / L[c][c]
+        for r in range(c + 1, q):
+            Li[r][c] = -sum(L[r][k] * Li[k][c] for k in range(c, r)) / L[r][r]
+    zero = jnp.zeros_like(L[0][0])
+    Linv = jnp.stack([jnp.stack([Li[r][c] if r >= c else zero for c in range(q)], -1) for r in range(q)], -2)
+    return logdet, jnp.swapaxes(Linv, -1, -2) @ Linv
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _pair_sum(w, block, value, target, size: int):
+    """``K[t] = sum_{pairs with target t} w[block] value``, a ``(size,)`` vector.
+
+    Written with its own gradient (a gather at the targets, then a segment sum over blocks): the gradient
+    JAX derives for the gather ``w[block]`` was several times slower on CPU.
+    """
+    return jax.ops.segment_sum(w[block] * value, target, num_segments=size, indices_are_sorted=True)
+
+
+def _pair_sum_fwd(w, block, value, target, size):
+    return _pair_sum(w, block, value, target, size), (block, value, target, w.shape[0])
+
+
+def _pair_sum_bwd(size, res, g):
+    block, value, target, n_blocks = res
+    return jax.ops.segment_sum(g[target] * value, block, num_segments=n_blocks), None, None, None
+
+
+_pair_sum.defvjp(_pair_sum_fwd, _pair_sum_bwd)
+
+
+def _criterion(logdet, pwrss, n, p, reml: bool):
+    """lme4's eq. 41 (ML) or eq. 42 (REML, ``logdet`` including ``log|R_X|^2``)."""
+    dof = n - p if reml else n
+    return logdet + dof * (1.0 + LOG_2PI + jnp.log(pwrss / dof))
+
+
+def _spd_inverse(S, split: int | None = None, leaf: int = 96):
+    """``(log|S|, S^{-1})`` of a symmetric positive definite matrix by recursive block elimination.
+
+    With ``S = [[A, B'], [B, C]]`` and ``F = B A^{-1}``: ``log|S| = log|A| + log|C - F B'|`` and
+    ``S^{-1} = [[A^{-1} + F' E F, -F' E], [-E F, E]]`` with ``E = (C - F B')^{-1}``. About ``4/3 P^3`` flops,
+    all but the leaves in matrix products, which XLA runs far faster on CPU than the ``P^3`` triangular
+    solves that an inverse from a Cholesky factor needs. ``split`` (default: half) is the size of ``A`` at
+    the top level, so that ``A`` can be a block whose own determinant and inverse are wanted.
+
+    Returns:
+        ``(logdet_A, logdet_S, A^{-1}, S^{-1})`` where ``A = S[:split, :split]``.
+    """
+    n = S.shape[0]
+    if n <= leaf and split is None:
+        L = jnp.linalg.cholesky(S)
+        Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=S.dtype), lower=True)
+        logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+        inv = Linv.T @ Linv
+        return logdet, logdet, inv, inv
+    h = n // 2 if split is None else split
+    if h == n:
+        _, logdet, _, inv = _spd_inverse(S, None, leaf)
+        return logdet, logdet, inv, inv
+    A, B, C = S[:h, :h], S[h:, :h], S[h:, h:]
+    _, logdet_A, _, Ainv = _spd_inverse(A, None, leaf)
+    F = B @ Ainv
+    schur = C - F @ B.T
+    _, logdet_E, _, E = _spd_inverse(0.5 * (schur + schur.T), None, leaf)
+    EF = E @ F
+    inv = jnp.block([[Ainv + F.T @ EF, -EF.T], [-EF, E]])
+    return logdet_A, logdet_A + logdet_E, Ainv, inv
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logdet_quad(S, b, m: int):
+    """``(log|S[:m, :m]|, b' S^{-1} b)`` for symmetric positive definite ``S``.
+
+    The gradient is written out from the inverses (``d log|S_mm| = pad(S_mm^{-1})``,
+    ``d b'S^{-1}b = -x x'`` with ``x = S^{-1} b``) rather than traced through a Cholesky factor, whose rule
+    costs several ``P^3`` triangular solves.
+    """
+    return _logdet_quad_fwd(S, b, m)[0]
+
+
+def _logdet_quad_fwd(S, b, m):
+    logdet_m, logdet, inv_m, inv = _spd_inverse(S, m)
+    x = inv @ b
+    return (logdet_m, b @ x), (inv_m, x)
+
+
+def _logdet_quad_bwd(m, res, g):
+    inv_m, x = res
+    g_logdet, g_quad = g
+    dS = (-g_quad * jnp.outer(x, x)).at[:m, :m].add(g_logdet * inv_m)
+    return dS, 2.0 * g_quad * x
+
+
+_logdet_quad.defvjp(_logdet_quad_fwd, _logdet_quad_bwd)
+
+
+def profiled_deviance(theta: jax.Array, structure: Structure, reml: bool | None = None) -> jax.Array:
+    """lme4's profiled objective at ``theta``: REML criterion (eq. 42) or ``-2 log L`` (eq. 41).
+
+    Pure and jit-able (``reml`` static); run it with 64-bit JAX on (``with jax.enable_x64(True):``), as
+    :func:`fit_exact` does, with the structure's arrays converted by ``jax.device_put`` once.
+
+    Args:
+        theta: ``(n_theta,)`` relative Cholesky parameters, lower triangles of each ``Lambda_k`` column by
+            column, terms in design order (see the module docstring).
+        structure: :func:`build_structure` of the design.
+        reml: ``True`` for the REML criterion, ``False`` for the deviance; ``None`` takes ``structure.reml``.
+
+    Returns:
+        ``()``: ``log|L_Z|^2 (+ log|R_X|^2) + d (1 + log(2 pi r^2 / d))`` with ``d = n - p`` (REML) or ``n``.
+    """
+    reml = structure.reml if reml is None else reml
+    f = _factor(theta, structure)
+    Q = structure.n_rest_random
+    logdet_rest, quad_rest = _logdet_quad(f.S, f.rhs, f.S.shape[0] if reml else Q)
+    pwrss = structure.yy - f.quad1 - quad_rest
+    return _criterion(f.logdet_D + logdet_rest, pwrss, structure.n_obs, structure.n_fixed, reml)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Estimates at a given theta
+
+
+class Conditional(NamedTuple):
+    """Estimates at one theta (lme4's ``mkMerMod`` quantities).
+
+    Attributes:
+        objective: ``()`` REML criterion or ``-2 log L``.
+        pwrss: ``()`` penalised residual sum of squares ``r^2``.
+        sigma: ``()`` ``sqrt(r^2 / (n - p))`` (REML) or ``sqrt(r^2 / n)`` (ML).
+        beta: ``(p,)`` fixed effects.
+        beta_cov: ``(p, p)`` ``sigma^2 (R_X R_X')^{-1}``, lme4's ``vcov``.
+        effects: per term (design order) ``(J_k, p_k)`` conditional modes ``b = Lambda u`` in data units.
+        effects_cov: per term ``(J_k, p_k, p_k)`` covariances of each level's ``b``: conditional on beta as
+            lme4's ``condVar`` (``sigma^2 Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda'``), or with beta's
+            uncertainty added when ``marginal=True``.
+    """
+
+    objective: jax.Array
+    pwrss: jax.Array
+    sigma: jax.Array
+    beta: jax.Array
+    beta_cov: jax.Array
+    effects: tuple[jax.Array, ...]
+    effects_cov: tuple[jax.Array, ...]
+
+
+def conditional_estimates(
+    theta: jax.Array, structure: Structure, reml: bool | None = None, marginal: bool = False
+) -> Conditional:
+    """Conditional modes, beta, sigma and covariances at ``theta`` (pure, jit-able; run it with x64 on).
+
+    With ``x = [u_rest; beta] = S^{-1} rhs`` from the dense block, term 1's modes are
+    ``u_1j = D_j^{-1}(Lambda_1' Z_1j'y - C_j x)`` with ``C_j = Lambda_1' G_j Lambda_e``. The covariance of
+    ``u`` is ``sigma^2`` times a block of the inverse of the penalised system: for a rest level, a diagonal
+    block of ``S_Z^{-1}``; for a term-1 level, ``D_j^{-1} + D_j^{-1} C_j S_Z^{-1} C_j' D_j^{-1}``, where
+    ``S_Z`` is the Schur complement of the random-effects part only (``S[:Q, :Q]``, as lme4 conditions on
+    beta) or the whole ``S`` (``marginal=True``, beta integrated with its flat prior, as REML does).
+
+    Args:
+        theta: ``(n_theta,)``.
+        structure: :func:`build_structure` of the design.
+        reml: as in :func:`profiled_deviance`.
+        marginal: include beta's uncertainty in ``effects_cov``.
+
+    Returns:
+        A :class:`Conditional`.
+    """
+    s = structure
+    reml = s.reml if reml is None else reml
+    f = _factor(theta, s)
+    P, Q, p, n = s.rr.shape[0], s.n_rest_random, s.n_fixed, s.n_obs
+    J1, p1 = s.zy1.shape
+    lam1 = f.lams[s.order[0]]
+    lams_rest = [f.lams[k] for k in s.order[1:]]
+
+    logdet_q, logdet_s, inv_q, inv_s = _spd_inverse(f.S, Q)
+    x = inv_s @ f.rhs
+    pwrss = s.yy - f.quad1 - f.rhs @ x
+    objective = _criterion(f.logdet_D + (logdet_s if reml else logdet_q), pwrss, n, p, reml)
+    sigma2 = pwrss / (n - p if reml else n)
+
+    # Term 1: u_1j = D_j^{-1}(Lambda_1' Z_1j'y - Lambda_1' G_j Lambda_e x).
+    weights_t = _rest_weights([lam.T for lam in lams_rest], s)
+    y_rest = _rest_times(x, weights_t)
+    Gy = jax.ops.segment_sum(
+        s.cross_value * y_rest[s.cross_rest], s.cross_level * p1 + s.cross_coef, num_segments=J1 * p1
+    ).reshape(J1, p1)
+    u1 = jnp.linalg.solve(f.D, ((s.zy1 - Gy) @ lam1)[..., None])[..., 0]
+    b_rest = y_rest[:Q]
+
+    beta_cov = sigma2 * inv_s[Q:, Q:]
+    Sz = inv_s if marginal else jnp.zeros((P, P), inv_s.dtype).at[:Q, :Q].set(inv_q)
+    # H_j = G_j (Lambda_e S_Z^{-1} Lambda_e') G_j' over the pairs, then C_j S_Z^{-1} C_j' = Lambda_1' H_j Lambda_1.
+    Shat = _rest_times(_rest_times(Sz, weights_t).T, weights_t).T
+    Hk = jax.ops.segment_sum(
+        s.pair_value * Shat.reshape(-1)[s.pair_target], s.pair_block, num_segments=J1 * p1 * p1
+    ).reshape(J1, p1, p1)
+    H = Hk + jnp.swapaxes(Hk, -1, -2)
+    _, Dinv = _small_spd_inverse(f.D)
+    A11 = Dinv + Dinv @ (lam1.T @ H @ lam1) @ Dinv
+    cov1 = sigma2 * (lam1 @ A11 @ lam1.T)
+
+    effects, covs = [None] * len(s.n_coefs), [None] * len(s.n_coefs)
+    effects[s.order[0]] = u1 @ lam1.T
+    covs[s.order[0]] = cov1
+    for k, off, lam in zip(s.order[1:], s.rest_offsets, lams_rest):
+        J, q = s.n_levels[k], s.n_coefs[k]
+        effects[k] = b_rest[off : off + J * q].reshape(J, q)
+        idx = off + np.arange(J)[:, None] * q + np.arange(q)
+        block = Sz[idx[:, :, None], idx[:, None, :]]
+        covs[k] = sigma2 * (lam @ block @ lam.T)
+    return Conditional(
+        objective=objective,
+        pwrss=pwrss,
+        sigma=jnp.sqrt(sigma2),
+        beta=x[Q:],
+        beta_cov=beta_cov,
+        effects=tuple(effects),
+        effects_cov=tuple(covs),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fit
+
+
+class ExactFit(NamedTuple):
+    """The optimum of lme4's profiled criterion.
+
+    Attributes:
+        theta: ``(n_theta,)`` relative Cholesky parameters (design order, see the module docstring).
+        chol: per term ``(p_k, p_k)`` ``L_k = sigma Lambda_k``, the lower Cholesky factor of ``Sigma_k`` in the
+            data's units (as :class:`lmevi.model.ModelParams.chol`).
+        sigma: ``()`` residual standard deviation.
+        beta: ``(p,)`` fixed effects.
+        beta_cov: ``(p, p)`` their covariance (lme4's ``vcov``).
+        effects: per term ``(J_k, p_k)`` conditional modes (lme4's ``ranef``).
+        effects_cov: per term ``(J_k, p_k, p_k)`` conditional covariances given beta (lme4's ``condVar``).
+        objective: ``()`` REML criterion or ``-2 log L`` (lme4's ``REMLcrit`` / ``deviance``).
+        loglik: ``()`` ``-objective / 2``, lme4's ``logLik``.
+        n_evals: deviance-and-gradient evaluations used.
+        converged: whether L-BFGS-B reported success.
+        seconds: wall time of the optimisation and the final estimates.
+    """
+
+    theta: np.ndarray
+    chol: tuple[np.ndarray, ...]
+    sigma: np.ndarray
+    beta: np.ndarray
+    beta_cov: np.ndarray
+    effects: tuple[np.ndarray, ...]
+    effects_cov: tuple[np.ndarray, ...]
+    objective: np.ndarray
+    loglik: np.ndarray
+    n_evals: int
+    converged: bool
+    seconds: float
+
+
+_BOUNDARY_STEP = 1e-3
+_value_and_grad = jax.jit(jax.value_and_grad(profiled_deviance), static_argnames=("reml",))
+_conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal"))
+
+
+def fit_exact(
+    design: Design,
+    reml: bool = True,
+    *,
+    theta0=None,
+    tol: float = 1e-10,
+    max_evals: int = 1000,
+    structure: Structure | None = None,
+) -> ExactFit:
+    """Maximise the (restricted) likelihood exactly: L-BFGS-B on lme4's profiled criterion.
+
+    Differs from lme4 in the optimiser only: lme4 runs derivative-free BOBYQA (nloptwrap), here L-BFGS-B
+    uses JAX's exact gradient. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every
+    ``Lambda_k``, start at ``Lambda_k = I``. The jit-compiled ``value_and_grad`` is shared by fits of the same
+    shapes, so only a fit of a new shape compiles.
+
+    Args:
+        design: the model's arrays.
+        reml: REML criterion (lme4's default) or maximum likelihood.
+        theta0: ``(n_theta,)`` start; lme4's default when ``None``.
+        tol: L-BFGS-B's ``ftol`` (relative change of the criterion) and ``gtol`` (projected gradient).
+        max_evals: the most criterion evaluations.
+        structure: a :func:`build_structure` of ``design`` to reuse; built here when ``None``.
+
+    Returns:
+        An :class:`ExactFit` of NumPy float64 arrays.
+    """
+    start = time.perf_counter()
+    s = build_structure(design, reml) if structure is None else structure
+    n_coefs = s.n_coefs
+    theta0 = theta_default(n_coefs) if theta0 is None else np.asarray(theta0, np.float64)
+    lower = theta_lower_bounds(n_coefs)
+    bounds = [(None if np.isinf(lo) else lo, None) for lo in lower]
+    n_evals = 0
+    with jax.enable_x64(True):
+        sj = jax.device_put(s)
+
+        def fun(th):
+            nonlocal n_evals
+            n_evals += 1
+            value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
+            return float(value), np.asarray(grad, np.float64)
+
+        options = {"ftol": tol, "gtol": tol, "maxfun": max_evals, "maxiter": max_evals}
+        res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+        # The criterion is even in a scalar term's theta, so its gradient vanishes on the bound theta = 0:
+        # an optimiser that lands there stops even where the criterion falls on moving back in (a saddle,
+        # not a minimum). Step off each such bound once and restart if that is lower.
+        for _ in range(len(theta0)):
+            best, trial = res.fun, None
+            for i in np.flatnonzero((lower == 0.0) & (res.x == 0.0)):
+                candidate = res.x.copy()
+                candidate[i] = _BOUNDARY_STEP
+                value = fun(candidate)[0]
+                if value < best:
+                    best, trial = value, candidate
+            if trial is None:
+                break
+            options["maxfun"] = max(max_evals - n_evals, 1)
+            res = scipy.optimize.minimize(fun, trial, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+        theta = np.asarray(res.x, np.float64)
+        est = jax.tree.map(np.asarray, _conditional(jnp.asarray(theta), sj, reml=reml))
+    sigma = float(est.sigma)
+    lams = _lambdas_numpy(theta, n_coefs)
+    return ExactFit(
+        theta=theta,
+        chol=tuple(sigma * lam for lam in lams),
+        sigma=np.asarray(sigma),
+        beta=est.beta,
+        beta_cov=est.beta_cov,
+        effects=tuple(est.effects),
+        effects_cov=tuple(est.effects_cov),
+        objective=np.asarray(est.objective),
+        loglik=np.asarray(-0.5 * est.objective),
+        n_evals=n_evals,
+        converged=bool(res.success),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _lambdas_numpy(theta: np.ndarray, n_coefs: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    out, pos = [], 0
+    for q in n_coefs:
+        rows, cols = _tril_columnwise(q)
+        lam = np.zeros((q, q))
+        lam[rows, cols] = theta[pos : pos + len(rows)]
+        out.append(lam)
+        pos += len(rows)
+    return tuple(out)
