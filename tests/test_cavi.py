@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import simulate_small_parts
 from dense import (
     block_coordinates,
     dense_block,
@@ -64,15 +65,7 @@ def small_parts():
     """``y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)`` on 90 rows in float64: ``g`` 9 levels (large with
     ``small_threshold=12``), ``a`` 3 levels with a slope and ``b`` 4 levels (small), all crossed. Specs: beta
     and both small terms in g's block; and the small terms with beta in a block of their own."""
-    rng = np.random.default_rng(5)
-    n = 90
-    frame = pd.DataFrame({
-        "x": rng.normal(size=n),
-        "g": [f"g{j}" for j in rng.permutation(np.resize(np.arange(9), n))],
-        "a": [f"a{j}" for j in rng.permutation(np.resize(np.arange(3), n))],
-        "b": [f"b{j}" for j in rng.permutation(np.resize(np.arange(4), n))],
-    })
-    frame["y"] = 1.0 + 0.5 * frame["x"] + rng.normal(size=n)
+    frame = simulate_small_parts()
     with jax.enable_x64(True):
         problem = make_problem(frame, "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)")
         specs = (

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import lmevi
+from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
 from lmevi import family
 from lmevi.family import Block
@@ -140,18 +141,6 @@ def test_block_data_matches_dense_cross_products(crossed):
 SMALL_PARTS_FORMULA = "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)"
 
 
-def simulate_small_parts(seed: int = 5, n_obs: int = 90) -> pd.DataFrame:
-    """``g`` 9 levels (large with ``small_threshold=12``: 18 coefficients), ``a`` 3 levels with a slope and
-    ``b`` 4 levels (small: 6 and 4 coefficients); all three crossed."""
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({
-        "x": rng.normal(size=n_obs),
-        "g": [f"g{j}" for j in rng.permutation(np.resize(np.arange(9), n_obs))],
-        "a": [f"a{j}" for j in rng.permutation(np.resize(np.arange(3), n_obs))],
-        "b": [f"b{j}" for j in rng.permutation(np.resize(np.arange(4), n_obs))],
-    })
-    frame["y"] = 1.0 + 0.5 * frame["x"] + rng.normal(size=n_obs)
-    return frame
 
 
 @pytest.fixture(scope="module")
