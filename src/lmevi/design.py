@@ -13,6 +13,7 @@ of its parents' labels, shown as ``"<a label>:<b label>"``.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 import warnings
 from functools import partial
@@ -24,7 +25,7 @@ import pandas as pd
 
 from formulaic import model_matrix
 
-from lmevi.formula import Formula, FormulaError, RandomTerm
+from lmevi.formula import Formula, RandomTerm
 from lmevi.labels import Levels, levels_of
 from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, required_columns, to_formulaic
 
@@ -184,13 +185,7 @@ def new_data_columns(info: DesignInfo, data: pd.DataFrame, with_groups: bool = T
     duplicated = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
     if duplicated:
         raise ValueError(f"newdata has more than one column named {duplicated}; column names must be unique")
-    formula = info.formula
-    needed = sorted(required_columns(formula.fixed))
-    if with_groups:
-        needed += list(formula.columns)
-        for t in formula.random:
-            needed.extend(sorted(required_columns(t.coefs)))
-    needed = list(dict.fromkeys(needed))
+    needed = _formula_columns(info.formula, with_response=False, with_groups=with_groups)
     missing = [c for c in needed if c not in data.columns]
     if missing:
         raise ValueError(f"newdata lacks the column(s) {missing} that the model's predictors use")
@@ -251,12 +246,22 @@ def row_labels(term: TermInfo, data: pd.DataFrame) -> np.ndarray:
     return term.level_keys.row_labels(data, term.group_columns)
 
 
+def _formula_columns(formula: Formula, with_response: bool = True, with_groups: bool = True) -> list[str]:
+    """The data columns the formula reads, in order, each once: the response's, the grouping columns, the
+    fixed part's and the random terms' covariates (without the response or the grouping columns if asked)."""
+    needed = sorted(required_columns(formula.response)) if with_response else []
+    parts = [formula.fixed]
+    if with_groups:
+        needed += list(formula.columns)
+        parts += [t.coefs for t in formula.random]
+    for part in parts:
+        needed.extend(sorted(required_columns(part)))
+    return list(dict.fromkeys(needed))
+
+
 def _check_columns(formula: Formula, data: pd.DataFrame) -> list[str]:
     """The columns the formula reads; raises if any is absent."""
-    needed = sorted(required_columns(formula.response)) + list(formula.columns)
-    for part in [formula.fixed, *(t.coefs for t in formula.random)]:
-        needed.extend(sorted(required_columns(part)))
-    needed = list(dict.fromkeys(needed))
+    needed = _formula_columns(formula)
     missing = [c for c in needed if c not in data.columns]
     if missing:
         raise ValueError(
@@ -335,8 +340,8 @@ def _fixed(rhs: str, data: pd.DataFrame):
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
     names = [lme4_name(c) for c in mm.columns]
     X = np.asarray(mm, dtype=np.float64)
-    keep = _independent_columns(X)
-    dropped = tuple(n for i, n in enumerate(names) if i not in keep)
+    keep, aliased = _independent_columns(X)
+    dropped = tuple(names[i] for i in aliased)
     if dropped:
         warnings.warn(
             f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s) / "
@@ -348,11 +353,12 @@ def _fixed(rhs: str, data: pd.DataFrame):
     return X, tuple(names[i] for i in keep), mm.model_spec, tuple(keep), dropped
 
 
-def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
-    """Columns of ``X`` kept in order: a column is dropped when it lies (to ``tol``, relative) in the span of
-    the kept columns before it, as lme4's pivoted QR drops the later of two aliased columns."""
+def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> tuple[list[int], list[int]]:
+    """``(kept, aliased)`` column positions of ``X``, in order: a column is aliased when it lies (to ``tol``,
+    relative) in the span of the kept columns before it, as lme4's pivoted QR drops the later of two aliased
+    columns."""
     if X.shape[1] == 0:
-        return []
+        return [], []
     scale = np.linalg.norm(X, axis=0)
     scale[scale == 0] = 1.0
     G = (X / scale).T @ (X / scale)
@@ -362,7 +368,7 @@ def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
         resid = G[j, j] - (g @ np.linalg.solve(G[np.ix_(keep, keep)], g) if keep else 0.0)
         if resid > tol * max(G[j, j], 1e-300):
             keep.append(j)
-    return keep
+    return keep, [j for j in range(X.shape[1]) if j not in keep]
 
 
 def _check_scales(X: np.ndarray, names: list[str]) -> None:
@@ -407,9 +413,9 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         raise ValueError(f"the random term {term.text} has no coefficients")
     coef_names = tuple(lme4_name(c) for c in mm.columns)
     cov = np.asarray(mm, dtype=np.float64)
-    keep = _independent_columns(cov)
-    if len(keep) < cov.shape[1]:
-        bad = [coef_names[j] for j in range(cov.shape[1]) if j not in keep]
+    keep, aliased = _independent_columns(cov)
+    if aliased:
+        bad = [coef_names[j] for j in aliased]
         raise ValueError(
             f"the covariates of the random term {term.text} are linearly dependent: {bad} "
             f"{'is a linear combination' if len(bad) == 1 else 'are linear combinations'} of "
@@ -436,10 +442,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
 
 
 def _label_clashes(levels: Levels) -> list[str]:
-    seen: dict[str, int] = {}
-    for label in levels.labels:
-        seen[label] = seen.get(label, 0) + 1
-    return [label for label, n in seen.items() if n > 1]
+    return [label for label, n in collections.Counter(levels.labels).items() if n > 1]
 
 
 def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
@@ -453,9 +456,9 @@ def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
             continue
         cov = np.concatenate([np.asarray(terms[k].covariates, dtype=np.float64) for k in ks], axis=1)
         names = [(random[k].text, name) for k in ks for name in infos[k].coef_names]
-        keep = _independent_columns(cov)
-        if len(keep) < cov.shape[1]:
-            bad = [names[j] for j in range(cov.shape[1]) if j not in keep]
+        _, aliased = _independent_columns(cov)
+        if aliased:
+            bad = [names[j] for j in aliased]
             raise ValueError(
                 f"the random terms {[random[k].text for k in ks]} on one grouping factor repeat a column: "
                 f"{', '.join(f'{n} of {t}' for t, n in bad)} is already in an earlier term, so the variance "

@@ -737,30 +737,6 @@ def init_params(design: Design, spec: FamilySpec, residual_scale: float | None, 
     return VIParams(model=model, blocks=tuple(blocks))
 
 
-def rescale_fixed(params: VIParams, spec: FamilySpec, factor: jax.Array) -> VIParams:
-    """The same q and estimates in coordinates where ``beta_new = factor * beta`` (``(p,)`` factors).
-
-    Used to fit with standardised columns of ``X`` (``X_new = X / factor``) and map the result back: point
-    beta is multiplied, and where beta is in q its mean and Cholesky rows are multiplied and the coupling
-    columns of the large term (``b_L`` regressed on beta) divided.
-    """
-    model = params.model
-    if model.beta is not None:
-        model = model._replace(beta=model.beta * factor)
-    bi = spec.fixed_block()
-    blocks = list(params.blocks)
-    if bi is not None:
-        _, at, pw = spec.small_offsets(spec.blocks[bi])
-        f = jnp.ones((pw,), factor.dtype).at[at : at + spec.n_fixed].set(factor)
-        bp = blocks[bi]
-        blocks[bi] = bp._replace(
-            loc_small=bp.loc_small * f,
-            chol_small=bp.chol_small * f[:, None],
-            coupling=None if bp.coupling is None else bp.coupling / f,
-        )
-    return VIParams(model=model, blocks=tuple(blocks))
-
-
 def _softplus_inv(x):
     return x + jnp.log(-jnp.expm1(-x))
 

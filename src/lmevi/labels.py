@@ -42,15 +42,15 @@ def level_label(value) -> str:
     return str(value)
 
 
-def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str], bool]:
-    """``(codes (n,), labels of the uniques, sortable)``; code -1 marks a missing value.
+def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """``(codes (n,), labels of the uniques)``; code -1 marks a missing value.
 
     The uniques of a Categorical are its categories in order; otherwise the distinct values in the order
     R's ``factor`` uses: sorted numbers for a numeric column, sorted labels otherwise.
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
         codes = col.cat.codes.to_numpy().astype(np.int64)
-        return codes, [level_label(c) for c in col.cat.categories], False
+        return codes, [level_label(c) for c in col.cat.categories]
     codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
     values = list(uniques)
     labels = [level_label(v) for v in values]
@@ -61,7 +61,7 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str], bool]:
     rank = np.empty(len(values), dtype=np.int64)
     rank[order] = np.arange(len(values))
     codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(values) else -1, -1)
-    return codes, [labels[i] for i in order], True
+    return codes, [labels[i] for i in order]
 
 
 @dataclass(frozen=True)
@@ -99,16 +99,16 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """Row codes into the distinct label tuples that occur, in the parents' level order (R's ``a:b``)."""
     n = len(parts[0][0])
     missing = np.zeros(n, dtype=bool)
-    for codes, _, _ in parts:
+    for codes, _ in parts:
         missing |= codes < 0
     if len(parts) == 1:
-        codes, labels, _ = parts[0]
+        codes, labels = parts[0]
         used = np.unique(codes[~missing])
         remap = np.full(len(labels), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
         out = np.where(missing, -1, remap[np.maximum(codes, 0)] if len(labels) else -1)
         return out, [(labels[u],) for u in used]
-    stacked = np.stack([np.where(missing, 0, c) for c, _, _ in parts], axis=1)
+    stacked = np.stack([np.where(missing, 0, c) for c, _ in parts], axis=1)
     uniq, inverse = np.unique(stacked[~missing], axis=0, return_inverse=True)  # lexicographic: a slowest
     out = np.full(n, -1, dtype=np.int64)
     out[~missing] = inverse.reshape(-1)
@@ -133,7 +133,7 @@ def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.
 def as_factor(values) -> pd.Categorical:
     """R's ``factor(values)``: a Categorical of labels, levels in R's order (see :func:`levels_of`)."""
     col = pd.Series(values)
-    codes, labels, _ = _factorize(col)
+    codes, labels = _factorize(col)
     used = np.unique(codes[codes >= 0])
     return pd.Categorical.from_codes(
         np.searchsorted(used, codes).astype(np.int64) * (codes >= 0) - (codes < 0), [labels[u] for u in used]

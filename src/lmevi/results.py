@@ -274,7 +274,7 @@ class FitResult:
                 f"({counts})",
                 stacklevel=3,
             )
-            data = data.loc[~bad] if data.index.is_unique else data.iloc[np.flatnonzero(~bad)]
+            data = data.iloc[np.flatnonzero(~bad)]
         if len(data) == 0:
             return out
         X = fixed_matrix(self.info, data)
