@@ -1109,7 +1109,7 @@ def worker_scale(args) -> dict:
     import lmevi
     from lmevi import cavi
     from lmevi import elbo as elbo_lib
-    from lmevi import family as family_lib
+    from lmevi import variational
     from lmevi.design import build_design
     from lmevi.formula import parse_formula
 
@@ -1138,8 +1138,8 @@ def worker_scale(args) -> dict:
     sd = m.sd()
 
     design, info = build_design(parse_formula(FORMULA), df, jax.numpy.float64)
-    spec = family_lib.structured_spec(design, info, True)
-    data_b = family_lib.block_data(design, spec)
+    spec = variational.structured_spec(design, info, True)
+    data_b = variational.block_data(design, spec)
     params = m.params
     # arrays go in as arguments: captured in a closure they would become constants of the compiled program
     sweep = jax.jit(cavi.sweep, static_argnums=(1, 4))
@@ -1193,7 +1193,7 @@ def worker_profile(args) -> dict:
     import lmevi
     from lmevi import cavi
     from lmevi import elbo as elbo_lib
-    from lmevi import family as family_lib
+    from lmevi import variational
     from lmevi.design import build_design
     from lmevi.formula import parse_formula
 
@@ -1204,8 +1204,8 @@ def worker_profile(args) -> dict:
 
     def setup(frame):
         design, info = build_design(parse_formula(FORMULA), frame, jnp.float64)
-        spec = family_lib.structured_spec(design, info, True)
-        return design, spec, family_lib.block_data(design, spec)
+        spec = variational.structured_spec(design, info, True)
+        return design, spec, variational.block_data(design, spec)
 
     design, spec, data_b = setup(df)
     params = m.params
@@ -1224,7 +1224,7 @@ def worker_profile(args) -> dict:
         add("mstep", "M-step (row moments, sigma, Sigma_k, ELBO)", cavi.m_step, design, spec, params, data_b, True,
             static=(1, 4))
         add("moments", "row moments (mean and variance of every row)",
-            lambda d, p, b: family_lib.row_moments(d, spec, p.blocks, b), design, params, data_b)
+            lambda d, p, b: variational.row_moments(d, spec, p.blocks, b), design, params, data_b)
         add("elbo", "closed-form ELBO", elbo_lib.closed_form, params, design, spec, data_b, static=(2,))
     for k, name in enumerate(FACTORS):
         term = design.terms[k]

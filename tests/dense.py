@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lmevi.design import Design, DesignInfo, build_design
-from lmevi.family import BlockParams, FamilySpec, VIParams
+from lmevi.variational import BlockParams, QSpec, VIParams
 from lmevi.formula import parse_formula
 from lmevi.model import ModelParams
 
@@ -75,7 +75,7 @@ def random_lower(rng: np.random.Generator, shape: tuple[int, ...], scale: float 
     return a
 
 
-def random_params(seed: int, spec: FamilySpec, sigma: float = 1.3) -> VIParams:
+def random_params(seed: int, spec: QSpec, sigma: float = 1.3) -> VIParams:
     """Random model point estimates and random block parameters of q (coupling included)."""
     rng = np.random.default_rng(seed)
     chol = tuple(jnp.asarray(random_lower(rng, (p, p), 0.8)) for p in spec.n_coefs)
@@ -102,7 +102,7 @@ def random_params(seed: int, spec: FamilySpec, sigma: float = 1.3) -> VIParams:
 # Dense q
 
 
-def coordinates(spec: FamilySpec) -> tuple[list[slice], slice | None, int]:
+def coordinates(spec: QSpec) -> tuple[list[slice], slice | None, int]:
     """Slices of each term and of beta in the dense vector, and its length."""
     slices, pos = [], 0
     for J, p in zip(spec.n_levels, spec.n_coefs):
@@ -115,7 +115,7 @@ def coordinates(spec: FamilySpec) -> tuple[list[slice], slice | None, int]:
     return slices, beta, pos
 
 
-def block_coordinates(spec: FamilySpec, block) -> tuple[np.ndarray, np.ndarray]:
+def block_coordinates(spec: QSpec, block) -> tuple[np.ndarray, np.ndarray]:
     """Dense indices of a block's large term and of its small part ``w`` (small terms, then beta)."""
     slices, beta, _ = coordinates(spec)
     large = np.arange(0) if block.large is None else np.arange(slices[block.large].start, slices[block.large].stop)
@@ -151,7 +151,7 @@ def dense_block(bp: BlockParams) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([means[0], np.asarray(bp.loc_small)]), cov
 
 
-def dense_q(spec: FamilySpec, blocks) -> tuple[np.ndarray, np.ndarray]:
+def dense_q(spec: QSpec, blocks) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``(D,)`` and covariance ``(D, D)`` of the whole q (zero between blocks)."""
     _, _, dim = coordinates(spec)
     mean, cov = np.zeros(dim), np.zeros((dim, dim))
@@ -164,7 +164,7 @@ def dense_q(spec: FamilySpec, blocks) -> tuple[np.ndarray, np.ndarray]:
     return mean, cov
 
 
-def dense_design(problem: Problem, spec: FamilySpec) -> np.ndarray:
+def dense_design(problem: Problem, spec: QSpec) -> np.ndarray:
     """``[Z_1, ..., Z_K, X]`` (``X`` only when beta is in q): the rows the dense q vector multiplies."""
     parts = list(problem.Z)
     if spec.reml:
@@ -172,7 +172,7 @@ def dense_design(problem: Problem, spec: FamilySpec) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def dense_prior_precision(spec: FamilySpec, chol) -> np.ndarray:
+def dense_prior_precision(spec: QSpec, chol) -> np.ndarray:
     """``blockdiag(I_{J_k} kron Sigma_k^{-1})`` over the terms, zeros for beta's flat prior."""
     _, _, dim = coordinates(spec)
     P = np.zeros((dim, dim))

@@ -17,13 +17,13 @@ from dense import (
     make_problem,
     random_params,
 )
-from lmevi import cavi, elbo, family
+from lmevi import cavi, elbo, variational
 
-block_data = jax.jit(family.block_data, static_argnames="spec")
+block_data = jax.jit(variational.block_data, static_argnames="spec")
 closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
 update_block = jax.jit(cavi.update_block, static_argnames=("spec", "block"))
 m_step = jax.jit(cavi.m_step, static_argnames=("spec", "estimate_sigma"))
-init_params = jax.jit(family.init_params, static_argnums=(1, 2))
+init_params = jax.jit(variational.init_params, static_argnums=(1, 2))
 
 
 def test_update_block_is_the_exact_conditional_posterior(crossed, family_spec):
@@ -69,12 +69,12 @@ def small_parts():
     with jax.enable_x64(True):
         problem = make_problem(frame, "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)")
         specs = (
-            family.structured_spec(problem.design, problem.info, True, small_threshold=12),
-            family.structured_spec(problem.design, problem.info, True, small_threshold=12,
+            variational.structured_spec(problem.design, problem.info, True, small_threshold=12),
+            variational.structured_spec(problem.design, problem.info, True, small_threshold=12,
                                    blocks=[("a", "b", "fixed"), ("g",)]),
         )
-    assert specs[0].blocks == (family.Block(large=0, small=(1, 2), fixed=True),)
-    assert specs[1].blocks == (family.Block(large=None, small=(1, 2), fixed=True), family.Block(large=0))
+    assert specs[0].blocks == (variational.Block(large=0, small=(1, 2), fixed=True),)
+    assert specs[1].blocks == (variational.Block(large=None, small=(1, 2), fixed=True), variational.Block(large=0))
     return problem, specs
 
 

@@ -8,11 +8,11 @@ import pytest
 from scipy import stats
 
 from dense import coordinates, dense_design, dense_prior_precision, dense_q, random_params
-from lmevi import elbo, family
+from lmevi import elbo, variational
 
 # Compiled once per family (``spec`` is static): eager JAX would compile every primitive separately.
 closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
-block_data = jax.jit(family.block_data, static_argnames="spec")
+block_data = jax.jit(variational.block_data, static_argnames="spec")
 
 
 def dense_elbo(problem, spec, params) -> float:

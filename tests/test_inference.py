@@ -10,19 +10,19 @@ import pandas as pd
 import pytest
 
 import lmevi
-from lmevi import elbo, family, inference
+from lmevi import elbo, variational, inference
 from lmevi.inference import StopRule
 
-block_data = jax.jit(family.block_data, static_argnames="spec")
+block_data = jax.jit(variational.block_data, static_argnames="spec")
 closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
 
 
 @pytest.fixture(scope="module")
 def arrowhead(crossed):
     """The crossed design under the arrowhead family (large ``g``, small ``h`` and beta in one block)."""
-    spec = family.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
+    spec = variational.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
     data = block_data(crossed.design, spec)
-    init = family.init_params(crossed.design, spec, residual_scale=None)
+    init = variational.init_params(crossed.design, spec, residual_scale=None)
     return crossed.design, spec, data, init
 
 

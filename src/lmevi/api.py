@@ -12,7 +12,7 @@ import optax
 import pandas as pd
 
 from lmevi import cavi, runtime, scaling
-from lmevi import family as family_lib
+from lmevi import variational
 from lmevi.design import build_design
 from lmevi.formula import parse_formula
 from lmevi.inference import StopRule, run_cavi, run_optax
@@ -90,7 +90,7 @@ def fit(
         formula: lme4 syntax, e.g. ``"y ~ service + (1|s) + (1|d) + (1|dept)"``.
         data: one row per observation.
         family: ``"structured"`` (default: small grouping factors share a Gaussian block with the large
-            factor they are nested in, see :mod:`lmevi.family`) or ``"meanfield"`` (the tutorial's fully
+            factor they are nested in, see :mod:`lmevi.variational`) or ``"meanfield"`` (the tutorial's fully
             factorised q).
         reml: ``True`` (default, as lme4's ``REML = TRUE``) puts beta in q with a flat prior, so the fit
             targets REML estimates; ``False`` makes beta a point estimate (ML-like, and the tutorial's).
@@ -166,9 +166,9 @@ def fit(
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units
     design, scales = scaling.standardise(raw_design)
     if family == "meanfield":
-        spec = family_lib.meanfield_spec(info, reml)
+        spec = variational.meanfield_spec(info, reml)
     else:
-        spec = family_lib.structured_spec(design, info, reml, small_threshold, blocks)
+        spec = variational.structured_spec(design, info, reml, small_threshold, blocks)
     data_b = _block_data(design, spec)
     fixed_sigma = None if residual_scale is None else residual_scale / scales.y_scale
     init = _init_params(design, spec, fixed_sigma, init_scale)
@@ -294,7 +294,7 @@ def _lbfgs() -> optax.GradientTransformation:
     return optax.lbfgs()
 
 
-_block_data = jax.jit(family_lib.block_data, static_argnums=1)
-_init_params = jax.jit(family_lib.init_params, static_argnums=(1, 2, 3))
-_row_moments = jax.jit(family_lib.row_moments, static_argnums=1)
+_block_data = jax.jit(variational.block_data, static_argnums=1)
+_init_params = jax.jit(variational.init_params, static_argnums=(1, 2, 3))
+_row_moments = jax.jit(variational.row_moments, static_argnums=1)
 _update_blocks = jax.jit(cavi.update_blocks, static_argnums=1)

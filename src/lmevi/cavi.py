@@ -3,7 +3,7 @@ r"""Coordinate ascent: closed-form block updates of q and the M-step of variatio
 Each step maximises the closed-form ELBO exactly in one group of variables with the rest held fixed, so
 the ELBO never decreases (Bishop 2006, sec. 10.1; Blei, Kucukelbir & McAuliffe 2017, CAVI).
 
-Block update (one large term L plus small part w; see :mod:`lmevi.family`). With ``r`` the response minus
+Block update (one large term L plus small part w; see :mod:`lmevi.variational`). With ``r`` the response minus
 everything outside the block, the optimal q_B is Gaussian with precision ``Lambda = [[D, C], [C^T, A]]``::
 
     D_j = sum_{i in j} z_i z_i^T / sigma^2 + Sigma_L^{-1}        (p_L x p_L per level)
@@ -12,7 +12,7 @@ everything outside the block, the optimal q_B is Gaussian with precision ``Lambd
     h_L = segment_sum(z_i r_i) / sigma^2,   h_w = W^T r / sigma^2
 
 ``W`` is never formed: ``W^T r`` is one segment sum per small term plus ``X^T r``, and the cross-products
-``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.family.block_data`.
+``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.variational.block_data`.
 
 and, through the Schur complement ``S = A - sum_j C_j^T D_j^{-1} C_j``,
 ``m_w = S^{-1}(h_w - sum_j C_j^T D_j^{-1} h_Lj)``, ``m_Lj = D_j^{-1}(h_Lj - C_j m_w)``,
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from lmevi import elbo as elbo_lib
-from lmevi import family
+from lmevi import variational
 from lmevi.design import Design
-from lmevi.family import Block, BlockData, BlockParams, FamilySpec, VIParams
+from lmevi.variational import Block, BlockData, BlockParams, QSpec, VIParams
 from lmevi.model import ModelParams
 
 
@@ -41,7 +41,7 @@ def _prior_precision(L: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((L, True), eye)
 
 
-def small_prior_precision(spec: FamilySpec, block: Block, chol: tuple[jax.Array, ...], dtype) -> jax.Array:
+def small_prior_precision(spec: QSpec, block: Block, chol: tuple[jax.Array, ...], dtype) -> jax.Array:
     """Block-diagonal prior precision of the small part ``w``; zeros for beta. ``(p_w, p_w)``."""
     parts = []
     for k in block.small:
@@ -99,7 +99,7 @@ def _batched_cho_solve(L: jax.Array, B: jax.Array) -> jax.Array:
 
 
 def update_block(
-    design: Design, spec: FamilySpec, block: Block, bd: BlockData, model: ModelParams, resid: jax.Array
+    design: Design, spec: QSpec, block: Block, bd: BlockData, model: ModelParams, resid: jax.Array
 ) -> BlockParams:
     """The optimal q for one block given everything else.
 
@@ -120,12 +120,12 @@ def update_block(
     if block.large is not None:
         term = design.terms[block.large]
         D = bd.ZtZ / s2 + _prior_precision(model.chol[block.large])
-        h_l = family.weighted_level_sums(term.covariates, resid, term.index, term.n_levels) / s2
+        h_l = variational.weighted_level_sums(term.covariates, resid, term.index, term.n_levels) / s2
         cD = _batched_cholesky(D)
         d_h = _batched_cho_solve(cD, h_l)
     if bd.WtW is not None:
         A = bd.WtW / s2 + small_prior_precision(spec, block, model.chol, dtype)
-        rhs = family.small_crossprod(design, spec, block, resid) / s2
+        rhs = variational.small_crossprod(design, spec, block, resid) / s2
         if block.large is not None:
             C = bd.ZtW / s2
             d_c = _batched_cho_solve(cD, C)
@@ -148,12 +148,12 @@ def update_block(
     return BlockParams(loc_l, chol_l, coup, loc_s, chol_s)
 
 
-def update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> VIParams:
+def update_blocks(design: Design, spec: QSpec, params: VIParams, data) -> VIParams:
     """One pass of block updates, in order, each against the latest means of the others."""
     return _update_blocks(design, spec, params, data)[0]
 
 
-def _update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> tuple[VIParams, jax.Array]:
+def _update_blocks(design: Design, spec: QSpec, params: VIParams, data) -> tuple[VIParams, jax.Array]:
     """:func:`update_blocks`, also returning the new ``E_q`` of every row's random part ``(n_obs,)``.
 
     Block i is updated against the new means of the blocks before it plus the old means of those after it,
@@ -166,7 +166,7 @@ def _update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> 
     acc = None
     for i in range(n_blocks - 1, 0, -1):
         after[i] = acc
-        mean = family.block_mean(design, spec.blocks[i], blocks[i], data[i])
+        mean = variational.block_mean(design, spec.blocks[i], blocks[i], data[i])
         acc = mean if acc is None else acc + mean
     after[0] = acc
     before = None  # sum of the new means of blocks 0, ..., i-1
@@ -174,26 +174,26 @@ def _update_blocks(design: Design, spec: FamilySpec, params: VIParams, data) -> 
         others = after[i] if before is None else (before if after[i] is None else before + after[i])
         resid = base if others is None else base - others
         blocks[i] = update_block(design, spec, block, data[i], params.model, resid)
-        mean = family.block_mean(design, block, blocks[i], data[i])
+        mean = variational.block_mean(design, block, blocks[i], data[i])
         before = mean if before is None else before + mean
     return VIParams(model=params.model, blocks=tuple(blocks)), before
 
 
 def m_step(
-    design: Design, spec: FamilySpec, params: VIParams, data, estimate_sigma: bool
+    design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool
 ) -> tuple[VIParams, jax.Array]:
     """Closed-form point estimates given q, and the ELBO at the result.
 
     Returns:
         ``(params, elbo)`` with ``elbo`` ``()`` the closed-form ELBO after the update.
     """
-    return _m_step(design, spec, params, data, estimate_sigma, family.row_mean(design, spec, params.blocks))
+    return _m_step(design, spec, params, data, estimate_sigma, variational.row_mean(design, spec, params.blocks))
 
 
-def _m_step(design: Design, spec: FamilySpec, params: VIParams, data, estimate_sigma: bool, mean: jax.Array):
+def _m_step(design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool, mean: jax.Array):
     """:func:`m_step` given the rows' ``E_q`` of the random part, ``mean`` ``(n_obs,)``.
 
-    The rows' variances enter only through their sum, which :func:`lmevi.family.row_var_sum` takes from the
+    The rows' variances enter only through their sum, which :func:`lmevi.variational.row_var_sum` takes from the
     per-level cross-products: the M-step's one pass over the rows is the residual sum of squares.
     """
     model = params.model
@@ -204,18 +204,18 @@ def _m_step(design: Design, spec: FamilySpec, params: VIParams, data, estimate_s
     else:
         resid = design.y - mean
     n = design.y.shape[0]
-    sq, vs = family.sum_of_squares(resid), family.row_var_sum(spec, params.blocks, data)
+    sq, vs = variational.sum_of_squares(resid), variational.row_var_sum(spec, params.blocks, data)
     sigma = jnp.sqrt((sq + vs) / n) if estimate_sigma else model.sigma
     chol = []
     for k in range(len(spec.n_levels)):
-        cov = family.second_moment_sum(spec, params.blocks, k) / spec.n_levels[k]
+        cov = variational.second_moment_sum(spec, params.blocks, k) / spec.n_levels[k]
         chol.append(jnp.linalg.cholesky(0.5 * (cov + cov.T)))
     new = VIParams(model=ModelParams(beta=beta, chol=tuple(chol), sigma=sigma), blocks=params.blocks)
     value = elbo_lib.expected_log_likelihood(sq, vs, n, sigma) + elbo_lib.kl_part(spec, new)
     return new, value
 
 
-def sweep(design: Design, spec: FamilySpec, params: VIParams, data, estimate_sigma: bool):
+def sweep(design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool):
     """Block updates then the M-step; returns ``(params, elbo)``. The M-step reuses the rows' means that
     the block updates end with, so a sweep makes one pass over the rows per block and one more."""
     params, mean = _update_blocks(design, spec, params, data)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmevi import family
+from lmevi import variational
 from lmevi.design import Design
-from lmevi.family import FamilySpec, VIParams
+from lmevi.variational import QSpec, VIParams
 from lmevi.model import LOG_2PI, log_likelihood
 
 
@@ -37,22 +37,22 @@ def expected_log_likelihood(sq_resid_sum: jax.Array, var_sum: jax.Array, n_obs: 
     return -0.5 * n_obs * (LOG_2PI + 2.0 * jnp.log(sigma)) - 0.5 * (sq_resid_sum + var_sum) / sigma**2
 
 
-def kl_part(spec: FamilySpec, params: VIParams) -> jax.Array:
+def kl_part(spec: QSpec, params: VIParams) -> jax.Array:
     """``E_q[log p(b | Sigma)] + H[q]``, i.e. minus ``KL(q || p(b | Sigma))``; returns ``()``."""
-    return family.expected_log_prior(spec, params) + family.entropy(spec, params.blocks)
+    return variational.expected_log_prior(spec, params) + variational.entropy(spec, params.blocks)
 
 
-def closed_form(params: VIParams, design: Design, spec: FamilySpec, data) -> jax.Array:
+def closed_form(params: VIParams, design: Design, spec: QSpec, data) -> jax.Array:
     """The exact ELBO; one pass over the rows (for the means: the variances' sum comes from ``data``'s
-    cross-products, see :func:`lmevi.family.row_var_sum`). Returns ``()``."""
-    mean = family.row_mean(design, spec, params.blocks)
+    cross-products, see :func:`lmevi.variational.row_var_sum`). Returns ``()``."""
+    mean = variational.row_mean(design, spec, params.blocks)
     resid = design.y - fixed_part(design, params) - mean
-    var_sum = family.row_var_sum(spec, params.blocks, data)
-    ell = expected_log_likelihood(family.sum_of_squares(resid), var_sum, design.y.shape[0], params.model.sigma)
+    var_sum = variational.row_var_sum(spec, params.blocks, data)
+    ell = expected_log_likelihood(variational.sum_of_squares(resid), var_sum, design.y.shape[0], params.model.sigma)
     return ell + kl_part(spec, params)
 
 
-def monte_carlo(rng_key, params: VIParams, design: Design, spec: FamilySpec, num_samples: int = 1) -> jax.Array:
+def monte_carlo(rng_key, params: VIParams, design: Design, spec: QSpec, num_samples: int = 1) -> jax.Array:
     """Edward's KLqp estimate: sampled expected log-likelihood plus analytic KL. Returns ``()``.
 
     Args:
@@ -64,7 +64,7 @@ def monte_carlo(rng_key, params: VIParams, design: Design, spec: FamilySpec, num
     """
 
     def one(key):
-        effects, beta = family.sample(key, spec, params.blocks)
+        effects, beta = variational.sample(key, spec, params.blocks)
         b0 = params.model.beta if beta is None else beta
         return log_likelihood(design, b0, effects, params.model.sigma)
 

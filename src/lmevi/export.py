@@ -34,7 +34,7 @@ import arviz as az
 import jax
 import numpy as np
 
-from lmevi import family
+from lmevi import variational
 from lmevi.precision import x64
 from lmevi.results import FitResult
 
@@ -114,9 +114,9 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
 
 
 @partial(jax.jit, static_argnums=1)
-def _draws(keys: jax.Array, spec: family.FamilySpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+def _draws(keys: jax.Array, spec: variational.QSpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
     """``S`` independent draws from q, one per key: ``(S, J_k, p_k)`` per term and ``(S, p)`` beta or None."""
-    return jax.vmap(family.sample, in_axes=(0, None, None))(keys, spec, blocks)
+    return jax.vmap(variational.sample, in_axes=(0, None, None))(keys, spec, blocks)
 
 
 def _random_variables(result: FitResult) -> dict[str, list[int]]:

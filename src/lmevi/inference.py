@@ -26,10 +26,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
-from lmevi import cavi, family
+from lmevi import cavi, variational
 from lmevi import elbo as elbo_lib
 from lmevi.design import Design
-from lmevi.family import FamilySpec, VIParams
+from lmevi.variational import QSpec, VIParams
 
 
 @dataclass(frozen=True)
@@ -130,12 +130,12 @@ def _bar_disabled(progress: bool | None):
 # optax path
 
 
-def make_loss(design: Design, spec: FamilySpec, data, estimator: str, num_samples: int, residual_scale):
+def make_loss(design: Design, spec: QSpec, data, estimator: str, num_samples: int, residual_scale):
     """``loss(raw_params, rng_key) = -ELBO / n_obs`` in the unconstrained coordinates."""
     n = design.y.shape[0]
 
     def loss(raw: VIParams, rng_key) -> jax.Array:
-        params = family.to_constrained(raw, residual_scale)
+        params = variational.to_constrained(raw, residual_scale)
         if estimator == "mc":
             value = elbo_lib.monte_carlo(rng_key, params, design, spec, num_samples)
         else:
@@ -180,7 +180,7 @@ def final_grad_norm(design, data, params, *, spec, residual_scale) -> jax.Array:
     ELBO's sampled gradient is noisy, so both are judged by the exact one. One pass over the rows.
     """
     loss = make_loss(design, spec, data, "closed_form", 1, residual_scale)
-    return optax.tree.norm(jax.grad(loss)(family.to_unconstrained(params), None))
+    return optax.tree.norm(jax.grad(loss)(variational.to_unconstrained(params), None))
 
 
 def _has_value_state(state) -> bool:
@@ -194,7 +194,7 @@ def _has_value_state(state) -> bool:
 
 def run_optax(
     design: Design,
-    spec: FamilySpec,
+    spec: QSpec,
     data,
     params: VIParams,
     optimizer: optax.GradientTransformation,
@@ -228,7 +228,7 @@ def run_optax(
     Returns:
         ``(params, info)``.
     """
-    raw = family.to_unconstrained(params)
+    raw = variational.to_unconstrained(params)
     state = optimizer.init(raw)
     if estimator == "mc" and _has_value_state(state):
         raise ValueError("L-BFGS needs a deterministic objective: use elbo='closed_form' with it")
@@ -244,12 +244,12 @@ def run_optax(
         residual_scale=residual_scale,
         rule=rule,
     )
-    to_params = lambda c: family.to_constrained(c[0], residual_scale)  # noqa: E731
+    to_params = lambda c: variational.to_constrained(c[0], residual_scale)  # noqa: E731
     carry = (raw, state, key)
     (raw, state, _), trace, steps, done, seconds, snaps = _drive(
         run_chunk, carry, rule, chunk, progress, design.y.dtype, "lmevi optax", (snapshot_steps, to_params)
     )
-    params = family.to_constrained(raw, residual_scale)
+    params = variational.to_constrained(raw, residual_scale)
     gnorm = final_grad_norm(design, data, params, spec=spec, residual_scale=residual_scale)
     return params, RunInfo(trace, steps, done, seconds, float(gnorm), snaps)
 
@@ -270,17 +270,17 @@ def squarem_step(sweep, params: VIParams, residual_scale):
     Returns:
         ``(params, elbo)`` after three sweeps.
     """
-    x0, unravel = ravel_pytree(family.to_unconstrained(params))
+    x0, unravel = ravel_pytree(variational.to_unconstrained(params))
     pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
 
     def extrapolate(p1, p2):
-        x1, _ = ravel_pytree(family.to_unconstrained(p1))
-        x2, _ = ravel_pytree(family.to_unconstrained(p2))
+        x1, _ = ravel_pytree(variational.to_unconstrained(p1))
+        x2, _ = ravel_pytree(variational.to_unconstrained(p2))
         r = x1 - x0
         v = x2 - x1 - r
         alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
         alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
-        return family.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), residual_scale)
+        return variational.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), residual_scale)
 
     def body(i, c):
         cur, p1, p2, e2, e3 = c
@@ -310,7 +310,7 @@ def _cavi_chunk(design, data, carry, trace, t0, t_end, *, spec, residual_scale, 
 
 def run_cavi(
     design: Design,
-    spec: FamilySpec,
+    spec: QSpec,
     data,
     params: VIParams,
     rule: StopRule,

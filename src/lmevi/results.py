@@ -4,7 +4,7 @@ Every table speaks in the data's level labels, in the layouts of lme4's ``as.dat
 user can merge ours with lme4's on ``grp``.
 
 Differences from lme4 to keep in mind: ``condsd`` is the posterior SD under q, which under the mean-field
-family is too small wherever factors are crossed or nested (see :mod:`lmevi.family`); the variance
+family is too small wherever factors are crossed or nested (see :mod:`lmevi.variational`); the variance
 components are the point estimates of variational EM (ML-like, or REML-like when ``reml=True``).
 """
 
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lmevi import family
+from lmevi import variational
 from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
 from lmevi.options import check_bool, check_choice
-from lmevi.family import FamilySpec, VIParams
+from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo
 from lmevi.precision import x64
 from lmevi.scaling import Scales, relative_chol
@@ -44,7 +44,7 @@ class FitResult:
     """
 
     info: DesignInfo
-    spec: FamilySpec
+    spec: QSpec
     params: VIParams
     run: RunInfo
     options: dict[str, Any]
@@ -165,7 +165,7 @@ class FitResult:
         """Posterior SDs of beta when it is in q (``reml=True``), else ``None``."""
         if not self.spec.reml:
             return None
-        _, cov = family.fixed_moments(self.spec, self.params.blocks)
+        _, cov = variational.fixed_moments(self.spec, self.params.blocks)
         return pd.Series(np.sqrt(np.diag(np.asarray(cov))), index=list(self.info.fixed_names), name="std_error")
 
     @x64
@@ -184,7 +184,7 @@ class FitResult:
         given_beta = check_bool("given_beta", given_beta)
         frames = []
         for k, term in enumerate(self.info.terms):
-            mean, cov = family.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
+            mean, cov = variational.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
             mean, sd = np.asarray(mean), np.sqrt(np.asarray(np.diagonal(cov, axis1=1, axis2=2)))
             for c, name in enumerate(term.coef_names):
                 frames.append(
@@ -290,7 +290,7 @@ class FitResult:
                         f"when fitting, e.g. {list(labels)}; pass allow_new_levels=True to predict them at the "
                         "prior mean"
                     )
-                mean = np.asarray(family.term_moments(self.spec, self.params.blocks, k)[0])
+                mean = np.asarray(variational.term_moments(self.spec, self.params.blocks, k)[0])
                 effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
                 pred = pred + np.sum(cov * effect, axis=1)
         out[~bad] = pred
@@ -378,6 +378,6 @@ class FitResult:
 
     def _beta_mean(self) -> np.ndarray:
         if self.spec.reml:
-            return np.asarray(family.fixed_moments(self.spec, self.params.blocks)[0])
+            return np.asarray(variational.fixed_moments(self.spec, self.params.blocks)[0])
         return np.asarray(self.params.model.beta)
 

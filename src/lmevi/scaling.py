@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmevi.design import Design, TermData
-from lmevi.family import FamilySpec, VIParams
+from lmevi.variational import QSpec, VIParams
 from lmevi.model import ModelParams
 
 
@@ -95,7 +95,7 @@ def standardise(design: Design) -> tuple[Design, Scales]:
     return scaled, Scales(y_shift, y_scale, shift_coef, x_scale, z_scale)
 
 
-def _block_scales(spec: FamilySpec, block, scales: Scales):
+def _block_scales(spec: QSpec, block, scales: Scales):
     """Per-coordinate factors (data units per standardised unit) of one block: ``s_L`` ``(p_L,)`` of the
     large term and ``s_w`` ``(p_w,)`` of the small part, and the shift ``(p_w,)`` of the small part."""
     sy = scales.y_scale
@@ -112,7 +112,7 @@ def _block_scales(spec: FamilySpec, block, scales: Scales):
     return s_large, s_small, (np.concatenate(shift) if shift else None)
 
 
-def to_data_units(params: VIParams, spec: FamilySpec, scales: Scales) -> VIParams:
+def to_data_units(params: VIParams, spec: QSpec, scales: Scales) -> VIParams:
     """Map point estimates and q from standardised units back to the data's (see the module docstring).
 
     Block by block, with ``b_L = s_L b'_L`` and ``w = s_w w' + shift``: ``m_L = s_L m'_L``,

@@ -14,24 +14,24 @@ import pytest
 import lmevi
 from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
-from lmevi import family
-from lmevi.family import Block
+from lmevi import variational
+from lmevi.variational import Block
 
-block_data = jax.jit(family.block_data, static_argnames="spec")
+block_data = jax.jit(variational.block_data, static_argnames="spec")
 
 
 @partial(jax.jit, static_argnames="spec")
 def summary_of_q(design, spec, blocks, data):
-    """Every moment of q that :mod:`lmevi.family` computes, in one compiled call per family."""
+    """Every moment of q that :mod:`lmevi.variational` computes, in one compiled call per family."""
     terms = range(len(spec.n_levels))
     out = {
-        "rows": family.row_moments(design, spec, blocks, data),
-        "terms": [family.term_moments(spec, blocks, k) for k in terms],
-        "entropy": family.entropy(spec, blocks),
+        "rows": variational.row_moments(design, spec, blocks, data),
+        "terms": [variational.term_moments(spec, blocks, k) for k in terms],
+        "entropy": variational.entropy(spec, blocks),
     }
     if spec.reml:
-        out["terms_given_beta"] = [family.term_moments(spec, blocks, k, given_beta=True) for k in terms]
-        out["fixed"] = family.fixed_moments(spec, blocks)
+        out["terms_given_beta"] = [variational.term_moments(spec, blocks, k, given_beta=True) for k in terms]
+        out["fixed"] = variational.fixed_moments(spec, blocks)
     return out
 
 
@@ -65,7 +65,7 @@ def nested_and_crossed():
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_meanfield_gives_every_term_its_own_block(crossed, reml):
-    spec = family.meanfield_spec(crossed.info, reml)
+    spec = variational.meanfield_spec(crossed.info, reml)
     want = (Block(large=0), Block(large=1)) + ((Block(large=None, fixed=True),) if reml else ())
     assert spec.blocks == want
     assert (spec.n_levels, spec.n_coefs, spec.n_fixed, spec.reml) == ((6, 4), (2, 1), 2, reml)
@@ -73,28 +73,28 @@ def test_meanfield_gives_every_term_its_own_block(crossed, reml):
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_structured_without_large_terms_is_one_dense_block(crossed, reml):
-    spec = family.structured_spec(crossed.design, crossed.info, reml)
+    spec = variational.structured_spec(crossed.design, crossed.info, reml)
     assert spec.blocks == (Block(large=None, small=(0, 1), fixed=reml),)
 
 
 def test_entanglement_is_one_for_nesting_and_less_for_crossing(nested_and_crossed):
     design = nested_and_crossed.design  # terms: 0 outer, 1 inner, 2 other
-    assert family.entanglement(design, small=0, large=1) == 1.0  # exact: every inner level sits in one outer
-    assert family.entanglement(design, small=0, large=2) < 0.6
+    assert variational.entanglement(design, small=0, large=1) == 1.0  # exact: every inner level sits in one outer
+    assert variational.entanglement(design, small=0, large=2) < 0.6
 
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_structured_puts_a_small_term_with_the_large_term_it_is_nested_in(nested_and_crossed, reml):
     p = nested_and_crossed
-    spec = family.structured_spec(p.design, p.info, reml)
+    spec = variational.structured_spec(p.design, p.info, reml)
     assert spec.blocks == (Block(large=1, small=(0,), fixed=reml), Block(large=2))
 
 
 def test_user_blocks(crossed):
-    spec = family.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("h",), ("g",)])
+    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("h",), ("g",)])
     # "h" is small so it forms a block without a large term; beta, not named, gets a block of its own
     assert spec.blocks == (Block(large=None, small=(1,)), Block(large=0), Block(large=None, fixed=True))
-    spec = family.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("g", "h", "fixed")])
+    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("g", "h", "fixed")])
     assert spec.blocks == (Block(large=0, small=(1,), fixed=True),)
 
 
@@ -110,7 +110,7 @@ def test_user_blocks(crossed):
 def test_user_blocks_errors_name_the_problem(crossed, blocks, reml, message):
     threshold = 1 if message == "one large" else 5
     with pytest.raises(ValueError, match=message):
-        family.structured_spec(crossed.design, crossed.info, reml, small_threshold=threshold, blocks=blocks)
+        variational.structured_spec(crossed.design, crossed.info, reml, small_threshold=threshold, blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_user_blocks_errors_name_the_problem(crossed, blocks, reml, message):
 
 
 def test_block_data_matches_dense_cross_products(crossed):
-    spec = family.structured_spec(crossed.design, crossed.info, True, small_threshold=5)
+    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5)
     (bd,) = block_data(crossed.design, spec)
     Z_L, W = crossed.Z[0], np.concatenate([crossed.Z[1], crossed.X], axis=1)  # W = [Z_h, X]
     J, p = 6, 2
@@ -149,8 +149,8 @@ def small_parts():
     small terms and beta alone (no large term), g in its own."""
     with jax.enable_x64(True):
         problem = make_problem(simulate_small_parts(), SMALL_PARTS_FORMULA)
-        with_large = family.structured_spec(problem.design, problem.info, True, small_threshold=12)
-        without_large = family.structured_spec(
+        with_large = variational.structured_spec(problem.design, problem.info, True, small_threshold=12)
+        without_large = variational.structured_spec(
             problem.design, problem.info, True, small_threshold=12, blocks=[("a", "b", "fixed"), ("g",)]
         )
     assert with_large.blocks == (Block(large=0, small=(1, 2), fixed=True),)
@@ -188,7 +188,7 @@ def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
         bd = data[0]
         # sums of <= 90 products of O(1) numbers: 1e-12 absolute covers float64 rounding
         np.testing.assert_allclose(bd.WtW, W.T @ W, rtol=0, atol=1e-12)
-        got_wtr = jax.jit(family.small_crossprod, static_argnums=(1, 2))(problem.design, spec, block, r)
+        got_wtr = jax.jit(variational.small_crossprod, static_argnums=(1, 2))(problem.design, spec, block, r)
         np.testing.assert_allclose(got_wtr, W.T @ r, rtol=0, atol=1e-12)
         if block.large is None:
             assert bd.ZtZ is None and bd.ZtW is None
@@ -204,13 +204,13 @@ def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
 def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
     """Per-row mean and variance of each block against ``W`` built densely here:
     ``Var(eta_i) = |T_g^T z_i|^2 + (K_g^T z_i + w_i)^T U U^T (K_g^T z_i + w_i)``; and the variances' sum
-    from the cross-products alone (:func:`lmevi.family.row_var_sum`)."""
+    from the cross-products alone (:func:`lmevi.variational.row_var_sum`)."""
     problem, with_large, without_large = small_parts
     spec = with_large if which == "with-large" else without_large
     with jax.enable_x64(True):
         params = random_params(7, spec)
         data = block_data(problem.design, spec)
-        per_block = jax.jit(family.block_row_moments, static_argnums=1)
+        per_block = jax.jit(variational.block_row_moments, static_argnums=1)
         want_mean, want_var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
         for block, bp, bd in zip(spec.blocks, params.blocks, data):
             mean, var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
@@ -233,10 +233,10 @@ def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
             np.testing.assert_allclose(got_mean, mean, rtol=0, atol=1e-10)
             np.testing.assert_allclose(got_var, var, rtol=0, atol=1e-10)
             want_mean, want_var = want_mean + mean, want_var + var
-        mean, var = jax.jit(family.row_moments, static_argnums=1)(problem.design, spec, params.blocks, data)
+        mean, var = jax.jit(variational.row_moments, static_argnums=1)(problem.design, spec, params.blocks, data)
         np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-10)
         np.testing.assert_allclose(var, want_var, rtol=0, atol=1e-10)
-        var_sum = jax.jit(family.row_var_sum, static_argnums=0)(spec, params.blocks, data)
+        var_sum = jax.jit(variational.row_var_sum, static_argnums=0)(spec, params.blocks, data)
         # a sum of 90 variances of size ~1-10 by traces instead of rows: 1e-12 relative
         assert float(var_sum) == pytest.approx(want_var.sum(), rel=1e-12)
 
@@ -303,7 +303,7 @@ def test_draws_have_the_moments_of_q(family_spec):
     num = 20_000
 
     def flat(key):
-        effects, b = family.sample(key, family_spec, params.blocks)
+        effects, b = variational.sample(key, family_spec, params.blocks)
         return jnp.concatenate([e.reshape(-1) for e in effects] + [b])
 
     draws = np.asarray(jax.jit(jax.vmap(flat))(jax.random.split(jax.random.PRNGKey(0), num)))
@@ -323,16 +323,16 @@ def test_draws_have_the_moments_of_q(family_spec):
 @pytest.mark.parametrize("family_spec", ["arrowhead-reml"], indirect=True)  # every kind of Cholesky factor
 def test_unconstrained_round_trip(family_spec):
     params = random_params(5, family_spec)
-    back = jax.jit(lambda p: family.to_constrained(family.to_unconstrained(p), residual_scale=None))(params)
+    back = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), residual_scale=None))(params)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)  # exp(log x), softplus(softplus^-1 x): rounding
-    fixed = jax.jit(lambda p: family.to_constrained(family.to_unconstrained(p), residual_scale=1.0))(params)
+    fixed = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), residual_scale=1.0))(params)
     assert float(fixed.model.sigma) == 1.0
 
 
 @pytest.mark.parametrize("family_spec", ["meanfield-reml", "arrowhead-reml"], indirect=True)
 def test_init_params_shapes_follow_the_spec(crossed, family_spec):
-    init = jax.jit(family.init_params, static_argnums=(1, 2))(crossed.design, family_spec, None)
+    init = jax.jit(variational.init_params, static_argnums=(1, 2))(crossed.design, family_spec, None)
     for block, bp in zip(family_spec.blocks, init.blocks):
         large, small = block_coordinates(family_spec, block)
         got_large = 0 if bp.loc_large is None else bp.loc_large.size

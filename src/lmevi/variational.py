@@ -72,7 +72,7 @@ class Block:
 
 
 @dataclass(frozen=True)
-class FamilySpec:
+class QSpec:
     """Static description of q: the blocks plus the shapes they need (hashable, used as a jit key).
 
     Attributes:
@@ -163,7 +163,7 @@ class BlockData(NamedTuple):
 # Choosing the blocks
 
 
-def meanfield_spec(info: DesignInfo, reml: bool) -> FamilySpec:
+def meanfield_spec(info: DesignInfo, reml: bool) -> QSpec:
     """Every term its own block, beta (if in q) a block of its own."""
     n_terms = len(info.terms)
     blocks = [Block(large=k) for k in range(n_terms)]
@@ -187,7 +187,7 @@ def entanglement(design: Design, small: int, large: int) -> float:
 
 def structured_spec(
     design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None
-) -> FamilySpec:
+) -> QSpec:
     """Blocks of the structured family, chosen from the data unless ``blocks`` names them.
 
     Args:
@@ -199,7 +199,7 @@ def structured_spec(
             a tuple may also contain ``"fixed"`` to put beta there when ``reml=True``.
 
     Returns:
-        The :class:`FamilySpec`.
+        The :class:`QSpec`.
     """
     size = [t.n_levels * t.n_coefs for t in info.terms]
     if blocks is not None:
@@ -263,8 +263,8 @@ def _user_blocks(info, size, reml, small_threshold, blocks):
     return out
 
 
-def _spec(name, info: DesignInfo, blocks, reml) -> FamilySpec:
-    return FamilySpec(
+def _spec(name, info: DesignInfo, blocks, reml) -> QSpec:
+    return QSpec(
         name=name,
         blocks=tuple(blocks),
         n_levels=tuple(t.n_levels for t in info.terms),
@@ -298,7 +298,7 @@ class _Piece(NamedTuple):
         return self.n_levels * self.covariates.shape[1]
 
 
-def _pieces(design: Design, spec: FamilySpec, block: Block) -> list[_Piece]:
+def _pieces(design: Design, spec: QSpec, block: Block) -> list[_Piece]:
     """The pieces of the block's small part ``w``, in their order in ``w`` (empty when ``p_w = 0``)."""
     offsets, at, _ = spec.small_offsets(block)
     terms = design.terms
@@ -352,7 +352,7 @@ def _gram(pieces: list[_Piece], pw: int, dtype) -> jax.Array:
     return out
 
 
-def block_data(design: Design, spec: FamilySpec) -> tuple[BlockData, ...]:
+def block_data(design: Design, spec: QSpec) -> tuple[BlockData, ...]:
     """The per-block cross-products ``Z_L^T Z_L``, ``Z_L^T W`` and ``W^T W`` (segment sums over level pairs)."""
     out = []
     for block in spec.blocks:
@@ -384,7 +384,7 @@ def _gathered_dot(z: jax.Array, table: jax.Array, index) -> jax.Array:
     return out
 
 
-def small_mean(design: Design, spec: FamilySpec, block: Block, loc_small: jax.Array) -> jax.Array:
+def small_mean(design: Design, spec: QSpec, block: Block, loc_small: jax.Array) -> jax.Array:
     """``W m_w``: one gather per small term plus ``X beta_part``; ``(n_obs,)``."""
     mean = jnp.zeros_like(design.y)
     for a in _pieces(design, spec, block):
@@ -402,7 +402,7 @@ def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: 
     return jnp.stack([jax.ops.segment_sum(z[:, c] * r, index, n_levels) for c in range(z.shape[1])], axis=1)
 
 
-def small_crossprod(design: Design, spec: FamilySpec, block: Block, r: jax.Array) -> jax.Array:
+def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array) -> jax.Array:
     """``W^T r``: one segment sum per small term plus ``X^T r``; ``(p_w,)``."""
     parts = []
     for a in _pieces(design, spec, block):
@@ -426,7 +426,7 @@ def _bilinear(za, table, index, zb) -> jax.Array:
     return total
 
 
-def _small_row_var(design: Design, spec: FamilySpec, block: Block, bp: BlockParams) -> jax.Array:
+def _small_row_var(design: Design, spec: QSpec, block: Block, bp: BlockParams) -> jax.Array:
     """The small part's share of ``Var(eta_i)`` including its coupling to the large term; ``(n_obs,)``.
 
     All terms of the module docstring's ``Var(eta_i)`` but ``z^T T_g T_g^T z``: a sum of bilinear forms
@@ -471,7 +471,7 @@ def _small_row_var(design: Design, spec: FamilySpec, block: Block, bp: BlockPara
 # Moments of q
 
 
-def row_moments(design: Design, spec: FamilySpec, blocks, data) -> tuple[jax.Array, jax.Array]:
+def row_moments(design: Design, spec: QSpec, blocks, data) -> tuple[jax.Array, jax.Array]:
     """Mean and variance under q of the random part of every row's predictor.
 
     The random part is ``sum_k z_ik . b_k,g_k(i)`` plus ``x_i beta`` when beta is in q.
@@ -492,7 +492,7 @@ def block_row_moments(design: Design, block: Block, bp: BlockParams, bd: BlockDa
     return _block_row_moments(design, _spec_of(design, block), block, bp)
 
 
-def _block_row_moments(design: Design, spec: FamilySpec, block: Block, bp: BlockParams):
+def _block_row_moments(design: Design, spec: QSpec, block: Block, bp: BlockParams):
     mean = _block_mean(design, spec, block, bp)
     var = jnp.zeros_like(design.y)
     if block.large is not None:
@@ -509,7 +509,7 @@ def block_mean(design: Design, block: Block, bp: BlockParams, bd: BlockData) -> 
     return _block_mean(design, _spec_of(design, block), block, bp)
 
 
-def _block_mean(design: Design, spec: FamilySpec, block: Block, bp: BlockParams) -> jax.Array:
+def _block_mean(design: Design, spec: QSpec, block: Block, bp: BlockParams) -> jax.Array:
     mean = jnp.zeros_like(design.y)
     if block.large is not None:
         term = design.terms[block.large]
@@ -519,9 +519,9 @@ def _block_mean(design: Design, spec: FamilySpec, block: Block, bp: BlockParams)
     return mean
 
 
-def _spec_of(design: Design, block: Block) -> FamilySpec:
+def _spec_of(design: Design, block: Block) -> QSpec:
     """A spec with the shapes one block's functions need, read off the design (for callers that pass none)."""
-    return FamilySpec(
+    return QSpec(
         name="",
         blocks=(block,),
         n_levels=tuple(t.n_levels for t in design.terms),
@@ -531,7 +531,7 @@ def _spec_of(design: Design, block: Block) -> FamilySpec:
     )
 
 
-def row_mean(design: Design, spec: FamilySpec, blocks) -> jax.Array:
+def row_mean(design: Design, spec: QSpec, blocks) -> jax.Array:
     """``E_q`` of the random part of every row's predictor (the mean of :func:`row_moments`), ``(n_obs,)``."""
     mean = jnp.zeros_like(design.y)
     for block, bp in zip(spec.blocks, blocks):
@@ -551,7 +551,7 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return jnp.sum(x**2)
 
 
-def row_var_sum(spec: FamilySpec, blocks, data) -> jax.Array:
+def row_var_sum(spec: QSpec, blocks, data) -> jax.Array:
     """``sum_i Var_q(eta_i)`` (the sum of :func:`row_moments`' variances) without a pass over the rows.
 
     Summed over the rows, each quadratic form of the module docstring's ``Var(eta_i)`` is a trace against the
@@ -579,7 +579,7 @@ def row_var_sum(spec: FamilySpec, blocks, data) -> jax.Array:
     return total
 
 
-def term_moments(spec: FamilySpec, blocks, k: int, given_beta: bool = False) -> tuple[jax.Array, jax.Array]:
+def term_moments(spec: QSpec, blocks, k: int, given_beta: bool = False) -> tuple[jax.Array, jax.Array]:
     """Posterior mean and covariance of every level of term ``k`` under q.
 
     Args:
@@ -612,7 +612,7 @@ def term_moments(spec: FamilySpec, blocks, k: int, given_beta: bool = False) -> 
     return mean, jnp.einsum("jpjr->jpr", sub)
 
 
-def _condition_on_fixed(spec: FamilySpec, block: Block, V: jax.Array) -> jax.Array:
+def _condition_on_fixed(spec: QSpec, block: Block, V: jax.Array) -> jax.Array:
     """``Cov(w | beta)``: the Schur complement of beta's slots in ``V``, zero in beta's rows and columns."""
     _, at, pw = spec.small_offsets(block)
     idx = jnp.arange(pw)
@@ -624,7 +624,7 @@ def _condition_on_fixed(spec: FamilySpec, block: Block, V: jax.Array) -> jax.Arr
     return jnp.where(mask, cond, 0.0)
 
 
-def fixed_moments(spec: FamilySpec, blocks) -> tuple[jax.Array, jax.Array]:
+def fixed_moments(spec: QSpec, blocks) -> tuple[jax.Array, jax.Array]:
     """Mean ``(p,)`` and covariance ``(p, p)`` of beta under q (only when ``spec.reml``)."""
     bi = spec.fixed_block()
     block, bp = spec.blocks[bi], blocks[bi]
@@ -634,13 +634,13 @@ def fixed_moments(spec: FamilySpec, blocks) -> tuple[jax.Array, jax.Array]:
     return mean, rows @ rows.T
 
 
-def second_moment_sum(spec: FamilySpec, blocks, k: int) -> jax.Array:
+def second_moment_sum(spec: QSpec, blocks, k: int) -> jax.Array:
     """``sum_j E_q[b_kj b_kj^T]``, ``(p_k, p_k)``: what both the prior term and the M-step need."""
     mean, cov = term_moments(spec, blocks, k)
     return jnp.einsum("jp,jq->pq", mean, mean) + jnp.sum(cov, axis=0)
 
 
-def expected_log_prior(spec: FamilySpec, params: VIParams) -> jax.Array:
+def expected_log_prior(spec: QSpec, params: VIParams) -> jax.Array:
     """``sum_k sum_j E_q[log N(b_kj | 0, Sigma_k)]`` (beta's flat prior adds nothing); returns ``()``."""
     total = 0.0
     for k, L in enumerate(params.model.chol):
@@ -653,7 +653,7 @@ def expected_log_prior(spec: FamilySpec, params: VIParams) -> jax.Array:
     return total
 
 
-def entropy(spec: FamilySpec, blocks) -> jax.Array:
+def entropy(spec: QSpec, blocks) -> jax.Array:
     """``sum_B H[q_B]``, with ``H[N(m, V)] = 1/2 log|2 pi e V|``; returns ``()``."""
     total = 0.0
     for block, bp in zip(spec.blocks, blocks):
@@ -668,7 +668,7 @@ def entropy(spec: FamilySpec, blocks) -> jax.Array:
     return total
 
 
-def sample(rng_key, spec: FamilySpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+def sample(rng_key, spec: QSpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
     """One reparameterised draw from q.
 
     Returns:
@@ -702,7 +702,7 @@ def sample(rng_key, spec: FamilySpec, blocks) -> tuple[tuple[jax.Array, ...], ja
 # Initial values and the unconstrained coordinates the optax path moves in
 
 
-def init_params(design: Design, spec: FamilySpec, residual_scale: float | None, init_scale: float = 0.1) -> VIParams:
+def init_params(design: Design, spec: QSpec, residual_scale: float | None, init_scale: float = 0.1) -> VIParams:
     """Starting point: beta by least squares, every SD at half the least-squares residual SD, q at its prior
     mean with scale ``init_scale`` (numpyro's ``AutoNormal`` default), no coupling.
 
