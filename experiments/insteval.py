@@ -51,11 +51,11 @@ def configs(args) -> dict[str, dict]:
     """The options of ``lmevi.fit`` for each configuration."""
     return {
         "tutorial": dict(
-            family="meanfield", reml=False, elbo="mc", optimizer=lmevi.edward_adam(), residual_scale=1.0,
+            q="meanfield", reml=False, elbo="mc", optimizer=lmevi.edward_adam(), residual_scale=1.0,
             num_samples=1, num_steps=args.tutorial_steps, seed=args.seed,
         ),
-        "meanfield": dict(family="meanfield", reml=False, method="cavi", num_steps=args.cavi_steps),
-        "recommended": dict(family="structured", reml=True, method="cavi", num_steps=args.cavi_steps),
+        "meanfield": dict(q="meanfield", reml=False, method="cavi", num_steps=args.cavi_steps),
+        "recommended": dict(q="structured", reml=True, method="cavi", num_steps=args.cavi_steps),
     }
 
 
@@ -133,12 +133,13 @@ def _metrics(fits, lme4, test) -> dict:
         sd = fit.sd()
         resid = _test_residuals(fit, test)
         out.setdefault(config, {})[which] = {
-            "reml": bool(fit.options["reml"]),
+            "reml": bool(fit.options.reml),
             "lme4_fit": kind.upper(),
-            "family": fit.options["family"],
-            "method": fit.options["method"],
-            "elbo_estimator": fit.options["elbo"],
-            "residual_scale": "fixed at 1" if fit.options["residual_scale"] else "estimated",
+            "family": fit.options.family,
+            "q": fit.options.q,
+            "method": fit.options.method,
+            "elbo_estimator": fit.options.elbo,
+            "residual_scale": "fixed at 1" if fit.options.residual_scale else "estimated",
             "fixef": {k: float(v) for k, v in fit.fixef().items()},
             "sd": {k: float(sd[k]) for k in ("s", "d", "dept", "Residual")},
             "vs_lme4": {
@@ -186,7 +187,7 @@ def _tables(fits, lme4, metrics) -> dict[str, pd.DataFrame]:
                 {
                     "config": config,
                     "data": which,
-                    "q": m["family"],
+                    "q": m["q"],
                     "reml": m["reml"],
                     "elbo": m["elbo_estimator"],
                     "method": m["method"],

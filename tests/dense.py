@@ -183,3 +183,10 @@ def dense_prior_precision(spec: QSpec, chol) -> np.ndarray:
         P[pos : pos + block.shape[0], pos : pos + block.shape[0]] = block
         pos += block.shape[0]
     return P
+
+
+def kernel_problem(design: Design, spec, fixed_sigma: float | None = None):
+    """The kernels' :class:`lmevi.build.Problem` for ``design`` under ``spec`` (Gaussian likelihood)."""
+    from lmevi.build import make_problem
+
+    return make_problem(design, spec, fixed_sigma=fixed_sigma)

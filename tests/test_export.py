@@ -58,7 +58,7 @@ def fits(sleepstudy, nested) -> dict[str, lmevi.FitResult]:
             "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)",
             sleepstudy,
             reml=False,
-            family="meanfield",
+            q="meanfield",
             progress=False,
         ),
         "nested_reml": lmevi.fit("y ~ x + (1 | site) + (1 | site:unit)", nested, progress=False),
@@ -194,7 +194,7 @@ def test_attrs_and_netcdf_round_trip(fits, exports, tmp_path):
     m, idata = fits["nested_reml"], exports["nested_reml"]
     attrs = idata.posterior.attrs
     assert attrs["formula"] == "y ~ x + (1 | site) + (1 | site:unit)"
-    assert (attrs["family"], attrs["reml"], attrs["method"]) == ("structured", 1, "cavi")
+    assert (attrs["family"], attrs["q"], attrs["reml"], attrs["method"]) == ("gaussian", "structured", 1, "cavi")
     assert attrs["elbo_estimator"] == "closed_form"
     assert attrs["elbo"] == pytest.approx(m.elbo, rel=1e-12)
     path = tmp_path / "fit.nc"

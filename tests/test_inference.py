@@ -12,18 +12,19 @@ import pytest
 import lmevi
 from lmevi import elbo, variational, inference
 from lmevi.inference import StopRule
+from lmevi.likelihood import GAUSSIAN
+from dense import kernel_problem
 
-block_data = jax.jit(variational.block_data, static_argnames="spec")
-closed_form = jax.jit(elbo.closed_form, static_argnames="spec")
+closed_form = jax.jit(elbo.closed_form)
 
 
 @pytest.fixture(scope="module")
 def arrowhead(crossed):
     """The crossed design under the arrowhead family (large ``g``, small ``h`` and beta in one block)."""
     spec = variational.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
-    data = block_data(crossed.design, spec)
-    init = variational.init_params(crossed.design, spec, residual_scale=None)
-    return crossed.design, spec, data, init
+    kp = kernel_problem(crossed.design, spec)
+    init = variational.init_params(crossed.design, spec, GAUSSIAN, None)
+    return kp, init
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -31,24 +32,24 @@ def arrowhead(crossed):
 
 
 def test_cavi_stops_at_the_first_step_that_meets_the_tolerance(arrowhead):
-    design, spec, data, init = arrowhead
+    kp, init = arrowhead
     tol = 1e-8
     rule = StopRule(num_steps=500, tol=tol)
-    params, run = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
+    params, run = inference.run_cavi(kp, init, rule, accelerate=False, progress=False)
     trace = run.elbo_trace
     assert run.converged and run.steps == len(trace) < 500
     change = np.abs(np.diff(trace)) / np.abs(trace[1:])
     assert change[-1] <= tol  # the rule holds at the last step ...
     assert np.all(change[:-1] > tol)  # ... and at no step before it
     # the trace is the ELBO of the returned parameters (same function, other compilation: 1e-12 relative)
-    assert trace[-1] == pytest.approx(float(closed_form(params, design, spec, data)), rel=1e-12)
+    assert trace[-1] == pytest.approx(float(closed_form(kp, params)), rel=1e-12)
 
 
 def test_windowed_rule_compares_means_of_consecutive_windows(arrowhead):
-    design, spec, data, init = arrowhead
+    kp, init = arrowhead
     tol, w = 1e-6, 3
     rule = StopRule(num_steps=500, tol=tol, window=w)
-    _, run = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
+    _, run = inference.run_cavi(kp, init, rule, accelerate=False, progress=False)
     trace = run.elbo_trace
     assert run.converged
     means = np.array([trace[t - w + 1 : t + 1].mean() for t in range(2 * w - 1, len(trace))])
@@ -59,10 +60,10 @@ def test_windowed_rule_compares_means_of_consecutive_windows(arrowhead):
 
 def test_chunking_does_not_change_the_run(arrowhead):
     """The host loop pauses every ``chunk`` steps for the progress bar; the computation must not notice."""
-    design, spec, data, init = arrowhead
+    kp, init = arrowhead
     rule = StopRule(num_steps=500, tol=1e-8)  # the rule of the test above: no new compilation
-    a, run_a = inference.run_cavi(design, spec, data, init, rule, accelerate=False, progress=False)
-    b, run_b = inference.run_cavi(design, spec, data, init, rule, accelerate=False, chunk=2, progress=False)
+    a, run_a = inference.run_cavi(kp, init, rule, accelerate=False, progress=False)
+    b, run_b = inference.run_cavi(kp, init, rule, accelerate=False, chunk=2, progress=False)
     assert run_a.steps == run_b.steps > 2
     # identical operations in a different number of compiled calls: 1e-12 relative
     np.testing.assert_allclose(run_a.elbo_trace, run_b.elbo_trace, rtol=1e-12)
@@ -73,7 +74,7 @@ def test_chunking_does_not_change_the_run(arrowhead):
 def test_accelerated_run_never_lowers_the_elbo(crossed_fit):
     """The default coordinate ascent takes SQUAREM steps, kept only when they do not lower the ELBO."""
     trace = crossed_fit.run.elbo_trace
-    assert crossed_fit.options["accelerate"] and crossed_fit.converged
+    assert crossed_fit.options.accelerate and crossed_fit.converged
     assert np.all(np.diff(trace) >= -1e-12 * np.abs(trace[1:]))  # rounding only, as for plain sweeps
 
 
@@ -106,17 +107,15 @@ def test_cavi_and_lbfgs_reach_the_same_estimates(cavi_and_lbfgs):
 def test_cavi_and_lbfgs_parameters_have_the_same_elbo(cavi_and_lbfgs, crossed):
     """Recomputed from each result's parameters: agree to the stopping tolerance (measured 1e-14 relative)."""
     cavi, lbfgs = cavi_and_lbfgs
-    data = block_data(crossed.design, cavi.spec)
-    a = float(closed_form(cavi.params, crossed.design, cavi.spec, data))
-    b = float(closed_form(lbfgs.params, crossed.design, lbfgs.spec, data))
+    a = float(closed_form(kernel_problem(crossed.design, cavi.spec), cavi.params))
+    b = float(closed_form(kernel_problem(crossed.design, lbfgs.spec), lbfgs.params))
     assert b == pytest.approx(a, rel=1e-10)
     assert cavi.elbo == pytest.approx(a, rel=1e-12)  # the CAVI trace is the ELBO of its parameters
 
 
 def test_lbfgs_reported_elbo_is_the_elbo_of_its_parameters(cavi_and_lbfgs, crossed):
     cavi, lbfgs = cavi_and_lbfgs
-    data = block_data(crossed.design, lbfgs.spec)
-    recomputed = float(closed_form(lbfgs.params, crossed.design, lbfgs.spec, data))
+    recomputed = float(closed_form(kernel_problem(crossed.design, lbfgs.spec), lbfgs.params))
     # at convergence the last trace value is the ELBO at the returned parameters: 1e-10 relative
     assert lbfgs.elbo == pytest.approx(recomputed, rel=1e-10)
     assert lbfgs.elbo == pytest.approx(cavi.elbo, rel=1e-10)

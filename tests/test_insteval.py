@@ -93,7 +93,7 @@ def test_structured_family_targets(kind, recommended, structured_ml):
 def test_meanfield_drains_the_department_variance(insteval):
     """The failure the structured family fixes: under mean-field q the department SD collapses (the
     tutorial's mismatch), while students and instructors still agree with lme4 ML."""
-    fit = lmevi.fit(FORMULA, insteval, family="meanfield", reml=False, num_steps=300, progress=False)
+    fit = lmevi.fit(FORMULA, insteval, q="meanfield", reml=False, num_steps=300, progress=False)
     ref, agree = _agreement(fit, "ml")
     assert fit.sd()["dept"] < 0.1 * report.lme4_sd(ref["varcorr"])["dept"]
     assert agree.loc["s", "corr"] >= 0.999

@@ -15,6 +15,7 @@ import lmevi
 from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
 from lmevi import variational
+from lmevi.likelihood import GAUSSIAN
 from lmevi.variational import Block
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")
@@ -323,16 +324,16 @@ def test_draws_have_the_moments_of_q(family_spec):
 @pytest.mark.parametrize("family_spec", ["arrowhead-reml"], indirect=True)  # every kind of Cholesky factor
 def test_unconstrained_round_trip(family_spec):
     params = random_params(5, family_spec)
-    back = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), residual_scale=None))(params)
+    back = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), fixed_sigma=None))(params)
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-14)  # exp(log x), softplus(softplus^-1 x): rounding
-    fixed = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), residual_scale=1.0))(params)
+    fixed = jax.jit(lambda p: variational.to_constrained(variational.to_unconstrained(p), fixed_sigma=1.0))(params)
     assert float(fixed.model.sigma) == 1.0
 
 
 @pytest.mark.parametrize("family_spec", ["meanfield-reml", "arrowhead-reml"], indirect=True)
 def test_init_params_shapes_follow_the_spec(crossed, family_spec):
-    init = jax.jit(variational.init_params, static_argnums=(1, 2))(crossed.design, family_spec, None)
+    init = jax.jit(variational.init_params, static_argnums=(1, 2))(crossed.design, family_spec, GAUSSIAN, None)
     for block, bp in zip(family_spec.blocks, init.blocks):
         large, small = block_coordinates(family_spec, block)
         got_large = 0 if bp.loc_large is None else bp.loc_large.size
@@ -360,10 +361,10 @@ def nested_fits():
     frame, outer_effects = simulate_nested(0, n_outer=40, per_outer=10, rows=4, sd_outer=0.45, sd_inner=1.0, sigma=0.5)
     formula = "y ~ 1 + (1 | outer) + (1 | inner)"
     with pytest.warns(lmevi.SingularFitWarning, match="'outer'.*meanfield"):
-        meanfield = lmevi.fit(formula, frame, family="meanfield", progress=False)
+        meanfield = lmevi.fit(formula, frame, q="meanfield", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no singular-fit or convergence warning
-        structured = lmevi.fit(formula, frame, family="structured", progress=False)
+        structured = lmevi.fit(formula, frame, q="structured", progress=False)
     return meanfield, structured, np.std(outer_effects, ddof=1)
 
 

@@ -5,24 +5,40 @@
     >>> m = lmevi.fit("y ~ service + (1|s) + (1|d) + (1|dept)", df)
     >>> m.fixef(), m.varcorr(), m.ranef().head()
 
+The stages ``fit`` composes are public, as lme4's ``lFormula``/``optimizeLmer``/``mkMerMod``:
+
+    >>> model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", df)   # design, q's blocks
+    >>> params, run = lmevi.fit_model(model, lmevi.fitting.settings(method="cavi"))
+    >>> m = lmevi.make_result(model, lmevi.fitting.settings(method="cavi"), params, run)
+
 Importing lmevi changes nothing for the rest of the process: 64-bit arithmetic is switched on only
 inside lmevi's own computations (:mod:`lmevi.precision`; fits run in float64 by default, as lme4 does,
 ``dtype="float32"`` for single precision), and an XLA CPU workaround is applied at the first fit only if
 JAX has not started yet (:mod:`lmevi.runtime`). No matplotlib backend is chosen.
 """
 
-from lmevi.api import ConvergenceWarning, SingularFitWarning, edward_adam, fit
+from lmevi import fitting
+from lmevi.api import fit
+from lmevi.build import Model, build_model
+from lmevi.checks import ConvergenceWarning, SingularFitWarning
+from lmevi.fitting import FitSettings, edward_adam, fit_model
 from lmevi.data import load_insteval, train_test_split
 from lmevi.formula import FormulaError, parse_formula
-from lmevi.results import FitResult
+from lmevi.results import FitResult, make_result
 
 __all__ = [
     "ConvergenceWarning",
     "SingularFitWarning",
     "FitResult",
+    "FitSettings",
     "FormulaError",
+    "Model",
+    "build_model",
     "edward_adam",
     "fit",
+    "fit_model",
+    "fitting",
+    "make_result",
     "load_insteval",
     "parse_formula",
     "train_test_split",

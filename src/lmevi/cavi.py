@@ -148,17 +148,25 @@ def update_block(
     return BlockParams(loc_l, chol_l, coup, loc_s, chol_s)
 
 
-def update_blocks(design: Design, spec: QSpec, params: VIParams, data) -> VIParams:
+def supports(problem) -> bool:
+    """Whether coordinate ascent's closed-form updates hold: the block-Gaussian q of :mod:`lmevi.variational`
+    under a likelihood whose expected log-density is a function of the rows' mean and variance sums (the
+    Gaussian one; :mod:`lmevi.likelihood`)."""
+    return problem.q is variational and problem.likelihood.moment_form
+
+
+def update_blocks(problem, params: VIParams) -> VIParams:
     """One pass of block updates, in order, each against the latest means of the others."""
-    return _update_blocks(design, spec, params, data)[0]
+    return _update_blocks(problem, params)[0]
 
 
-def _update_blocks(design: Design, spec: QSpec, params: VIParams, data) -> tuple[VIParams, jax.Array]:
+def _update_blocks(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
     """:func:`update_blocks`, also returning the new ``E_q`` of every row's random part ``(n_obs,)``.
 
     Block i is updated against the new means of the blocks before it plus the old means of those after it,
     summed directly (not as a total minus its own mean): the first block's old mean is then never needed.
     """
+    design, spec, data = problem.design, problem.spec, problem.block_data
     base = design.y - elbo_lib.fixed_part(design, params)
     blocks = list(params.blocks)
     n_blocks = len(spec.blocks)
@@ -179,23 +187,22 @@ def _update_blocks(design: Design, spec: QSpec, params: VIParams, data) -> tuple
     return VIParams(model=params.model, blocks=tuple(blocks)), before
 
 
-def m_step(
-    design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool
-) -> tuple[VIParams, jax.Array]:
+def m_step(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
     """Closed-form point estimates given q, and the ELBO at the result.
 
     Returns:
         ``(params, elbo)`` with ``elbo`` ``()`` the closed-form ELBO after the update.
     """
-    return _m_step(design, spec, params, data, estimate_sigma, variational.row_mean(design, spec, params.blocks))
+    return _m_step(problem, params, variational.row_mean(problem.design, problem.spec, params.blocks))
 
 
-def _m_step(design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool, mean: jax.Array):
+def _m_step(problem, params: VIParams, mean: jax.Array):
     """:func:`m_step` given the rows' ``E_q`` of the random part, ``mean`` ``(n_obs,)``.
 
     The rows' variances enter only through their sum, which :func:`lmevi.variational.row_var_sum` takes from the
     per-level cross-products: the M-step's one pass over the rows is the residual sum of squares.
     """
+    design, spec, data = problem.design, problem.spec, problem.block_data
     model = params.model
     beta = model.beta
     if beta is not None:
@@ -204,19 +211,19 @@ def _m_step(design: Design, spec: QSpec, params: VIParams, data, estimate_sigma:
     else:
         resid = design.y - mean
     n = design.y.shape[0]
-    sq, vs = variational.sum_of_squares(resid), variational.row_var_sum(spec, params.blocks, data)
-    sigma = jnp.sqrt((sq + vs) / n) if estimate_sigma else model.sigma
+    sq, vs = elbo_lib.sum_of_squares(resid), variational.row_var_sum(spec, params.blocks, data)
+    sigma = jnp.sqrt((sq + vs) / n) if problem.estimate_sigma else model.sigma
     chol = []
     for k in range(len(spec.n_levels)):
         cov = variational.second_moment_sum(spec, params.blocks, k) / spec.n_levels[k]
         chol.append(jnp.linalg.cholesky(0.5 * (cov + cov.T)))
     new = VIParams(model=ModelParams(beta=beta, chol=tuple(chol), sigma=sigma), blocks=params.blocks)
-    value = elbo_lib.expected_log_likelihood(sq, vs, n, sigma) + elbo_lib.kl_part(spec, new)
+    value = problem.likelihood.expected_log_lik_from_sums(sq, vs, n, sigma) + elbo_lib.kl_part(problem, new)
     return new, value
 
 
-def sweep(design: Design, spec: QSpec, params: VIParams, data, estimate_sigma: bool):
+def sweep(problem, params: VIParams):
     """Block updates then the M-step; returns ``(params, elbo)``. The M-step reuses the rows' means that
     the block updates end with, so a sweep makes one pass over the rows per block and one more."""
-    params, mean = _update_blocks(design, spec, params, data)
-    return _m_step(design, spec, params, data, estimate_sigma, mean)
+    params, mean = _update_blocks(problem, params)
+    return _m_step(problem, params, mean)

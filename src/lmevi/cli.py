@@ -24,7 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lmevi.api import ELBOS, FAMILIES, METHODS, ConvergenceWarning, fit
+from lmevi.api import fit
+from lmevi.checks import ConvergenceWarning
+from lmevi.fitting import ELBOS, METHODS
+from lmevi.likelihood import LIKELIHOODS
+from lmevi.variational import Q_FAMILIES
 from lmevi.results import FitResult
 
 PROG = "lmevi"
@@ -79,11 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         "without it only the summary is printed",
     )
     p.add_argument(
-        "--family",
-        choices=FAMILIES,
+        "--q",
+        choices=tuple(Q_FAMILIES),
         default="structured",
         help="variational family: 'structured' couples small grouping factors with the large factor they "
         "are nested in; 'meanfield' factorises across terms (default: %(default)s)",
+    )
+    p.add_argument(
+        "--family",
+        choices=tuple(LIKELIHOODS) + tuple(Q_FAMILIES),
+        default="gaussian",
+        help="likelihood of the response, as lme4's glmer family (default: %(default)s); 'structured' and "
+        "'meanfield' are the older spelling of --q and still work",
     )
     p.add_argument(
         "--ml",
@@ -147,6 +158,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 args.formula,
                 data,
                 family=args.family,
+                q=None if args.family in Q_FAMILIES else args.q,
                 reml=not args.ml,
                 method=args.method,
                 elbo=args.elbo,

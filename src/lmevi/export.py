@@ -36,7 +36,7 @@ import numpy as np
 
 from lmevi import variational
 from lmevi.precision import x64
-from lmevi.results import FitResult
+from lmevi.results import FitResult, sd_components
 
 FIXED_VAR, FIXED_DIM = "fixef", "coef"
 SD_VAR, SD_DIM = "sd", "component"
@@ -86,7 +86,7 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
     dims[FIXED_VAR] = [FIXED_DIM]
     coords[FIXED_DIM] = fixed_names
 
-    labels, values = _sd_components(result)
+    labels, values = sd_components(result.info, result.params.model.chol, float(result.params.model.sigma))
     posterior[SD_VAR] = np.broadcast_to(values, (1, num_samples, len(values)))
     dims[SD_VAR] = [SD_DIM]
     coords[SD_DIM] = labels
@@ -95,19 +95,20 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
     attrs = {
         "inference_library": "lmevi",
         "formula": result.info.formula.text,
-        "family": o["family"],
+        "family": o.family,
+        "q": o.q,
         # netCDF attributes take no booleans
-        "reml": int(bool(o["reml"])),
-        "method": o["method"],
-        "elbo_estimator": o["elbo"],
+        "reml": int(bool(o.reml)),
+        "method": o.method,
+        "elbo_estimator": o.elbo,
         "elbo": result.elbo,
         "converged": int(result.converged),
         "steps": int(result.steps),
-        "seed": int(o["seed"]),
-        "dtype": o["dtype"],
+        "seed": int(o.seed),
+        "dtype": o.dtype,
     }
-    if o.get("residual_scale") is not None:
-        attrs["residual_scale"] = float(o["residual_scale"])
+    if o.residual_scale is not None:
+        attrs["residual_scale"] = float(o.residual_scale)
     return az.from_dict(
         posterior=posterior, coords=coords, dims=dims, posterior_attrs=dict(attrs), attrs=dict(attrs)
     )
@@ -134,23 +135,6 @@ def _random_variables(result: FitResult) -> dict[str, list[int]]:
             name = f"ranef_{group}"
         out[name] = ks
     return out
-
-
-def _sd_components(result: FitResult) -> tuple[list[str], np.ndarray]:
-    """Labels and values of the SD of every random coefficient (``sqrt(diag(L_k L_k^T))``) and of sigma."""
-    per_group = Counter()
-    for term in result.info.terms:
-        per_group[term.group] += term.n_coefs
-    labels, values = [], []
-    for term, L in zip(result.info.terms, result.params.model.chol):
-        L = np.asarray(L, dtype=np.float64)
-        sd = np.sqrt(np.sum(L**2, axis=1))
-        for name, value in zip(term.coef_names, sd):
-            labels.append(term.group if per_group[term.group] == 1 else f"{term.group}:{name}")
-            values.append(value)
-    labels.append("Residual")
-    values.append(float(result.params.model.sigma))
-    return _dedupe(labels), np.asarray(values)
 
 
 def _dedupe(labels: list[str]) -> list[str]:

@@ -28,8 +28,7 @@ from tqdm.auto import tqdm
 
 from lmevi import cavi, variational
 from lmevi import elbo as elbo_lib
-from lmevi.design import Design
-from lmevi.variational import QSpec, VIParams
+from lmevi.variational import VIParams
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,7 @@ class RunInfo(NamedTuple):
     snapshots: dict
 
 
-def _converged(trace: jax.Array, t: jax.Array, rule: StopRule) -> jax.Array:
-    w = rule.window
+def _converged(trace: jax.Array, t: jax.Array, tol: jax.Array, w: int) -> jax.Array:
     if w == 1:
         prev = trace[jnp.maximum(t - 1, 0)]
         cur = trace[t]
@@ -73,11 +71,12 @@ def _converged(trace: jax.Array, t: jax.Array, rule: StopRule) -> jax.Array:
         cur = jnp.mean(jax.lax.dynamic_slice(trace, (jnp.maximum(t - w + 1, 0),), (w,)))
         prev = jnp.mean(jax.lax.dynamic_slice(trace, (jnp.maximum(t - 2 * w + 1, 0),), (w,)))
         ok = t >= 2 * w - 1
-    return ok & (jnp.abs(cur - prev) <= rule.tol * jnp.abs(cur)) & jnp.isfinite(cur)
+    return ok & (jnp.abs(cur - prev) <= tol * jnp.abs(cur)) & jnp.isfinite(cur)
 
 
-def _chunk_loop(step, carry, trace, t0, t_end, rule: StopRule):
-    """Run ``step(carry, t) -> (carry, elbo)`` from ``t0`` until ``t_end`` or convergence."""
+def _chunk_loop(step, carry, trace, t0, t_end, tol, window: int):
+    """Run ``step(carry, t) -> (carry, elbo)`` from ``t0`` until ``t_end`` or convergence (relative change
+    ``tol`` ``()``, a traced value so that a new tolerance compiles nothing; ``window`` is static)."""
 
     def cond(s):
         t, _, _, done = s
@@ -87,7 +86,7 @@ def _chunk_loop(step, carry, trace, t0, t_end, rule: StopRule):
         t, c, tr, _ = s
         c, value = step(c, t)
         tr = tr.at[t].set(value)
-        return t + 1, c, tr, _converged(tr, t, rule)
+        return t + 1, c, tr, _converged(tr, t, tol, window)
 
     return jax.lax.while_loop(cond, body, (t0, carry, trace, jnp.asarray(False)))
 
@@ -102,13 +101,14 @@ def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, 
     pending = sorted({int(s) for s in snap_steps if 0 < int(s) <= rule.num_steps})
     snaps: dict[int, VIParams] = {}
     trace = jnp.full((rule.num_steps,), jnp.nan, dtype)
+    tol = jnp.asarray(rule.tol, dtype)
     t = jnp.asarray(0)
     done = False
     start = time.perf_counter()
     with tqdm(total=rule.num_steps, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
         while not done and int(t) < rule.num_steps:
             t_end = min([int(t) + chunk, rule.num_steps] + [s for s in pending if s > int(t)])
-            t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end))
+            t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end), tol)
             done = bool(done_arr)
             if int(t_new) in pending:
                 snaps[int(t_new)] = to_params(carry)
@@ -130,27 +130,25 @@ def _bar_disabled(progress: bool | None):
 # optax path
 
 
-def make_loss(design: Design, spec: QSpec, data, estimator: str, num_samples: int, residual_scale):
+def make_loss(problem, estimator: str, num_samples: int):
     """``loss(raw_params, rng_key) = -ELBO / n_obs`` in the unconstrained coordinates."""
-    n = design.y.shape[0]
+    q = problem.q
 
     def loss(raw: VIParams, rng_key) -> jax.Array:
-        params = variational.to_constrained(raw, residual_scale)
+        params = q.to_constrained(raw, problem.sigma_if_fixed)
         if estimator == "mc":
-            value = elbo_lib.monte_carlo(rng_key, params, design, spec, num_samples)
+            value = elbo_lib.monte_carlo(rng_key, problem, params, num_samples)
         else:
-            value = elbo_lib.closed_form(params, design, spec, data)
-        return -value / n
+            value = elbo_lib.closed_form(problem, params)
+        return -value / problem.n_obs
 
     return loss
 
 
-@partial(jax.jit, static_argnames=("spec", "optimizer", "estimator", "num_samples", "residual_scale", "rule"))
-def _optax_chunk(
-    design, data, carry, trace, t0, t_end, *, spec, optimizer, estimator, num_samples, residual_scale, rule
-):
-    loss = make_loss(design, spec, data, estimator, num_samples, residual_scale)
-    n = design.y.shape[0]
+@partial(jax.jit, static_argnames=("optimizer", "estimator", "num_samples", "window"))
+def _optax_chunk(problem, carry, trace, t0, t_end, tol, *, optimizer, estimator, num_samples, window):
+    loss = make_loss(problem, estimator, num_samples)
+    n = problem.n_obs
     uses_state = _has_value_state(carry[1])
 
     def step(c, t):
@@ -168,19 +166,19 @@ def _optax_chunk(
         raw = optax.apply_updates(raw, updates)
         return (raw, state, k), -value * n
 
-    return _chunk_loop(step, carry, trace, t0, t_end, rule)
+    return _chunk_loop(step, carry, trace, t0, t_end, tol, window)
 
 
-@partial(jax.jit, static_argnames=("spec", "residual_scale"))
-def final_grad_norm(design, data, params, *, spec, residual_scale) -> jax.Array:
+@jax.jit
+def final_grad_norm(problem, params) -> jax.Array:
     """Norm of the gradient of the closed-form ``-ELBO / n_obs`` at ``params``, in the unconstrained
     coordinates that the optax path steps in (log SDs, log-Cholesky diagonals, locations, log sigma).
 
     The convergence check of both paths: coordinate ascent never forms this gradient, and a Monte Carlo
     ELBO's sampled gradient is noisy, so both are judged by the exact one. One pass over the rows.
     """
-    loss = make_loss(design, spec, data, "closed_form", 1, residual_scale)
-    return optax.tree.norm(jax.grad(loss)(variational.to_unconstrained(params), None))
+    loss = make_loss(problem, "closed_form", 1)
+    return optax.tree.norm(jax.grad(loss)(problem.q.to_unconstrained(params), None))
 
 
 def _has_value_state(state) -> bool:
@@ -193,16 +191,13 @@ def _has_value_state(state) -> bool:
 
 
 def run_optax(
-    design: Design,
-    spec: QSpec,
-    data,
+    problem,
     params: VIParams,
     optimizer: optax.GradientTransformation,
     rule: StopRule,
     *,
     estimator: str = "closed_form",
     num_samples: int = 1,
-    residual_scale: float | None = None,
     rng_key=None,
     chunk: int = 100,
     progress: bool | None = None,
@@ -211,14 +206,13 @@ def run_optax(
     """Maximise the ELBO with an optax optimizer.
 
     Args:
-        design, spec, data: the model's arrays, the family and its block data.
+        problem: the model's arrays and structure (:class:`lmevi.build.Problem`).
         params: starting point (constrained).
         optimizer: an optax ``GradientTransformation``; L-BFGS (``optax.lbfgs``) needs
             ``estimator="closed_form"``.
         rule: the stop rule.
         estimator: ``"closed_form"`` or ``"mc"`` (Edward's KLqp).
         num_samples: draws per Monte Carlo estimate.
-        residual_scale: fixed sigma, or ``None`` to estimate it.
         rng_key: key of the Monte Carlo draws (``step`` is folded in).
         chunk: steps per compiled call between progress-bar updates.
         progress: show a progress bar (``None``: only on a terminal).
@@ -228,29 +222,22 @@ def run_optax(
     Returns:
         ``(params, info)``.
     """
-    raw = variational.to_unconstrained(params)
+    q = problem.q
+    raw = q.to_unconstrained(params)
     state = optimizer.init(raw)
     if estimator == "mc" and _has_value_state(state):
         raise ValueError("L-BFGS needs a deterministic objective: use elbo='closed_form' with it")
     key = jax.random.PRNGKey(0) if rng_key is None else rng_key
     run_chunk = partial(
-        _optax_chunk,
-        design,
-        data,
-        spec=spec,
-        optimizer=optimizer,
-        estimator=estimator,
-        num_samples=num_samples,
-        residual_scale=residual_scale,
-        rule=rule,
+        _optax_chunk, problem, optimizer=optimizer, estimator=estimator, num_samples=num_samples, window=rule.window
     )
-    to_params = lambda c: variational.to_constrained(c[0], residual_scale)  # noqa: E731
+    to_params = lambda c: q.to_constrained(c[0], problem.sigma_if_fixed)  # noqa: E731
     carry = (raw, state, key)
     (raw, state, _), trace, steps, done, seconds, snaps = _drive(
-        run_chunk, carry, rule, chunk, progress, design.y.dtype, "lmevi optax", (snapshot_steps, to_params)
+        run_chunk, carry, rule, chunk, progress, problem.design.y.dtype, "lmevi optax", (snapshot_steps, to_params)
     )
-    params = variational.to_constrained(raw, residual_scale)
-    gnorm = final_grad_norm(design, data, params, spec=spec, residual_scale=residual_scale)
+    params = q.to_constrained(raw, problem.sigma_if_fixed)
+    gnorm = final_grad_norm(problem, params)
     return params, RunInfo(trace, steps, done, seconds, float(gnorm), snaps)
 
 
@@ -258,7 +245,7 @@ def run_optax(
 # coordinate-ascent path
 
 
-def squarem_step(sweep, params: VIParams, residual_scale):
+def squarem_step(sweep, params: VIParams, fixed_sigma):
     """One SQUAREM iteration (Varadhan & Roland 2008, scheme S3) of the variational EM map ``sweep``.
 
     Variational EM converges linearly, and sublinearly when a variance component heads for zero (a
@@ -280,7 +267,7 @@ def squarem_step(sweep, params: VIParams, residual_scale):
         v = x2 - x1 - r
         alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
         alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
-        return variational.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), residual_scale)
+        return variational.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), fixed_sigma)
 
     def body(i, c):
         cur, p1, p2, e2, e3 = c
@@ -295,27 +282,24 @@ def squarem_step(sweep, params: VIParams, residual_scale):
     return pick(take, p3, p2), jnp.where(take, e3, e2)
 
 
-@partial(jax.jit, static_argnames=("spec", "residual_scale", "rule", "accelerate"))
-def _cavi_chunk(design, data, carry, trace, t0, t_end, *, spec, residual_scale, rule, accelerate):
+@partial(jax.jit, static_argnames=("window", "accelerate"))
+def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     def sweep(params):
-        return cavi.sweep(design, spec, params, data, residual_scale is None)
+        return cavi.sweep(problem, params)
 
     def step(params, t):
         if accelerate:
-            return squarem_step(sweep, params, residual_scale)
+            return squarem_step(sweep, params, problem.sigma_if_fixed)
         return sweep(params)
 
-    return _chunk_loop(step, carry, trace, t0, t_end, rule)
+    return _chunk_loop(step, carry, trace, t0, t_end, tol, window)
 
 
 def run_cavi(
-    design: Design,
-    spec: QSpec,
-    data,
+    problem,
     params: VIParams,
     rule: StopRule,
     *,
-    residual_scale: float | None = None,
     chunk: int = 50,
     progress: bool | None = None,
     snapshot_steps=(),
@@ -329,12 +313,14 @@ def run_cavi(
     Returns:
         ``(params, info)``.
     """
-    run_chunk = partial(
-        _cavi_chunk, design, data, spec=spec, residual_scale=residual_scale, rule=rule, accelerate=accelerate
-    )
+    if not cavi.supports(problem):
+        raise ValueError(
+            f"coordinate ascent needs the block-Gaussian q and a Gaussian likelihood "
+            f"(family={problem.likelihood.name!r}); use method='optax'"
+        )
+    run_chunk = partial(_cavi_chunk, problem, window=rule.window, accelerate=accelerate)
     params, trace, steps, done, seconds, snaps = _drive(
-        run_chunk, params, rule, chunk, progress, design.y.dtype, "lmevi cavi", (snapshot_steps, lambda c: c)
+        run_chunk, params, rule, chunk, progress, problem.design.y.dtype, "lmevi cavi", (snapshot_steps, lambda c: c)
     )
-    gnorm = final_grad_norm(design, data, params, spec=spec, residual_scale=residual_scale)
+    gnorm = final_grad_norm(problem, params)
     return params, RunInfo(trace, steps, done, seconds, float(gnorm), snaps)
-

@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmevi.design import Design
-
-LOG_2PI = 1.8378770664093453
+from lmevi.likelihood import GAUSSIAN, LOG_2PI, Likelihood
 
 
 class ModelParams(NamedTuple):
@@ -53,11 +53,13 @@ def linear_predictor(design: Design, beta: jax.Array, effects: tuple[jax.Array, 
     return eta
 
 
-def log_likelihood(design: Design, beta: jax.Array, effects: tuple[jax.Array, ...], sigma: jax.Array) -> jax.Array:
-    """``log p(y | b, beta, sigma) = sum_i log N(y_i | x_i beta + eta_i, sigma^2)``; returns ``()``."""
-    resid = design.y - linear_predictor(design, beta, effects)
-    n = design.y.shape[0]
-    return -0.5 * n * (LOG_2PI + 2.0 * jnp.log(sigma)) - 0.5 * jnp.sum(resid**2) / sigma**2
+def log_likelihood(
+    design: Design, beta: jax.Array, effects: tuple[jax.Array, ...], sigma: jax.Array, likelihood: Likelihood = GAUSSIAN
+) -> jax.Array:
+    """``log p(y | b, beta, sigma) = sum_i log p(y_i | x_i beta + eta_i)`` (Gaussian:
+    ``log N(y_i | ., sigma^2)``); returns ``()``."""
+    eta = linear_predictor(design, beta, effects)
+    return jnp.sum(likelihood.log_density(design.y, eta, sigma))
 
 
 def log_prior(effects: tuple[jax.Array, ...], chol: tuple[jax.Array, ...]) -> jax.Array:
@@ -82,3 +84,14 @@ def log_joint(design: Design, params: ModelParams, effects: tuple[jax.Array, ...
     """
     b0 = params.beta if beta is None else beta
     return log_likelihood(design, b0, effects, params.sigma) + log_prior(effects, params.chol)
+
+
+def cov_sd_corr(L) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Sigma = L L^T`` ``(p, p)``, its SDs ``(p,)`` and correlations ``(p, p)`` from the lower Cholesky
+    factor ``L``, on the host in float64 (a zero SD gives NaN correlations, as lme4 prints them)."""
+    L = np.asarray(L, np.float64)
+    cov = L @ L.T
+    sd = np.sqrt(np.diag(cov))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = cov / np.outer(sd, sd)
+    return cov, sd, corr

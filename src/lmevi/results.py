@@ -13,8 +13,9 @@ from __future__ import annotations
 import collections
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import NamedTuple
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -22,9 +23,38 @@ from lmevi import variational
 from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
 from lmevi.options import check_bool, check_choice
 from lmevi.variational import QSpec, VIParams
-from lmevi.inference import RunInfo
+from lmevi.inference import RunInfo, StopRule
+from lmevi.model import cov_sd_corr
 from lmevi.precision import x64
 from lmevi.scaling import Scales, relative_chol
+
+
+class FitOptions(NamedTuple):
+    """The options a fit ran with, as a typed record.
+
+    Attributes:
+        family: the likelihood (``"gaussian"``).
+        q: the variational family (``"structured"`` or ``"meanfield"``).
+        reml: whether beta is in q (REML-like).
+        method, elbo, num_samples, accelerate, seed: as :func:`lmevi.fit` took them.
+        residual_scale: the fixed residual SD, or ``None`` (estimated).
+        dtype: ``"float64"`` or ``"float32"``.
+        stop_rule: the stop rule the loop ran under.
+        optimizer: the optax optimizer's description, or ``None`` for coordinate ascent.
+    """
+
+    family: str
+    q: str
+    reml: bool
+    method: str
+    elbo: str
+    num_samples: int
+    accelerate: bool
+    residual_scale: float | None
+    seed: int
+    dtype: str
+    stop_rule: StopRule
+    optimizer: str | None
 
 
 @dataclass(frozen=True)
@@ -36,7 +66,7 @@ class FitResult:
         spec: the variational family.
         params: point estimates and q (constrained).
         run: ELBO trace, steps, convergence and wall time of the fitting loop.
-        options: the options the fit ran with (method, family, reml, elbo, ...).
+        options: the options the fit ran with (:class:`FitOptions`).
         fitted: ``(n_obs,)`` fitted values on the training rows (posterior means).
         y: ``(n_obs,)`` the training response.
         scales: the standardisation the fit ran in (:mod:`lmevi.scaling`); the singular-fit rules read the
@@ -47,7 +77,7 @@ class FitResult:
     spec: QSpec
     params: VIParams
     run: RunInfo
-    options: dict[str, Any]
+    options: FitOptions
     fitted: np.ndarray = field(repr=False)
     y: np.ndarray = field(repr=False)
     scales: Scales | None = field(default=None, repr=False)
@@ -73,52 +103,11 @@ class FitResult:
         return self.elbo if self.exact else None
 
     def singular(self, tol: float = 1e-3) -> list[str]:
-        """Variance components at the boundary. Three rules, each with tolerance ``tol``: an SD below ``tol``
-        residual SDs; a correlation within ``tol`` of +-1; and lme4's ``isSingular`` rule, a diagonal entry of
-        a relative Cholesky factor (``theta``, the Cholesky factor of ``Sigma_k / sigma^2``) below ``tol``,
-        which also catches a coefficient that is nearly a linear combination of the term's earlier ones.
-        Returns one sentence per finding.
+        """Variance components at the boundary, one sentence per finding; see
+        :func:`lmevi.checks.singular_findings` for the three rules and why ``tol = 1e-3``."""
+        from lmevi.checks import singular_findings
 
-        lme4's optimizer can land exactly on the boundary and uses ``tol = 1e-4``; variational EM approaches
-        it from inside, slowly, and stops once the ELBO no longer moves, where a zero typically reads 1e-4 to
-        1e-2: hence the default ``1e-3`` and the correlation rule (a correlation converges to +-1 faster than
-        the Cholesky entry to zero).
-        """
-        out = []
-        sigma = float(self.params.model.sigma)
-        rel = self._relative_chol()
-        for term, L, R in zip(self.info.terms, self.params.model.chol, rel):
-            L = np.asarray(L)
-            cov = L @ L.T
-            sd = np.sqrt(np.diag(cov))
-            rcov = R @ R.T
-            rsd = np.sqrt(np.diag(rcov))  # SD of each coefficient's share of the predictor, in residual SDs
-            theta = np.abs(np.diag(R))
-            names = term.coef_names
-            flagged = set()
-            for a, name in enumerate(names):
-                if rsd[a] < tol:
-                    unit = "" if name == "(Intercept)" else f" per SD of {name}"
-                    out.append(
-                        f"the SD of {name} for {term.group!r} is {sd[a]:.3g} ({rsd[a]:.2g} residual SDs{unit}), "
-                        "near zero"
-                    )
-                    flagged.add(a)
-            for a in range(len(sd)):
-                for b in range(a + 1, len(sd)):
-                    if a in flagged or b in flagged:
-                        continue
-                    corr = cov[a, b] / (sd[a] * sd[b])
-                    if 1.0 - abs(corr) < tol:
-                        out.append(f"the correlation of {names[a]} and {names[b]} for {term.group!r} is {corr:+.4f}")
-                        flagged.add(b)
-            for a, name in enumerate(names):
-                if a not in flagged and theta[a] < tol:
-                    out.append(
-                        f"the {name} effects for {term.group!r} are nearly a linear combination of the term's "
-                        f"earlier coefficients (relative Cholesky entry {theta[a]:.2g})"
-                    )
-        return out
+        return singular_findings(self.info, self.params.model.chol, self._relative_chol(), tol)
 
     @property
     def converged(self) -> bool:
@@ -208,34 +197,21 @@ class FitResult:
             a row per pair (covariance and correlation); the residual last as ``Residual``.
         """
         rows = []
-        seen = collections.Counter()
-        for term, L in zip(self.info.terms, self.params.model.chol):
-            L = np.asarray(L)
-            cov = L @ L.T
-            sd = np.sqrt(np.diag(cov))
-            # lme4 names a second term on the same factor "g.1", a third "g.2"
-            grp = term.group if not seen[term.group] else f"{term.group}.{seen[term.group]}"
-            seen[term.group] += 1
+        for term, grp, L in zip(self.info.terms, term_groups(self.info), self.params.model.chol):
+            cov, sd, corr = cov_sd_corr(L)
             for a, name in enumerate(term.coef_names):
                 rows.append((grp, name, None, cov[a, a], sd[a]))
             for a in range(len(sd)):
                 for b in range(a + 1, len(sd)):
-                    corr = cov[a, b] / (sd[a] * sd[b])
-                    rows.append((grp, term.coef_names[a], term.coef_names[b], cov[a, b], corr))
+                    rows.append((grp, term.coef_names[a], term.coef_names[b], cov[a, b], corr[a, b]))
         sigma = float(self.params.model.sigma)
         rows.append(("Residual", None, None, sigma**2, sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
     def sd(self) -> pd.Series:
-        """SD of every random coefficient and of the residual, indexed by ``varcorr()``'s ``grp`` where the
-        term has one coefficient, else ``grp:coef`` (``Subject:Days``)."""
-        vc = self.varcorr()
-        vc = vc[vc["var2"].isna()]
-        per_group = collections.Counter(vc["grp"])
-        keys = []
-        for grp, var1 in zip(vc["grp"], vc["var1"]):
-            keys.append(grp if pd.isna(var1) or per_group[grp] == 1 else f"{grp}:{var1}")
-        return pd.Series(vc["sdcor"].to_numpy(), index=keys, name="sd")
+        """SD of every random coefficient and of the residual (:func:`sd_components`' labels)."""
+        labels, values = sd_components(self.info, self.params.model.chol, float(self.params.model.sigma))
+        return pd.Series(values, index=labels, name="sd")
 
     @x64
     def predict(
@@ -312,13 +288,13 @@ class FitResult:
         """An lme4-style summary: method, formula, ELBO (and log-likelihood where exact), scaled residuals,
         random effects, fixed effects, convergence and singular-fit messages."""
         o = self.options
-        kind = "REML-like: beta in q, flat prior" if o["reml"] else "ML-like: beta a point estimate"
+        kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
         lines = [
-            f"Linear mixed model fit by variational EM ({o['family']} q, {kind}; {o['method']}, {o['elbo']} ELBO)",
+            f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)",
             f"Formula: {self.info.formula.text}",
             "",
             f"ELBO: {self.elbo:.4f}"
-            + (f"   {'REML log-likelihood' if o['reml'] else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
+            + (f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
                if self.exact else "   (q is an approximation: the ELBO is a lower bound)"),
             "",
             "Scaled residuals:",
@@ -381,3 +357,81 @@ class FitResult:
             return np.asarray(variational.fixed_moments(self.spec, self.params.blocks)[0])
         return np.asarray(self.params.model.beta)
 
+
+
+def term_groups(info: DesignInfo) -> list[str]:
+    """Each term's ``grp`` as lme4's ``as.data.frame(VarCorr(m))`` names it: a second term on the same factor
+    is ``g.1``, a third ``g.2``."""
+    seen = collections.Counter()
+    out = []
+    for term in info.terms:
+        out.append(term.group if not seen[term.group] else f"{term.group}.{seen[term.group]}")
+        seen[term.group] += 1
+    return out
+
+
+def sd_components(info: DesignInfo, chol, sigma: float) -> tuple[list[str], np.ndarray]:
+    """Labels and values of the SD of every random coefficient and of the residual (``Residual``), the one
+    labelling rule of :meth:`FitResult.sd` and the ArviZ export.
+
+    A coefficient is labelled by its grouping factor where that factor has one random coefficient in all
+    (``s``), else ``factor:coefficient`` (``Subject:Days``; for ``(1|g) + (0+x|g)``: ``g:(Intercept)`` and
+    ``g:x``). The labels are unique: a formula that repeats a coefficient on a factor is refused when the
+    design is built.
+    """
+    per_group = collections.Counter()
+    for term in info.terms:
+        per_group[term.group] += len(term.coef_names)
+    labels, values = [], []
+    for term, L in zip(info.terms, chol):
+        _, sd, _ = cov_sd_corr(L)
+        for name, value in zip(term.coef_names, sd):
+            labels.append(term.group if per_group[term.group] == 1 else f"{term.group}:{name}")
+            values.append(value)
+    labels.append("Residual")
+    values.append(float(sigma))
+    return labels, np.asarray(values)
+
+
+@x64
+def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResult:
+    """Results stage, as lme4's ``mkMerMod``: map a fit from the model's standardised units back to the data's
+    and wrap it with its labels and options.
+
+    Args:
+        model: the :class:`~lmevi.build.Model` that was fitted.
+        fit_settings: the :class:`~lmevi.fitting.FitSettings` it ran with.
+        params: point estimates and q in standardised units, as :func:`lmevi.fitting.fit_model` returns them.
+        run: the run record.
+    """
+    from lmevi import fitting, scaling
+    from lmevi.precision import to_host
+
+    problem, scales, spec = model.problem, model.scales, model.problem.spec
+    mean = _row_mean(problem, params)
+    fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
+    fitted = scales.y_shift + scales.y_scale * np.asarray(fixed + mean, dtype=np.float64)
+    offset = scaling.elbo_offset(scales, model.info.n_obs, spec.reml)
+    snapshots = {t: to_host(scaling.to_data_units(p, spec, scales)) for t, p in run.snapshots.items()}
+    s = fit_settings
+    options = FitOptions(
+        family=problem.likelihood.name, q=model.q_name, reml=model.reml, method=s.method, elbo=s.elbo,
+        num_samples=s.num_samples, accelerate=s.accelerate, residual_scale=model.residual_scale, seed=s.seed,
+        dtype=model.dtype, stop_rule=s.rule, optimizer=None if s.method == "cavi" else fitting.describe_optimizer(s.optimizer),
+    )
+    return FitResult(
+        info=model.info,
+        spec=spec,
+        params=to_host(scaling.to_data_units(params, spec, scales)),
+        run=run._replace(elbo_trace=run.elbo_trace + offset, snapshots=snapshots),
+        options=options,
+        fitted=fitted,
+        y=model.y,
+        scales=scales,
+    )
+
+
+@jax.jit
+def _row_mean(problem, params) -> jax.Array:
+    """``E_q`` of every row's random part, ``(n_obs,)``."""
+    return problem.q.row_mean(problem.design, problem.spec, params.blocks)

@@ -172,6 +172,10 @@ def meanfield_spec(info: DesignInfo, reml: bool) -> QSpec:
     return _spec("meanfield", info, blocks, reml)
 
 
+def _meanfield(design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None) -> QSpec:
+    return meanfield_spec(info, reml)
+
+
 def entanglement(design: Design, small: int, large: int) -> float:
     """Share of the rows of term ``small`` explained by the levels of term ``large``.
 
@@ -539,18 +543,6 @@ def row_mean(design: Design, spec: QSpec, blocks) -> jax.Array:
     return mean
 
 
-def sum_of_squares(x: jax.Array) -> jax.Array:
-    """``sum_i x_i^2`` of a per-row vector ``(n_obs,)``; returns ``()``.
-
-    Written so that XLA's CPU compiler materialises ``x`` in one fused pass and only then reduces it: summed
-    directly, the gathers and column slices that produce ``x`` are fused into one library (YNNPACK) reduction
-    that ran 5-10x slower than the pass itself at 1e6 rows (jaxlib 0.10, float64). The appended zero does not
-    change the sum.
-    """
-    x = jnp.concatenate([x, jnp.zeros((1,), x.dtype)])
-    return jnp.sum(x**2)
-
-
 def row_var_sum(spec: QSpec, blocks, data) -> jax.Array:
     """``sum_i Var_q(eta_i)`` (the sum of :func:`row_moments`' variances) without a pass over the rows.
 
@@ -702,20 +694,20 @@ def sample(rng_key, spec: QSpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Arr
 # Initial values and the unconstrained coordinates the optax path moves in
 
 
-def init_params(design: Design, spec: QSpec, residual_scale: float | None, init_scale: float = 0.1) -> VIParams:
-    """Starting point: beta by least squares, every SD at half the least-squares residual SD, q at its prior
-    mean with scale ``init_scale`` (numpyro's ``AutoNormal`` default), no coupling.
+def init_params(design: Design, spec: QSpec, likelihood, fixed_sigma, init_scale: float = 0.1) -> VIParams:
+    """Starting point: beta and the residual SD from the likelihood's starting values (least squares for the
+    Gaussian), every SD at half that residual SD, q at its prior mean with scale ``init_scale`` (numpyro's
+    ``AutoNormal`` default), no coupling.
 
-    ``residual_scale`` fixes sigma (the tutorial's 1.0); ``None`` starts it at the least-squares value.
+    ``fixed_sigma`` ``()`` fixes sigma (the tutorial's 1.0); ``None`` starts it at the likelihood's value.
     """
-    X, y = design.X, design.y
-    beta, *_ = jnp.linalg.lstsq(X, y)
-    resid_sd = jnp.sqrt(jnp.mean((y - X @ beta) ** 2))
+    y = design.y
+    beta, resid_sd = likelihood.start(design.X, y)
     chol = []
     for term in design.terms:
         spread = jnp.maximum(jnp.std(term.covariates, axis=0), 1.0)
         chol.append(jnp.diag(0.5 * resid_sd / spread))
-    sigma = resid_sd if residual_scale is None else jnp.asarray(residual_scale, y.dtype)
+    sigma = resid_sd if fixed_sigma is None else jnp.asarray(fixed_sigma, y.dtype)
     model = ModelParams(beta=None if spec.reml else beta, chol=tuple(chol), sigma=sigma)
     blocks = []
     for block in spec.blocks:
@@ -770,10 +762,11 @@ def to_unconstrained(params: VIParams) -> VIParams:
     return VIParams(model=model, blocks=blocks)
 
 
-def to_constrained(raw: VIParams, residual_scale: float | None) -> VIParams:
-    """Inverse of :func:`to_unconstrained`; a fixed ``residual_scale`` overrides sigma."""
+def to_constrained(raw: VIParams, fixed_sigma) -> VIParams:
+    """Inverse of :func:`to_unconstrained`; a fixed sigma ``fixed_sigma`` ``()`` (``None``: estimated)
+    overrides sigma."""
     m = raw.model
-    sigma = jnp.exp(m.sigma) if residual_scale is None else jnp.asarray(residual_scale, m.sigma.dtype)
+    sigma = jnp.exp(m.sigma) if fixed_sigma is None else jnp.asarray(fixed_sigma, m.sigma.dtype)
     model = ModelParams(beta=m.beta, chol=tuple(_tril_map(L, jnp.exp) for L in m.chol), sigma=sigma)
     blocks = tuple(
         bp._replace(
@@ -783,3 +776,10 @@ def to_constrained(raw: VIParams, residual_scale: float | None) -> VIParams:
         for bp in raw.blocks
     )
     return VIParams(model=model, blocks=blocks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registration: q's name -> its block layout, ``(design, info, reml, small_threshold, blocks) -> QSpec``.
+# Both layouts share this module's kernels (the :class:`lmevi.qfamily.QFamily` interface).
+
+Q_FAMILIES = {"structured": structured_spec, "meanfield": _meanfield}

@@ -1,0 +1,92 @@
+r"""Likelihood seam: everything the rest of lmevi asks of the response distribution.
+
+A likelihood is a frozen (hashable) object, so it can sit in the static part of a compiled problem. It says:
+
+* ``log_density(y, eta, dispersion)``: ``(n_obs,)`` ``log p(y_i | eta_i)`` at linear predictor ``eta``;
+* ``expected_log_density(y, mean, var, dispersion)``: ``(n_obs,)`` ``E[log p(y_i | eta_i)]`` for
+  ``eta_i ~ N(mean_i, var_i)`` (the ELBO's first term under a Gaussian q);
+* ``inverse_link(eta)``: the mean of ``y`` given ``eta``;
+* ``has_dispersion``: whether there is a scale to estimate (``sigma`` for the Gaussian);
+* ``start(X, y)``: starting values ``(beta (p,), dispersion ())``;
+* ``moment_form``: ``True`` when the summed expected log-density depends on q only through
+  ``sum_i (r_i - mean_i)^2`` and ``sum_i var_i`` (:meth:`Gaussian.expected_log_lik_from_sums`), which is what
+  lets the closed-form ELBO skip the per-row variances and coordinate ascent update q in closed form.
+
+Gaussian is the only one now. A new likelihood (binomial, Poisson) is one new class here with
+``moment_form = False``; the closed-form ELBO then takes the per-row variances from the q seam and the optax
+path fits it (see :mod:`lmevi.fitting`, which refuses ``method="cavi"`` for it). Register it in
+:data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+LOG_2PI = 1.8378770664093453
+
+
+class Likelihood(Protocol):
+    """What a response distribution provides (see the module docstring)."""
+
+    name: str
+    link: str
+    has_dispersion: bool
+    moment_form: bool
+
+    def log_density(self, y: jax.Array, eta: jax.Array, dispersion: jax.Array) -> jax.Array: ...
+
+    def expected_log_density(
+        self, y: jax.Array, mean: jax.Array, var: jax.Array, dispersion: jax.Array
+    ) -> jax.Array: ...
+
+    def inverse_link(self, eta: jax.Array) -> jax.Array: ...
+
+    def start(self, X: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """``y_i ~ N(eta_i, sigma^2)``, identity link; the dispersion is sigma (lme4's residual SD)."""
+
+    name: str = "gaussian"
+    link: str = "identity"
+    has_dispersion: bool = True
+    moment_form: bool = True
+
+    def log_density(self, y, eta, dispersion):
+        """``(n_obs,)`` ``log N(y_i | eta_i, sigma^2)``."""
+        return -0.5 * (LOG_2PI + 2.0 * jnp.log(dispersion)) - 0.5 * (y - eta) ** 2 / dispersion**2
+
+    def expected_log_density(self, y, mean, var, dispersion):
+        """``(n_obs,)`` ``-1/2 log(2 pi sigma^2) - ((y_i - mean_i)^2 + var_i) / (2 sigma^2)``."""
+        return -0.5 * (LOG_2PI + 2.0 * jnp.log(dispersion)) - 0.5 * ((y - mean) ** 2 + var) / dispersion**2
+
+    def expected_log_lik_from_sums(self, sq_resid_sum, var_sum, n_obs: int, dispersion):
+        """The sum over rows of :meth:`expected_log_density` from ``sum_i (y_i - mean_i)^2`` and
+        ``sum_i var_i``; returns ``()``."""
+        return -0.5 * n_obs * (LOG_2PI + 2.0 * jnp.log(dispersion)) - 0.5 * (sq_resid_sum + var_sum) / dispersion**2
+
+    def inverse_link(self, eta):
+        return eta
+
+    def start(self, X, y):
+        """Least squares: ``beta (p,)`` and the residual SD ``()``."""
+        beta, *_ = jnp.linalg.lstsq(X, y)
+        return beta, jnp.sqrt(jnp.mean((y - X @ beta) ** 2))
+
+
+GAUSSIAN = Gaussian()
+
+# lme4's family names -> likelihood objects.
+LIKELIHOODS: dict[str, Likelihood] = {"gaussian": GAUSSIAN}
+
+
+def get(name: str) -> Likelihood:
+    """The likelihood registered under ``name`` (lme4's ``family=`` spelling)."""
+    if not isinstance(name, str) or name not in LIKELIHOODS:
+        raise ValueError(f"family must be one of {sorted(LIKELIHOODS)} (the likelihood), got {name!r}")
+    return LIKELIHOODS[name]

@@ -1,0 +1,59 @@
+"""q seam: what a variational family provides, so that a new family is one new module.
+
+A family is a module (``Problem.q``, see :mod:`lmevi.build`) with these functions. Shapes:
+``n_obs`` rows, ``J_k`` levels and ``p_k`` coefficients of term ``k``, ``p`` fixed effects. ``spec`` is
+the family's static description (for :mod:`lmevi.variational`, a :class:`~lmevi.variational.QSpec`),
+``blocks`` its parameters (a pytree) and ``data`` its design-only arrays, computed once per fit.
+
+The block-Gaussian family of :mod:`lmevi.variational` implements it; its two layouts ``"structured"`` and
+``"meanfield"`` are registered in ``lmevi.variational.Q_FAMILIES``. A new family adds one module with these
+functions and one entry in a registry of layouts; :mod:`lmevi.elbo` and the optax path need nothing else.
+Coordinate ascent (:mod:`lmevi.cavi`) is the closed-form update of the block-Gaussian family under a
+likelihood with ``moment_form`` and says so (``cavi.supports``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+
+
+class QFamily(Protocol):
+    """The functions a variational family module provides."""
+
+    def block_data(self, design, spec) -> tuple:
+        """Design-only arrays of q, computed once per fit."""
+
+    def init_params(self, design, spec, likelihood, fixed_sigma, init_scale: float):
+        """Starting point estimates and q (a ``VIParams``-like pytree with ``.model`` and ``.blocks``)."""
+
+    def row_moments(self, design, spec, blocks, data) -> tuple[jax.Array, jax.Array]:
+        """Mean and variance under q of every row's random part of the predictor, ``(n_obs,)`` each."""
+
+    def row_mean(self, design, spec, blocks) -> jax.Array:
+        """The mean of :meth:`row_moments` alone, ``(n_obs,)``."""
+
+    def row_var_sum(self, spec, blocks, data) -> jax.Array:
+        """``sum_i Var_q(eta_i)``, ``()`` (may be computed without a pass over the rows)."""
+
+    def term_moments(self, spec, blocks, k: int, given_beta: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Mean ``(J_k, p_k)`` and covariance ``(J_k, p_k, p_k)`` under q of term ``k``'s coefficients."""
+
+    def fixed_moments(self, spec, blocks) -> tuple[jax.Array, jax.Array]:
+        """Mean ``(p,)`` and covariance ``(p, p)`` of beta under q (REML-like fits)."""
+
+    def expected_log_prior(self, spec, params) -> jax.Array:
+        """``E_q[log p(b | Sigma)]``, ``()``."""
+
+    def entropy(self, spec, blocks) -> jax.Array:
+        """``H[q]``, ``()``."""
+
+    def sample(self, rng_key, spec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+        """One draw: ``(J_k, p_k)`` per term and ``(p,)`` beta (``None`` when beta is a point estimate)."""
+
+    def to_unconstrained(self, params):
+        """Parameters in the unconstrained coordinates gradient steps move in."""
+
+    def to_constrained(self, raw, fixed_sigma):
+        """Inverse of :meth:`to_unconstrained`; ``fixed_sigma`` ``()`` or ``None`` overrides sigma."""

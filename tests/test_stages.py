@@ -1,0 +1,109 @@
+"""The public stages (``build_model -> fit_model -> make_result``), the likelihood seam and the q seam."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+import lmevi
+from lmevi import cavi, elbo, inference, likelihood
+from lmevi.build import make_problem
+from lmevi.fitting import settings
+
+FORMULA = "y ~ x + (1 | g) + (0 + x | g) + (1 | h)"
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    rng = np.random.default_rng(11)
+    n = 150
+    g = rng.integers(0, 10, n)
+    h = rng.integers(0, 4, n)
+    x = rng.normal(size=n)
+    y = 1.0 + 0.5 * x + rng.normal(0, 1.0, 10)[g] + rng.normal(0, 0.6, 10)[g] * x + rng.normal(0, 0.5, 4)[h]
+    return pd.DataFrame({"y": y + rng.normal(0, 0.5, n), "x": x, "g": g, "h": h})
+
+
+@pytest.fixture(scope="module")
+def fitted(frame):
+    return lmevi.fit(FORMULA, frame, progress=False)
+
+
+def test_fit_is_the_composition_of_the_stages(frame, fitted):
+    """Same stages, same compiled programs: the results agree exactly."""
+    how = settings()
+    model = lmevi.build_model(FORMULA, frame)
+    params, run = lmevi.fit_model(model, how)
+    staged = lmevi.make_result(model, how, params, run)
+    np.testing.assert_array_equal(staged.sd(), fitted.sd())
+    np.testing.assert_array_equal(staged.fixef(), fitted.fixef())
+    assert staged.elbo == fitted.elbo
+    assert staged.options == fitted.options
+
+
+def test_model_stage_exposes_design_and_blocks(frame):
+    model = lmevi.build_model(FORMULA, frame, q="meanfield", reml=False)
+    problem = model.problem
+    assert problem.n_obs == len(frame) and model.y.shape == (len(frame),)
+    assert [t.group for t in model.info.terms] == ["g", "g", "h"]
+    assert len(problem.spec.blocks) == 3 and not problem.spec.reml  # mean-field: one block per term
+    assert problem.likelihood is likelihood.GAUSSIAN and problem.estimate_sigma
+
+
+def test_old_family_spelling_still_names_q(frame, fitted):
+    with pytest.warns(DeprecationWarning, match="q='structured'"):
+        old = lmevi.fit(FORMULA, frame, family="structured", progress=False)
+    np.testing.assert_array_equal(old.sd(), fitted.sd())
+    assert (old.options.family, old.options.q) == ("gaussian", "structured")
+    with pytest.raises(ValueError, match="contradicts"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lmevi.fit(FORMULA, frame, family="structured", q="meanfield", progress=False)
+
+
+def test_sd_labels_are_one_rule_for_sd_and_export(fitted):
+    """Two terms on one factor: ``g:(Intercept)`` and ``g:x``, the same in ``sd()`` and in the ArviZ export
+    (varcorr keeps lme4's ``g`` and ``g.1``)."""
+    assert list(fitted.sd().index) == ["g:(Intercept)", "g:x", "h", "Residual"]
+    assert list(fitted.varcorr()["grp"]) == ["g", "g.1", "h", "Residual"]
+    idata = fitted.to_inference_data(num_samples=4, rng_key=jax.random.PRNGKey(0))
+    assert list(idata.posterior["component"].values) == list(fitted.sd().index)
+    np.testing.assert_allclose(idata.posterior["sd"].values[0, 0], fitted.sd().to_numpy(), rtol=1e-12)
+
+
+def test_a_new_fixed_sigma_compiles_nothing(frame):
+    """A fixed residual SD is data of the compiled problem, not part of its structure."""
+    a = lmevi.fit(FORMULA, frame, residual_scale=1.0, progress=False)
+    size = inference._cavi_chunk._cache_size()
+    b = lmevi.fit(FORMULA, frame, residual_scale=2.0, progress=False)
+    assert inference._cavi_chunk._cache_size() == size
+    assert (a.sd()["Residual"], b.sd()["Residual"]) == (pytest.approx(1.0), pytest.approx(2.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class PerRowGaussian(likelihood.Gaussian):
+    """The Gaussian likelihood without its shortcut: the ELBO must take the generic per-row route."""
+
+    name: str = "gaussian-per-row"
+    moment_form: bool = False
+
+
+@pytest.mark.parametrize("family_spec", ["meanfield-reml", "arrowhead-ml"], indirect=True)
+def test_generic_expected_log_likelihood_route_equals_the_shortcut(crossed, family_spec):
+    """A likelihood without ``moment_form`` gets the per-row means and variances from the q seam; for the
+    Gaussian both routes are the same sum in another order (1e-12 relative)."""
+    from dense import random_params
+
+    params = random_params(4, family_spec)
+    short = make_problem(crossed.design, family_spec)
+    generic = make_problem(crossed.design, family_spec, likelihood=PerRowGaussian())
+    a = float(jax.jit(elbo.closed_form)(short, params))
+    b = float(jax.jit(elbo.closed_form)(generic, params))
+    assert b == pytest.approx(a, rel=1e-12)
+    assert cavi.supports(short) and not cavi.supports(generic)
+    with pytest.raises(ValueError, match="method='optax'"):
+        inference.run_cavi(generic, params, inference.StopRule(5, 0.0), progress=False)
