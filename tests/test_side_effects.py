@@ -19,11 +19,17 @@ SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     import jax
+    hits = []
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None
+    )
     if {jax_first}:
         jax.numpy.ones(2).block_until_ready()  # the user's own JAX work starts the backend first
     import lmevi
     after_import = dict(x64=bool(jax.config.jax_enable_x64), matplotlib="matplotlib" in sys.modules,
-                        flags=os.environ.get("XLA_FLAGS", ""))
+                        flags=os.environ.get("XLA_FLAGS", ""),
+                        heavy=[m for m in ("formulaic", "arviz", "matplotlib", "scipy.optimize", "numpyro")
+                               if m in sys.modules])
     import numpy as np, pandas as pd
     {simulate}
     frame = simulate_crossed()
@@ -37,13 +43,15 @@ SCRIPT = textwrap.dedent(
         flags_after_fit=os.environ.get("XLA_FLAGS", ""),
         sd=[float(v) for v in m.sd()], condsd=[float(v) for v in ranef.condsd], pred=[float(v) for v in pred],
         sigma_dtype=str(m.params.model.sigma.dtype),
+        cache_dir=jax.config.jax_compilation_cache_dir, cache_hits=len(hits),
     )))
     """
 )
 
 
-def run_fresh(jax_first: bool) -> dict:
+def run_fresh(jax_first: bool, cache_dir: str = "off") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env["LMEVI_CACHE_DIR"] = cache_dir
     # conftest.py turns on 64-bit JAX for this process, so the child gets the simulation's source, not conftest
     simulate = textwrap.indent(inspect.getsource(simulate_crossed), "    ").strip()
     code = SCRIPT.format(jax_first=jax_first, simulate=simulate, formula=CROSSED_FORMULA)
@@ -53,12 +61,18 @@ def run_fresh(jax_first: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fresh():
-    return run_fresh(jax_first=False)
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("lmevi-cache")
+
+
+@pytest.fixture(scope="module")
+def fresh(cache):
+    return run_fresh(jax_first=False, cache_dir=str(cache))
 
 
 def test_import_and_fit_leave_jax_and_matplotlib_as_they_were(fresh):
-    assert fresh["after_import"] == {"x64": False, "matplotlib": False, "flags": ""}
+    # nor does it load what a plain fit does not need at import (import time: jax's ~1 s, not 2-3 s)
+    assert fresh["after_import"] == {"x64": False, "matplotlib": False, "flags": "", "heavy": []}
     assert fresh["x64_after_fit"] is False
     assert fresh["matplotlib_after_fit"] is False
 
@@ -75,6 +89,27 @@ def test_xla_cpu_workaround_only_when_lmevi_starts_jax(fresh):
     """At the first fit, lmevi adds its XLA CPU flag only if JAX has not started yet; a user whose JAX ran
     first keeps XLA_FLAGS untouched."""
     assert "xla_cpu_enable_concurrency_optimized_scheduler=false" in fresh["flags_after_fit"]
-    jax_first = run_fresh(jax_first=True)
+    jax_first = run_fresh(jax_first=True, cache_dir=str(fresh_cache_dir(fresh)))
     assert jax_first["flags_after_fit"] == ""
+    assert jax_first["cache_dir"] is None  # nor is a compilation cache chosen for that process
     np.testing.assert_allclose(jax_first["sd"], fresh["sd"], rtol=1e-12)
+
+
+def fresh_cache_dir(result: dict):
+    return result["cache_dir"]
+
+
+def test_compilation_cache_is_written_then_hit_by_the_next_process(fresh, cache):
+    """The first process compiles and stores its programs in LMEVI_CACHE_DIR; a second process with the same
+    model loads them (JAX reports cache hits) and gets the same numbers. On CPUs where JAX rejects its own
+    entries on reload (jax-ml/jax#38445) this fails instead of silently compiling again."""
+    assert fresh["cache_dir"] == str(cache) and fresh["cache_hits"] == 0
+    assert any(cache.iterdir())
+    again = run_fresh(jax_first=False, cache_dir=str(cache))
+    assert again["cache_hits"] >= 3  # the fitting loop, the block data and the starting point at least
+    np.testing.assert_allclose(again["sd"], fresh["sd"], rtol=1e-12)
+
+
+def test_cache_can_be_turned_off():
+    off = run_fresh(jax_first=False, cache_dir="off")
+    assert off["cache_dir"] is None and off["cache_hits"] == 0

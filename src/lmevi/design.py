@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from formulaic import model_matrix
 
 from lmevi.formula import Formula, RandomTerm
 from lmevi.labels import Levels, levels_of
@@ -317,7 +316,7 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
         y = col.to_numpy(dtype=np.float64)
     else:
         try:
-            mm = model_matrix(f"0 + {to_formulaic(expr)}", data, context=CONTEXT, na_action="raise")
+            mm = _model_matrix(f"0 + {to_formulaic(expr)}", data, context=CONTEXT, na_action="raise")
         except Exception as err:
             raise ValueError(f"cannot evaluate the response {expr!r}: {clean_error(err)}") from None
         if mm.shape[1] != 1:
@@ -335,7 +334,7 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
 def _fixed(rhs: str, data: pd.DataFrame):
     """Fixed-effects matrix, with columns aliased on earlier ones dropped (lme4 does this by pivoted QR)."""
     try:
-        mm = model_matrix(to_formulaic(rhs), data, na_action="raise", context=CONTEXT)
+        mm = _model_matrix(to_formulaic(rhs), data, na_action="raise", context=CONTEXT)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
     names = [lme4_name(c) for c in mm.columns]
@@ -406,7 +405,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             stacklevel=5,
         )
     try:
-        mm = model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)
+        mm = _model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)
     except Exception as err:
         raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
     if mm.shape[1] == 0:
@@ -464,3 +463,10 @@ def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
                 f"{', '.join(f'{n} of {t}' for t, n in bad)} is already in an earlier term, so the variance "
                 "cannot be split between them; write each column in one term only"
             )
+
+
+def _model_matrix(*args, **kwargs):
+    """formulaic's ``model_matrix``, imported at the first design built: ``import lmevi`` stays fast."""
+    from formulaic import model_matrix
+
+    return model_matrix(*args, **kwargs)

@@ -7,11 +7,23 @@ at the first fit, and only if JAX has not started yet (lmevi is the first to run
 user has not set the flag, lmevi adds ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to
 ``XLA_FLAGS``. If JAX already runs (you imported JAX and computed something first), nothing is changed: set
 the flag yourself before JAX starts if you fit very large data on CPU. Importing lmevi changes nothing.
+
+Compilation cache: XLA's compile of a fitting program takes seconds on CPU, much longer than a small fit.
+At the first fit, under the same condition (JAX has not started) and only if you have not chosen a JAX cache
+folder yourself, lmevi points JAX's persistent compilation cache at ``<user cache folder>/lmevi/jax-<version>``
+(platformdirs; e.g. ``~/.cache/lmevi/jax-0.10.2`` on Linux) and caches every program however quick its
+compile (each entry is tens of kilobytes; a model shape takes a few hundred). A later process that fits the same
+model shapes loads the programs instead of compiling them (sleepstudy's first fit: 3.2 s -> 0.75 s here).
+JAX has one cache per process, so your own JAX programs compiled after that point are cached there too.
+``LMEVI_CACHE_DIR=/some/folder`` moves it, ``LMEVI_CACHE_DIR=off`` turns it off (or call
+:func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when
+lmevi first fits, JAX has decided for the whole process that there is no cache, and lmevi leaves it so.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 XLA_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 
@@ -25,10 +37,56 @@ def _backends_started() -> bool:
         return True
 
 
-def prepare() -> bool:
-    """Apply the CPU scheduler workaround if JAX has not started; returns whether the flag was added."""
+CACHE_ENV = "LMEVI_CACHE_DIR"
+_OFF = ("", "0", "off", "false", "none", "no")
+_cache_choice: list = []  # what set_cache_dir chose, if called: [Path | None]
+
+
+def set_cache_dir(path: str | os.PathLike | None) -> None:
+    """Choose lmevi's compilation-cache folder (``None``: no cache) for this process; call it before the
+    first fit. It overrides ``LMEVI_CACHE_DIR``."""
+    _cache_choice[:] = [None if path is None else Path(path)]
+
+
+def cache_dir() -> Path | None:
+    """The folder lmevi would use for JAX's compilation cache, or ``None`` when turned off."""
+    if _cache_choice:
+        return _cache_choice[0]
+    env = os.environ.get(CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in _OFF else Path(env)
+    import jax
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lmevi")) / f"jax-{jax.__version__}"
+
+
+def prepare() -> dict[str, bool]:
+    """At a fit: apply the CPU scheduler workaround and the compilation cache if JAX has not started (see
+    the module docstring). Returns what was set, ``{"xla_flag": ..., "cache": ...}``."""
+    if _backends_started():
+        return {"xla_flag": False, "cache": False}
+    return {"xla_flag": _scheduler_flag(), "cache": _compilation_cache()}
+
+
+def _scheduler_flag() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
-    if XLA_SCHEDULER_FLAG in flags or _backends_started():
+    if XLA_SCHEDULER_FLAG in flags:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} --{XLA_SCHEDULER_FLAG}=false".strip()
+    return True
+
+
+def _compilation_cache() -> bool:
+    import jax
+
+    folder = cache_dir()
+    if folder is None or jax.config.jax_compilation_cache_dir:  # turned off, or the user chose a cache
+        return False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: fit without a cache
+        return False
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return True
