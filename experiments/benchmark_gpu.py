@@ -23,13 +23,22 @@ import time
 import warnings
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no window
+# the ``bench`` package (the parts of ``benchmark.py``) lives next to this script
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402
+
+from bench.accuracy import lme4_ranef  # noqa: E402
+from bench.harness import ROOT, log, machine_info, worker  # noqa: E402
+from bench.insteval_race import time_ours  # noqa: E402
+from bench.scaling import scale_row  # noqa: E402
+from bench.writing import jsonable  # noqa: E402
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=bench.ROOT / "results" / "benchmark" / "gpu")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmark" / "gpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--cold-repeats", type=int, default=3)
     p.add_argument("--sizes", type=lambda s: [int(float(x)) for x in s.split(",")],
@@ -46,19 +55,19 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    machine = bench.machine_info(with_r=False)
+    machine = machine_info(with_r=False)
     dev = jax.devices()[0]
     machine["device"] = f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}"
-    bench.log(f"device: {machine['device']}")
+    log(f"device: {machine['device']}")
     warnings.simplefilter("ignore", lmevi.ConvergenceWarning)
     df = lmevi.load_insteval()
-    ours = bench.time_ours(df, bench.lme4_ranef(), args.repeats, args.cold_repeats, quick=False)
+    ours = time_ours(df, lme4_ranef(), args.repeats, args.cold_repeats, quick=False)
     rows = []
     for n in args.sizes:
-        bench.log(f"scaling: {n:,} rows ...")
-        res = bench.worker("scale", "--n-obs", str(n), "--seed", str(args.seed), "--repeats", str(args.repeats))
-        rows.append(bench.scale_row(res))
-    result = bench.jsonable({"machine": machine, "insteval": ours, "scaling": rows,
+        log(f"scaling: {n:,} rows ...")
+        res = worker("scale", "--n-obs", str(n), "--seed", str(args.seed), "--repeats", str(args.repeats))
+        rows.append(scale_row(res))
+    result = jsonable({"machine": machine, "insteval": ours, "scaling": rows,
                              "settings": {"repeats": args.repeats, "cold_repeats": args.cold_repeats,
                                           "sizes": args.sizes, "seed": args.seed},
                              "total_seconds": time.perf_counter() - start})

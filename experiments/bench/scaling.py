@@ -1,0 +1,215 @@
+"""Scaling in the number of rows, on simulated data shaped like InstEval.
+
+:func:`simulate` draws crossed data like InstEval's (students ~ n/25, instructors ~ n/65, 14 departments
+with instructors nearly nested in them, a binary ``service``; SDs 0.33, 0.51, 0.08, residual 1.18).
+:func:`scaling_part` runs every size in a fresh process (:func:`worker_scale`, the ``scale`` helper mode
+of ``benchmark.py``), so that its peak RSS is its own: time of the recommended fit (first call, then
+warm), time per coordinate-ascent sweep and per closed-form ELBO-and-gradient evaluation; and lme4 on
+the sizes it finishes within its time limit. :func:`slope` fits the log-log growth of a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.accuracy import FACTORS, FORMULA
+from bench.baselines import LME4_TIMING
+from bench.harness import WorkerHung, last_json, log, run_measured, time_call, worker
+from bench.stages import jitted_elbo_and_grad, jitted_sweep, structured_problem
+
+SIM_SD = {"s": 0.33, "d": 0.51, "dept": 0.08, "residual": 1.18}
+SIM_BETA = (3.2, -0.08)
+# the timings whose log-log slope against rows is reported
+SLOPE_KEYS = ("fit_seconds", "fit_seconds_first_call", "seconds_per_sweep", "seconds_per_eval", "lme4_seconds")
+
+
+def simulate(n_obs: int, seed: int) -> tuple[pd.DataFrame, dict]:
+    """Crossed data shaped like InstEval; returns the frame and the simulated effects.
+
+    Students ``n/25`` and instructors ``n/65`` levels (at least 10 and 5), 14 departments; every instructor
+    has a home department, and 95% of an instructor's rows are in it. ``service`` is Bernoulli(0.4).
+    """
+    rng = np.random.default_rng(seed)
+    n_s, n_d, n_dept = max(10, n_obs // 25), max(5, n_obs // 65), 14
+    s = rng.integers(0, n_s, n_obs, dtype=np.int32)
+    d = rng.integers(0, n_d, n_obs, dtype=np.int32)
+    home = rng.integers(0, n_dept, n_d, dtype=np.int32)
+    away = rng.random(n_obs) < 0.05
+    dept = np.where(away, rng.integers(0, n_dept, n_obs, dtype=np.int32), home[d]).astype(np.int32)
+    service = (rng.random(n_obs) < 0.4).astype(np.int64)
+    b = {"s": rng.normal(0, SIM_SD["s"], n_s), "d": rng.normal(0, SIM_SD["d"], n_d),
+         "dept": rng.normal(0, SIM_SD["dept"], n_dept)}
+    y = (SIM_BETA[0] + SIM_BETA[1] * service + b["s"][s] + b["d"][d] + b["dept"][dept]
+         + rng.normal(0, SIM_SD["residual"], n_obs))
+
+    def factor(codes, n):
+        return pd.Categorical.from_codes(codes, categories=[str(i) for i in range(n)])
+
+    df = pd.DataFrame({"y": y, "service": service, "s": factor(s, n_s), "d": factor(d, n_d),
+                       "dept": factor(dept, n_dept)})
+    return df, b
+
+
+def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
+    """One row per size of ``args.sizes``: lmevi's timings and peak RSS, and lme4's time where it ran.
+
+    lme4 gets the sizes up to ``--lme4-max-rows`` until one of them times out or fails, or until the
+    growth seen so far predicts more than twice ``--lme4-timeout``. A helper that stops using CPU time is
+    run again on one core.
+    """
+    rows = []
+    lme4_stopped = False
+    lme4_done: list[tuple[int, float]] = []
+    for n in args.sizes:
+        csv = tmpdir / f"sim_{n}.csv"
+        predicted = predict_lme4(lme4_done, n)
+        too_slow = predicted is not None and predicted > 2 * args.lme4_timeout
+        want_r = with_r and not args.quick and not lme4_stopped and n <= args.lme4_max_rows and not too_slow
+        log(f"scaling: {n:,} rows ...")
+        wargs = ["--n-obs", str(n), "--seed", str(args.seed), "--repeats", str(args.repeats)]
+        if want_r:
+            wargs += ["--csv", str(csv)]
+        row_note = "all cores"
+        try:
+            if args.quick:  # in this process: the quick run checks the code path, not the memory of one size
+                res = worker_scale(argparse.Namespace(n_obs=n, seed=args.seed, repeats=args.repeats, csv=None))
+            else:
+                res = worker("scale", *wargs, idle_timeout=args.idle_timeout)
+        except WorkerHung as err:
+            # should XLA's CPU runtime deadlock (the process then sleeps on its locks for good; see lmevi's
+            # module docstring for the scheduler setting that avoided it here), try again on one core
+            log(f"  {err}: running this size again on one core")
+            res = worker("scale", *wargs, "--one-core", idle_timeout=args.idle_timeout)
+            row_note = "one core (on all cores the XLA CPU runtime deadlocked)"
+        row = scale_row(res)
+        row["cores_used"] = row_note
+        row["accuracy_vs_truth"] = res["accuracy_vs_truth"]
+        row["lme4_seconds"] = row["lme4_peak_rss_gb"] = None
+        row["lme4_status"] = "not run"
+        if want_r:
+            reps = args.repeats if n <= 10_000 else 1
+            r = run_measured(["Rscript", str(LME4_TIMING), "--repeats", str(reps), "--csv", str(csv)],
+                             timeout=args.lme4_timeout, mem_limit_gb=args.lme4_mem_gb)
+            if r["timed_out"]:
+                row["lme4_status"] = f"timed out after {args.lme4_timeout:.0f} s"
+                lme4_stopped = True
+            elif r["returncode"] != 0:
+                row["lme4_status"] = "failed: " + r["stderr"].strip().splitlines()[-1][:200]
+                lme4_stopped = True
+            else:
+                secs = last_json(r["stdout"])["seconds"]
+                row["lme4_seconds"] = float(np.median(secs))
+                row["lme4_seconds_all"] = secs
+                row["lme4_peak_rss_gb"] = r["peak_rss_gb"]
+                row["lme4_status"] = "ok"
+                lme4_done.append((n, row["lme4_seconds"]))
+            log(f"  lme4: {row['lme4_status']} {row['lme4_seconds']}")
+        elif with_r and not args.quick and too_slow and not lme4_stopped:
+            row["lme4_status"] = (f"skipped: at the growth seen so far it would take about {predicted / 60:.0f} min, "
+                                  f"over twice the {args.lme4_timeout:.0f} s limit")
+            row["lme4_predicted_seconds"] = predicted
+            lme4_stopped = True
+        elif with_r and not args.quick and n > args.lme4_max_rows:
+            row["lme4_status"] = f"skipped (over --lme4-max-rows {args.lme4_max_rows:,})"
+        elif lme4_stopped:
+            row["lme4_status"] = "skipped (a smaller size did not finish)"
+        csv.unlink(missing_ok=True)
+        rows.append(row)
+    return rows
+
+
+def scale_row(res: dict) -> dict:
+    """The flat entries of a ``scale`` worker's result, with its peak RSS, logged in one line."""
+    row = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+    # peak resident memory of the fitting process up to the end of its fits (the later micro-benchmarks
+    # of the ELBO gradient hold extra buffers; their peak is process_peak_rss_gb)
+    row["peak_rss_gb"] = res["peak_rss_gb_after_fits"]
+    log(f"  fit {row['fit_seconds']:.3g} s warm / {row['fit_seconds_first_call']:.3g} s first call, "
+        f"{row['steps']} steps, sweep {row['seconds_per_sweep'] * 1e3:.3g} ms, "
+        f"ELBO+grad {row['seconds_per_eval'] * 1e3:.3g} ms, peak RSS {row['peak_rss_gb']:.2f} GB")
+    return row
+
+
+def predict_lme4(done: list[tuple[int, float]], n: int) -> float | None:
+    """lme4's time at ``n`` rows extrapolated from the last two sizes it finished (growth exponent at least 1)."""
+    if len(done) < 2:
+        return None
+    (n0, t0), (n1, t1) = done[-2], done[-1]
+    exponent = max(1.0, float(np.log(t1 / t0) / np.log(n1 / n0)))
+    return t1 * (n / n1) ** exponent
+
+
+def slope(rows, key, lo, hi):
+    """Log-log slope of ``key`` against rows over the rows with ``lo <= n_obs <= hi`` (``None`` under two)."""
+    pts = [(r["n_obs"], r[key]) for r in rows if r.get(key) and lo <= r["n_obs"] <= hi]
+    if len(pts) < 2:
+        return None
+    x, y = np.log10([p[0] for p in pts]), np.log10([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def slopes(rows, lo, hi) -> dict:
+    """:func:`slope` of every timing of :data:`SLOPE_KEYS`."""
+    return {k: slope(rows, k, lo, hi) for k in SLOPE_KEYS}
+
+
+def worker_scale(args) -> dict:
+    """One simulated size: recommended fit (first call, warm), then per-sweep and ELBO+gradient timings."""
+    import lmevi
+
+    df, truth = simulate(args.n_obs, args.seed)
+    if args.csv:
+        out = df.copy()
+        for g in FACTORS:
+            out[g] = out[g].cat.codes
+        out.to_csv(args.csv, index=False)
+        del out
+    t0 = time.perf_counter()
+    m = lmevi.fit(FORMULA, df, progress=False)
+    first = time.perf_counter() - t0
+    rss_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    fits = []
+    for _ in range(args.repeats if args.n_obs < 10_000_000 else min(args.repeats, 2)):
+        t0 = time.perf_counter()
+        m = lmevi.fit(FORMULA, df, progress=False)
+        fits.append(time.perf_counter() - t0)
+    rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    re = m.ranef()
+    acc = {}
+    for g in FACTORS:
+        est = re[re["grpvar"] == g]["condval"].to_numpy()
+        acc[g] = float(np.corrcoef(est, truth[g])[0, 1])
+    sd = m.sd()
+
+    problem = structured_problem(df)
+    params = m.params
+    sweep = jitted_sweep()
+    value_and_grad = jitted_elbo_and_grad()
+    per_sweep = time_call(sweep, problem, params, repeats=max(5, args.repeats))
+    per_eval = time_call(value_and_grad, problem, params, repeats=max(5, args.repeats))
+    return {
+        "n_obs": args.n_obs,
+        "n_students": int(df["s"].cat.categories.size),
+        "n_instructors": int(df["d"].cat.categories.size),
+        "n_departments": int(df["dept"].cat.categories.size),
+        "steps": m.steps,
+        "converged": bool(m.converged),
+        "fit_seconds": float(np.median(fits)),
+        "fit_seconds_min": float(np.min(fits)),
+        "fit_seconds_max": float(np.max(fits)),
+        "fit_seconds_first_call": first,
+        "loop_seconds": m.run.seconds,
+        "seconds_per_sweep": per_sweep,
+        "seconds_per_eval": per_eval,
+        "peak_rss_gb_after_first_fit": rss_first,
+        "peak_rss_gb_after_fits": rss_fit,
+        "sd_s": float(sd["s"]), "sd_d": float(sd["d"]), "sd_dept": float(sd["dept"]),
+        "sigma": float(sd["Residual"]),
+        "accuracy_vs_truth": acc,
+    }
