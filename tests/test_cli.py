@@ -107,7 +107,7 @@ def test_help_exits_zero_and_documents_every_option(capsys):
     assert "fit a formula to a CSV file" in text
     for option, words in {
         "--out DIR": "created if missing",
-        "--q {structured,meanfield}": "variational family",
+        "--q {structured,meanfield,exact,auto}": "fits lme4's",
         "--family {gaussian,structured,meanfield}": "likelihood",
         "--ml": "ML-like",
         "--method {cavi,optax}": "coordinate ascent",

@@ -21,6 +21,7 @@ from lmevi import fitting
 from lmevi.api import fit
 from lmevi.build import Model, build_model
 from lmevi.checks import ConvergenceWarning, SingularFitWarning
+from lmevi.compare import RefitWarning, anova
 from lmevi.fitting import FitSettings, edward_adam, fit_model
 from lmevi.data import load_insteval, train_test_split
 from lmevi.formula import FormulaError, parse_formula
@@ -33,6 +34,8 @@ __all__ = [
     "FitSettings",
     "FormulaError",
     "Model",
+    "RefitWarning",
+    "anova",
     "build_model",
     "edward_adam",
     "fit",

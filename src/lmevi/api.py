@@ -95,7 +95,7 @@ def fit(
     )
     model = build_model(
         formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
-        small_threshold=small_threshold, dtype=dtype, missing=missing,
+        small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi",
     )
     params, run = fitting.fit_model(model, how)
     checks.warn_convergence(run, how.rule, stacklevel=3)

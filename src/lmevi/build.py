@@ -8,6 +8,7 @@ as their first argument.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -19,20 +20,26 @@ import pandas as pd
 
 from lmevi import likelihood as likelihood_lib
 from lmevi import scaling, variational
-from lmevi.design import Design, DesignInfo, build_design
+from lmevi.design import Design, DesignInfo, TermData, build_design
 from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
 from lmevi.options import check_bool, check_choice, check_int, check_real
-from lmevi.precision import x64
+from lmevi.precision import on_device, x64
+from lmevi.runtime import sized_jit
 from lmevi.scaling import Scales
 from lmevi.variational import BlockData, QSpec
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
+# The q's a user can ask for: the variational layouts of lmevi.variational, "exact" (lme4's profiled
+# criterion, lmevi.exact) and "auto" (exact when its dense block is at most AUTO_EXACT_MAX coefficients).
+Q_CHOICES = ("structured", "meanfield", "exact", "auto")
+AUTO_EXACT_MAX = 512
+
 
 @partial(
     jax.tree_util.register_dataclass,
-    data_fields=["design", "block_data", "fixed_sigma"],
+    data_fields=["design", "block_data", "fixed_sigma", "n_rows", "level_mask"],
     meta_fields=["spec", "likelihood", "q", "estimate_sigma"],
 )
 @dataclass(frozen=True)
@@ -43,26 +50,32 @@ class Problem:
         design: the standardised arrays (``y`` ``(n_obs,)``, ``X`` ``(n_obs, p)``, one term per random term).
         block_data: one :class:`~lmevi.variational.BlockData` per block of q.
         fixed_sigma: ``()`` the residual SD in standardised units when it is fixed (ignored otherwise).
+        n_rows: ``()`` the number of rows of the data (the arrays may hold zero padding rows after them).
+        level_mask: ``None``, or per term a ``(J_k,)`` 0/1 array: 1 for the data's levels, 0 for padding.
         spec: the blocks of q (static).
         likelihood: the response distribution (static, :mod:`lmevi.likelihood`).
         q: the module implementing the variational family (static; :mod:`lmevi.variational`).
         estimate_sigma: whether sigma is estimated (static).
 
     Compiled code depends on the static fields and on the arrays' shapes only, so a fixed sigma of another
-    value runs the same program.
+    value runs the same program, and so does data of another size padded to the same bucket
+    (:func:`bucket`).
     """
 
     design: Design
     block_data: tuple[BlockData, ...]
     fixed_sigma: jax.Array
+    n_rows: jax.Array
+    level_mask: tuple[jax.Array, ...] | None
     spec: QSpec
     likelihood: Likelihood
     q: Any
     estimate_sigma: bool
 
     @property
-    def n_obs(self) -> int:
-        return self.design.y.shape[0]
+    def n_obs(self) -> jax.Array:
+        """``()`` the number of rows of the data (not of the padded arrays)."""
+        return self.n_rows
 
     @property
     def sigma_if_fixed(self) -> jax.Array | None:
@@ -83,6 +96,9 @@ class Model(NamedTuple):
         reml: whether beta is in q (REML-like).
         residual_scale: the fixed residual SD in the data's units, or ``None`` (estimated).
         dtype: ``"float64"`` or ``"float32"``.
+        spec: q's blocks with the data's level counts (``problem.spec`` has the padded ones).
+        data: the data frame as given (a reference, as lme4 keeps its model frame: refits use it).
+        missing: the missing-value rule the design was built with.
     """
 
     formula: str
@@ -94,6 +110,13 @@ class Model(NamedTuple):
     reml: bool
     residual_scale: float | None
     dtype: str
+    spec: QSpec
+    data: pd.DataFrame
+    missing: str
+
+    @property
+    def padded(self) -> bool:
+        return self.problem.level_mask is not None
 
 
 @x64
@@ -109,18 +132,22 @@ def build_model(
     small_threshold: int = 50,
     dtype: str = "float64",
     missing: str = "raise",
+    pad: bool = True,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
-    Args: as :func:`lmevi.fit` (``family`` names the likelihood, ``q`` the variational family).
+    Args: as :func:`lmevi.fit` (``family`` names the likelihood, ``q`` the variational family), and
+        pad: pad rows and levels up to size buckets (:func:`bucket`) so that data of another size compiles
+            nothing new; the fit is the same (padding rows and levels drop out of every sum). Coordinate
+            ascent only: the optax path needs ``pad=False``.
 
     Returns:
         A :class:`Model`.
     """
     like = likelihood_lib.get(family)
-    q = check_choice("q", q, tuple(variational.Q_FAMILIES))
+    q = check_choice("q", q, Q_CHOICES)
     reml = check_bool("reml", reml)
-    if blocks is not None and q != "structured":
+    if blocks is not None and q not in ("structured", "auto"):
         raise ValueError("blocks= applies to q='structured' only")
     if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
         raise TypeError(f"blocks must be a list of tuples of grouping-factor names, got {blocks!r}")
@@ -129,36 +156,109 @@ def build_model(
     small_threshold = check_int("small_threshold", small_threshold, minimum=0)
     dtype = check_choice("dtype", dtype, tuple(DTYPES))
     missing = check_choice("missing", missing, ("raise", "drop"))
+    pad = check_bool("pad", pad)
     jdtype = DTYPES[dtype]
 
     raw_design, info = build_design(parse_formula(formula), data, jdtype, missing)
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units
     design, scales = scaling.standardise(raw_design)
-    spec = variational.Q_FAMILIES[q](design, info, reml, small_threshold, blocks)
+    q = _resolve_q(q, design, like, residual_scale, blocks)
+    if q == "exact":
+        # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
+        # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
+        spec, pad = variational.meanfield_spec(info, reml), False
+    else:
+        spec = variational.Q_FAMILIES[q](design, info, reml, small_threshold, blocks)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
-    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed)
+    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad)
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
-        reml=reml, residual_scale=residual_scale, dtype=dtype,
+        reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
+    )
+
+
+def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks) -> str:
+    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks) and its
+    dense block is small; else structured."""
+    exact_ok = like.name == "gaussian" and residual_scale is None
+    if q == "exact" and not exact_ok:
+        raise ValueError("q='exact' fits lme4's criterion: a Gaussian likelihood with sigma estimated "
+                         "(no residual_scale)")
+    if q != "auto":
+        return q
+    from lmevi.exact import dense_block_size
+
+    if exact_ok and blocks is None and dense_block_size(design) <= AUTO_EXACT_MAX:
+        return "exact"
+    return "structured"
+
+
+# Row buckets start here and level buckets at ``LEVEL_MIN``: a smaller model pays a few zero rows or
+# levels, far cheaper than a compilation.
+ROW_MIN, LEVEL_MIN = 256, 8
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The size ``n`` is padded to: powers of two up to 1024, then ``2^k`` times 1, 1.25, 1.5 or 1.75, so at
+    most 25 % is padding beyond 1024 (at most 100 % below it, where padding costs little)."""
+    n = max(int(n), minimum)
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    k = (n - 1).bit_length() - 3  # n lies in (2^(k+2), 2^(k+3)]
+    return next(m << k for m in (5, 6, 7, 8) if (m << k) >= n)
+
+
+def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design:
+    """``design`` with zero rows appended up to ``n_rows`` and ``n_levels`` levels per term. A zero row (y, x
+    and every covariate 0, level code 0) adds exactly nothing to any sum over rows; a padding level has no
+    rows."""
+    extra = n_rows - design.y.shape[0]
+
+    def rows(a):  # on the host: a device concatenate would compile once per data size
+        a = np.asarray(a)
+        return on_device(np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]), a.dtype)
+
+    return Design(
+        y=rows(design.y),
+        X=rows(design.X),
+        terms=tuple(
+            TermData(index=rows(t.index), covariates=rows(t.covariates), n_levels=J)
+            for t, J in zip(design.terms, n_levels)
+        ),
     )
 
 
 def make_problem(
-    design: Design, spec: QSpec, *, likelihood: Likelihood = likelihood_lib.GAUSSIAN, fixed_sigma: float | None = None
+    design: Design,
+    spec: QSpec,
+    *,
+    likelihood: Likelihood = likelihood_lib.GAUSSIAN,
+    fixed_sigma: float | None = None,
+    pad: bool = False,
 ) -> Problem:
     """The kernels' :class:`Problem` for arrays and a block layout of the block-Gaussian q, computing the
     block data (one compiled call).
 
     Args:
         design: the arrays (standardised by :func:`build_model`; any units work for the kernels).
-        spec: q's blocks (``lmevi.variational.Q_FAMILIES``).
+        spec: q's blocks (``lmevi.variational.Q_FAMILIES``) with the data's level counts.
         likelihood: the response distribution.
         fixed_sigma: the fixed residual SD in the arrays' units, or ``None`` to estimate it.
+        pad: pad rows and levels to their buckets (:func:`bucket`, :func:`pad_design`).
     """
+    n = design.y.shape[0]
+    level_mask = None
+    if pad:
+        levels = tuple(bucket(J, LEVEL_MIN) for J in spec.n_levels)
+        level_mask = tuple(on_device(np.arange(P) < J, design.y.dtype) for P, J in zip(levels, spec.n_levels))
+        design = pad_design(design, bucket(n, ROW_MIN), levels)
+        spec = dataclasses.replace(spec, n_levels=levels)
     return Problem(
         design=design,
         block_data=_block_data(design, spec),
-        fixed_sigma=jnp.asarray(1.0 if fixed_sigma is None else fixed_sigma, design.y.dtype),
+        fixed_sigma=on_device(1.0 if fixed_sigma is None else fixed_sigma, design.y.dtype),
+        n_rows=on_device(n, design.y.dtype),
+        level_mask=level_mask,
         spec=spec,
         likelihood=likelihood,
         q=variational,
@@ -166,4 +266,4 @@ def make_problem(
     )
 
 
-_block_data = jax.jit(variational.block_data, static_argnums=1)
+_block_data = sized_jit(variational.block_data, static_argnums=1)

@@ -210,12 +210,15 @@ def _m_step(problem, params: VIParams, mean: jax.Array):
         resid = design.y - design.X @ beta - mean
     else:
         resid = design.y - mean
-    n = design.y.shape[0]
+    n = problem.n_obs
     sq, vs = elbo_lib.sum_of_squares(resid), variational.row_var_sum(spec, params.blocks, data)
     sigma = jnp.sqrt((sq + vs) / n) if problem.estimate_sigma else model.sigma
     chol = []
+    masks = problem.level_mask
     for k in range(len(spec.n_levels)):
-        cov = variational.second_moment_sum(spec, params.blocks, k) / spec.n_levels[k]
+        mask = None if masks is None else masks[k]
+        J = spec.n_levels[k] if mask is None else jnp.sum(mask)
+        cov = variational.second_moment_sum(spec, params.blocks, k, mask) / J
         chol.append(jnp.linalg.cholesky(0.5 * (cov + cov.T)))
     new = VIParams(model=ModelParams(beta=beta, chol=tuple(chol), sigma=sigma), blocks=params.blocks)
     value = problem.likelihood.expected_log_lik_from_sums(sq, vs, n, sigma) + elbo_lib.kl_part(problem, new)

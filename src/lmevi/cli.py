@@ -28,6 +28,7 @@ from lmevi.api import fit
 from lmevi.checks import ConvergenceWarning
 from lmevi.fitting import ELBOS, METHODS
 from lmevi.likelihood import LIKELIHOODS
+from lmevi.build import Q_CHOICES
 from lmevi.variational import Q_FAMILIES
 from lmevi.results import FitResult
 
@@ -84,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--q",
-        choices=tuple(Q_FAMILIES),
+        choices=Q_CHOICES,
         default="structured",
-        help="variational family: 'structured' couples small grouping factors with the large factor they "
-        "are nested in; 'meanfield' factorises across terms (default: %(default)s)",
+        help="q: 'structured' couples small grouping factors with the large factor they are nested in; "
+        "'meanfield' factorises across terms; 'exact' fits lme4's criterion; 'auto' is exact when its dense "
+        "block is small (default: %(default)s)",
     )
     p.add_argument(
         "--family",

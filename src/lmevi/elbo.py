@@ -35,7 +35,8 @@ def fixed_part(design, params: VIParams) -> jax.Array:
 def kl_part(problem, params: VIParams) -> jax.Array:
     """``E_q[log p(b | Sigma)] + H[q]``, i.e. minus ``KL(q || p(b | Sigma))``; returns ``()``."""
     q = problem.q
-    return q.expected_log_prior(problem.spec, params) + q.entropy(problem.spec, params.blocks)
+    mask = problem.level_mask
+    return q.expected_log_prior(problem.spec, params, mask) + q.entropy(problem.spec, params.blocks, mask)
 
 
 def closed_form(problem, params: VIParams) -> jax.Array:

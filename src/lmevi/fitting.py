@@ -20,7 +20,9 @@ from lmevi.build import Model, Problem
 from lmevi.inference import RunInfo, StopRule, run_cavi, run_optax
 from lmevi.options import check_bool, check_choice, check_int, check_optional_bool, check_real
 from lmevi.precision import x64
-from lmevi.variational import VIParams
+from lmevi.runtime import sized_jit
+from lmevi.model import ModelParams
+from lmevi.variational import BlockParams, VIParams
 
 METHODS = ("cavi", "optax")
 ELBOS = ("closed_form", "mc")
@@ -150,6 +152,10 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
     """
     s = settings() if fit_settings is None else fit_settings
     problem = model.problem
+    if model.q_name == "exact":
+        return _fit_exact(model)
+    if s.method != "cavi" and model.padded:
+        raise ValueError("the optax path fits unpadded models only: build the model with pad=False")
     init = initial_params(problem, s.init_scale)
     if s.method == "cavi":
         params, run = run_cavi(
@@ -172,12 +178,45 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
     return params, run
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@sized_jit(static_argnums=1)
 def initial_params(problem: Problem, init_scale: float) -> VIParams:
     """The q family's starting point for ``problem`` (see :func:`lmevi.variational.init_params`)."""
     return problem.q.init_params(
-        problem.design, problem.spec, problem.likelihood, problem.sigma_if_fixed, init_scale
+        problem.design, problem.spec, problem.likelihood, problem.sigma_if_fixed, init_scale, problem.n_obs
     )
+
+
+def psd_factor(cov) -> np.ndarray:
+    """A lower-triangular ``L`` with ``L L^T = cov`` for (batched) positive semi-definite ``cov`` ``(..., p, p)``,
+    also where Cholesky fails (a variance at zero makes ``condVar`` singular): ``L = R^T`` from the QR
+    factorisation of ``(V sqrt(Lambda))^T``, ``cov = V Lambda V^T``."""
+    cov = np.asarray(cov, np.float64)
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        lam, V = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+        B = V * np.sqrt(np.maximum(lam, 0.0))[..., None, :]
+        return np.swapaxes(np.linalg.qr(np.swapaxes(B, -1, -2), mode="r"), -1, -2)
+
+
+def _fit_exact(model: Model) -> tuple[VIParams, RunInfo]:
+    """lme4's profiled criterion (:func:`lmevi.exact.fit_exact`) on the standardised design, returned in the
+    mean-field layout of ``model.spec``: per term the conditional modes and ``condVar`` per level, beta's
+    ``vcov`` as its block under REML. The run's "ELBO" is the (restricted) log-likelihood."""
+    from lmevi import exact
+
+    fit = exact.fit_exact(model.problem.design, reml=model.reml)
+    blocks = []
+    for block in model.spec.blocks:
+        if block.large is not None:
+            k = block.large
+            blocks.append(BlockParams(fit.effects[k], psd_factor(fit.effects_cov[k]), None, None, None))
+        else:  # beta's block (REML)
+            blocks.append(BlockParams(None, None, None, fit.beta, psd_factor(fit.beta_cov)))
+    beta = None if model.reml else fit.beta
+    params = VIParams(ModelParams(beta=beta, chol=fit.chol, sigma=fit.sigma), tuple(blocks))
+    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, float("nan"), {})
+    return params, run
 
 
 # A coefficient whose SD is below this many residual SDs (in standardised units) may be heading for zero.

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lmevi import cavi, variational
 from lmevi import elbo as elbo_lib
+from lmevi.runtime import sized_jit
 from lmevi.variational import VIParams
 
 
@@ -169,7 +170,7 @@ def _optax_chunk(problem, carry, trace, t0, t_end, tol, *, optimizer, estimator,
     return _chunk_loop(step, carry, trace, t0, t_end, tol, window)
 
 
-@jax.jit
+@sized_jit
 def final_grad_norm(problem, params) -> jax.Array:
     """Norm of the gradient of the closed-form ``-ELBO / n_obs`` at ``params``, in the unconstrained
     coordinates that the optax path steps in (log SDs, log-Cholesky diagonals, locations, log sigma).
@@ -245,7 +246,7 @@ def run_optax(
 # coordinate-ascent path
 
 
-def squarem_step(sweep, params: VIParams, fixed_sigma):
+def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = None):
     """One SQUAREM iteration (Varadhan & Roland 2008, scheme S3) of the variational EM map ``sweep``.
 
     Variational EM converges linearly, and sublinearly when a variance component heads for zero (a
@@ -254,17 +255,21 @@ def squarem_step(sweep, params: VIParams, fixed_sigma):
     when its ELBO is at least that of the two plain sweeps (else those are), so the ELBO never decreases.
     The three sweeps run in one ``fori_loop`` so that the sweep is compiled once.
 
+    ``mask`` (0/1 shaped as ``params``, :func:`lmevi.variational.coordinate_mask`) keeps padding levels out
+    of the step length and of the extrapolation, so a padded fit takes the steps of the unpadded one.
+
     Returns:
         ``(params, elbo)`` after three sweeps.
     """
     x0, unravel = ravel_pytree(variational.to_unconstrained(params))
+    m = 1.0 if mask is None else ravel_pytree(mask)[0]
     pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
 
     def extrapolate(p1, p2):
         x1, _ = ravel_pytree(variational.to_unconstrained(p1))
         x2, _ = ravel_pytree(variational.to_unconstrained(p2))
-        r = x1 - x0
-        v = x2 - x1 - r
+        r = (x1 - x0) * m
+        v = (x2 - x1) * m - r
         alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
         alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
         return variational.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), fixed_sigma)
@@ -282,14 +287,17 @@ def squarem_step(sweep, params: VIParams, fixed_sigma):
     return pick(take, p3, p2), jnp.where(take, e3, e2)
 
 
-@partial(jax.jit, static_argnames=("window", "accelerate"))
+@sized_jit(static_argnames=("window", "accelerate"))
 def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     def sweep(params):
         return cavi.sweep(problem, params)
 
     def step(params, t):
         if accelerate:
-            return squarem_step(sweep, params, problem.sigma_if_fixed)
+            mask = None
+            if problem.level_mask is not None:
+                mask = variational.coordinate_mask(problem.spec, params, problem.level_mask)
+            return squarem_step(sweep, params, problem.sigma_if_fixed, mask)
         return sweep(params)
 
     return _chunk_loop(step, carry, trace, t0, t_end, tol, window)

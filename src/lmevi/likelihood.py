@@ -7,7 +7,7 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
   ``eta_i ~ N(mean_i, var_i)`` (the ELBO's first term under a Gaussian q);
 * ``inverse_link(eta)``: the mean of ``y`` given ``eta``;
 * ``has_dispersion``: whether there is a scale to estimate (``sigma`` for the Gaussian);
-* ``start(X, y)``: starting values ``(beta (p,), dispersion ())``;
+* ``start(X, y, n_obs)``: starting values ``(beta (p,), dispersion ())``;
 * ``moment_form``: ``True`` when the summed expected log-density depends on q only through
   ``sum_i (r_i - mean_i)^2`` and ``sum_i var_i`` (:meth:`Gaussian.expected_log_lik_from_sums`), which is what
   lets the closed-form ELBO skip the per-row variances and coordinate ascent update q in closed form.
@@ -45,7 +45,7 @@ class Likelihood(Protocol):
 
     def inverse_link(self, eta: jax.Array) -> jax.Array: ...
 
-    def start(self, X: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+    def start(self, X: jax.Array, y: jax.Array, n_obs) -> tuple[jax.Array, jax.Array]: ...
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,11 @@ class Gaussian:
     def inverse_link(self, eta):
         return eta
 
-    def start(self, X, y):
-        """Least squares: ``beta (p,)`` and the residual SD ``()``."""
+    def start(self, X, y, n_obs):
+        """Least squares: ``beta (p,)`` and the residual SD ``()`` over ``n_obs`` rows (zero padding rows
+        after them change neither)."""
         beta, *_ = jnp.linalg.lstsq(X, y)
-        return beta, jnp.sqrt(jnp.mean((y - X @ beta) ** 2))
+        return beta, jnp.sqrt(jnp.sum((y - X @ beta) ** 2) / n_obs)
 
 
 GAUSSIAN = Gaussian()

@@ -28,3 +28,10 @@ def x64(fn):
 def to_host(tree):
     """A pytree of JAX arrays as NumPy arrays (``None`` leaves stay ``None``)."""
     return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def on_device(a, dtype) -> jax.Array:
+    """``a`` as a JAX array of ``dtype``, converted on the host and copied with ``jax.device_put``:
+    ``jnp.asarray`` and conversions on the device compile a small program for every new shape, which data of
+    a new size would pay."""
+    return jax.device_put(np.asarray(a, dtype=np.dtype(dtype)))

@@ -25,7 +25,7 @@ class QFamily(Protocol):
     def block_data(self, design, spec) -> tuple:
         """Design-only arrays of q, computed once per fit."""
 
-    def init_params(self, design, spec, likelihood, fixed_sigma, init_scale: float):
+    def init_params(self, design, spec, likelihood, fixed_sigma, init_scale: float, n_obs=None):
         """Starting point estimates and q (a ``VIParams``-like pytree with ``.model`` and ``.blocks``)."""
 
     def row_moments(self, design, spec, blocks, data) -> tuple[jax.Array, jax.Array]:
@@ -43,11 +43,11 @@ class QFamily(Protocol):
     def fixed_moments(self, spec, blocks) -> tuple[jax.Array, jax.Array]:
         """Mean ``(p,)`` and covariance ``(p, p)`` of beta under q (REML-like fits)."""
 
-    def expected_log_prior(self, spec, params) -> jax.Array:
-        """``E_q[log p(b | Sigma)]``, ``()``."""
+    def expected_log_prior(self, spec, params, level_mask=None) -> jax.Array:
+        """``E_q[log p(b | Sigma)]``, ``()``; padding levels (``level_mask`` 0) left out."""
 
-    def entropy(self, spec, blocks) -> jax.Array:
-        """``H[q]``, ``()``."""
+    def entropy(self, spec, blocks, level_mask=None) -> jax.Array:
+        """``H[q]``, ``()``; padding levels left out."""
 
     def sample(self, rng_key, spec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
         """One draw: ``(J_k, p_k)`` per term and ``(p,)`` beta (``None`` when beta is a point estimate)."""

@@ -26,6 +26,7 @@ from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
 from lmevi.precision import x64
+from lmevi.runtime import sized_jit
 from lmevi.scaling import Scales, relative_chol
 
 
@@ -41,6 +42,7 @@ class FitOptions(NamedTuple):
         dtype: ``"float64"`` or ``"float32"``.
         stop_rule: the stop rule the loop ran under.
         optimizer: the optax optimizer's description, or ``None`` for coordinate ascent.
+        missing: the missing-value rule.
     """
 
     family: str
@@ -55,6 +57,7 @@ class FitOptions(NamedTuple):
     dtype: str
     stop_rule: StopRule
     optimizer: str | None
+    missing: str = "raise"
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class FitResult:
     fitted: np.ndarray = field(repr=False)
     y: np.ndarray = field(repr=False)
     scales: Scales | None = field(default=None, repr=False)
+    data: pd.DataFrame | None = field(default=None, repr=False)
 
     # ---------------------------------------------------------------- lme4-style accessors
 
@@ -91,16 +95,47 @@ class FitResult:
 
     @property
     def exact(self) -> bool:
-        """Whether q is the exact posterior of the random effects (and of beta when ``reml=True``) given the
-        variance components: true when everything random lies in one block (one grouping factor, or one large
-        factor with small ones). The ELBO is then the log-likelihood (ML) or the REML log-likelihood."""
-        return len(self.spec.blocks) == 1
+        """Whether the fit is exact: ``q="exact"`` (lme4's profiled criterion), or a variational q that is the
+        exact posterior of the random effects (and of beta when ``reml=True``) given the variance components,
+        which holds when everything random lies in one block (one grouping factor, or one large factor with
+        small ones). The ELBO is then the log-likelihood (ML) or the REML log-likelihood."""
+        return self.options.q == "exact" or len(self.spec.blocks) == 1
 
     @property
     def loglik(self) -> float | None:
-        """The log-likelihood (REML log-likelihood when ``reml=True``) where the fit is exact, else ``None``
-        (the ELBO is then only a lower bound)."""
+        """lme4's ``logLik``: the log-likelihood (REML log-likelihood when ``reml=True``) where the fit is
+        exact, else ``None`` (the ELBO is then only a lower bound)."""
         return self.elbo if self.exact else None
+
+    @property
+    def n_params(self) -> int:
+        """lme4's ``df`` of ``logLik``: fixed effects, covariance parameters (``p_k (p_k + 1) / 2`` per term)
+        and sigma (when estimated)."""
+        k = len(self.info.fixed_names) + sum(len(t.coef_names) * (len(t.coef_names) + 1) // 2 for t in self.info.terms)
+        return k + (self.options.residual_scale is None)
+
+    @property
+    def aic(self) -> float | None:
+        """lme4's ``AIC``: ``-2 logLik + 2 df`` (of the REML log-likelihood for REML fits, as lme4); ``None``
+        where the fit is not exact."""
+        return None if self.loglik is None else -2.0 * self.loglik + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float | None:
+        """lme4's ``BIC``: ``-2 logLik + df log(n)``; ``None`` where the fit is not exact."""
+        return None if self.loglik is None else -2.0 * self.loglik + self.n_params * np.log(self.info.n_obs)
+
+    @property
+    def deviance(self) -> float | None:
+        """lme4's ``deviance`` of an ML fit, ``-2 logLik``; ``None`` for REML fits (see
+        :attr:`reml_criterion`) and where the fit is not exact."""
+        return None if (self.loglik is None or self.options.reml) else -2.0 * self.loglik
+
+    @property
+    def reml_criterion(self) -> float | None:
+        """lme4's ``REMLcrit``, ``-2`` times the REML log-likelihood; ``None`` for ML fits and where the fit is
+        not exact."""
+        return None if (self.loglik is None or not self.options.reml) else -2.0 * self.loglik
 
     def singular(self, tol: float = 1e-3) -> list[str]:
         """Variance components at the boundary, one sentence per finding; see
@@ -279,6 +314,20 @@ class FitResult:
 
         return to_inference_data(self, num_samples, rng_key)
 
+    def refit(self, **changes) -> "FitResult":
+        """Fit the same formula to the same data again with some options changed (``reml=False`` for a
+        likelihood-ratio test, as lme4's ``refitML``); the rest as this fit ran (coordinate ascent or lme4's
+        criterion; an optax optimizer is not kept)."""
+        if self.data is None:
+            raise ValueError("this result keeps no data to refit")
+        from lmevi.api import fit
+
+        o = self.options
+        options = dict(q=o.q, reml=o.reml, residual_scale=o.residual_scale, dtype=o.dtype, missing=o.missing,
+                       progress=False)
+        options.update(changes)
+        return fit(self.info.formula.text, self.data, **options)
+
     def residuals(self) -> np.ndarray:
         """Training residuals ``y - fitted``, ``(n_obs,)``, in the caller's row order."""
         return self.y - self.fitted
@@ -288,14 +337,23 @@ class FitResult:
         """An lme4-style summary: method, formula, ELBO (and log-likelihood where exact), scaled residuals,
         random effects, fixed effects, convergence and singular-fit messages."""
         o = self.options
-        kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
+        if o.q == "exact":
+            head = (f"Linear mixed model fit by {'REML' if o.reml else 'maximum likelihood'} (exact: lme4's "
+                    "profiled criterion, L-BFGS-B)")
+            crit = (f"REML criterion at convergence: {self.reml_criterion:.4f}" if o.reml else
+                    f"     AIC      BIC   logLik deviance\n{self.aic:8.1f} {self.bic:8.1f} {self.loglik:8.1f} "
+                    f"{self.deviance:8.1f}")
+        else:
+            kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
+            head = f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)"
+            crit = f"ELBO: {self.elbo:.4f}" + (
+                f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
+                if self.exact else "   (q is an approximation: the ELBO is a lower bound)")
         lines = [
-            f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)",
+            head,
             f"Formula: {self.info.formula.text}",
             "",
-            f"ELBO: {self.elbo:.4f}"
-            + (f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
-               if self.exact else "   (q is an approximation: the ELBO is a lower bound)"),
+            crit,
             "",
             "Scaled residuals:",
         ]
@@ -317,14 +375,16 @@ class FitResult:
         lines.append(f"Number of obs: {self.info.n_obs}, groups:  {groups}")
         lines += ["", "Fixed effects:"]
         se = self.fixef_se()
-        lines.append(f" {'':<20} {'Estimate':>10}" + (f" {'Post. SD':>10}" if se is not None else ""))
+        se_name = "Std. Error" if o.q == "exact" else "Post. SD"
+        lines.append(f" {'':<20} {'Estimate':>10}" + (f" {se_name:>10}" if se is not None else ""))
         for name, value in self.fixef().items():
             lines.append(f" {name:<20} {value:>10.5g}" + (f" {se[name]:>10.4g}" if se is not None else ""))
         if self.info.dropped_fixed:
             lines.append(f"fixed-effect columns dropped as rank deficient: {list(self.info.dropped_fixed)}")
         lines.append("")
         lines.append(
-            f"{'converged' if self.converged else 'NOT converged'} after {self.steps} steps "
+            f"{'converged' if self.converged else 'NOT converged'} after {self.steps} "
+            f"{'evaluations of the criterion' if o.q == 'exact' else 'steps'} "
             f"({self.seconds:.2f} s)"
             + ("" if np.isnan(self.run.grad_norm) else f"; final gradient norm {self.run.grad_norm:.3g}")
         )
@@ -407,31 +467,44 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     from lmevi import fitting, scaling
     from lmevi.precision import to_host
 
-    problem, scales, spec = model.problem, model.scales, model.problem.spec
+    problem, scales, spec = model.problem, model.scales, model.spec
+    n = model.info.n_obs
     mean = _row_mean(problem, params)
     fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
-    fitted = scales.y_shift + scales.y_scale * np.asarray(fixed + mean, dtype=np.float64)
-    offset = scaling.elbo_offset(scales, model.info.n_obs, spec.reml)
-    snapshots = {t: to_host(scaling.to_data_units(p, spec, scales)) for t, p in run.snapshots.items()}
+    fitted = scales.y_shift + scales.y_scale * np.asarray(fixed + mean, dtype=np.float64)[:n]
+    offset = scaling.elbo_offset(scales, n, spec.reml)
+
+    def back(p):  # to the data's levels (padding dropped) and units, on the host
+        p = to_host(p)
+        if model.padded:
+            p = variational.unpad(p, problem.spec, spec)
+        return scaling.to_data_units(p, spec, scales)
+
+    snapshots = {t: back(p) for t, p in run.snapshots.items()}
     s = fit_settings
+    exact_fit = model.q_name == "exact"
     options = FitOptions(
-        family=problem.likelihood.name, q=model.q_name, reml=model.reml, method=s.method, elbo=s.elbo,
+        family=problem.likelihood.name, q=model.q_name, reml=model.reml,
+        method="profiled" if exact_fit else s.method, elbo="none" if exact_fit else s.elbo,
         num_samples=s.num_samples, accelerate=s.accelerate, residual_scale=model.residual_scale, seed=s.seed,
-        dtype=model.dtype, stop_rule=s.rule, optimizer=None if s.method == "cavi" else fitting.describe_optimizer(s.optimizer),
+        dtype=model.dtype, stop_rule=s.rule,
+        optimizer=None if (s.method == "cavi" or exact_fit) else fitting.describe_optimizer(s.optimizer),
+        missing=model.missing,
     )
     return FitResult(
         info=model.info,
         spec=spec,
-        params=to_host(scaling.to_data_units(params, spec, scales)),
+        params=back(params),
         run=run._replace(elbo_trace=run.elbo_trace + offset, snapshots=snapshots),
         options=options,
         fitted=fitted,
         y=model.y,
         scales=scales,
+        data=model.data,
     )
 
 
-@jax.jit
+@sized_jit
 def _row_mean(problem, params) -> jax.Array:
     """``E_q`` of every row's random part, ``(n_obs,)``."""
     return problem.q.row_mean(problem.design, problem.spec, params.blocks)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from lmevi.precision import on_device, to_host
 from lmevi.design import Design, TermData
 from lmevi.variational import QSpec, VIParams
 from lmevi.model import ModelParams
@@ -84,10 +85,10 @@ def standardise(design: Design) -> tuple[Design, Scales]:
     z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64)) for t in design.terms)
     dtype = design.y.dtype
     scaled = Design(
-        y=jnp.asarray((y - y_shift) / y_scale, dtype),
-        X=jnp.asarray(X / x_scale, dtype),
+        y=on_device((y - y_shift) / y_scale, dtype),
+        X=on_device(X / x_scale, dtype),
         terms=tuple(
-            TermData(index=t.index, covariates=jnp.asarray(np.asarray(t.covariates, np.float64) / s, dtype),
+            TermData(index=t.index, covariates=on_device(np.asarray(t.covariates, np.float64) / s, dtype),
                      n_levels=t.n_levels)
             for t, s in zip(design.terms, z_scale)
         ),
@@ -117,30 +118,31 @@ def to_data_units(params: VIParams, spec: QSpec, scales: Scales) -> VIParams:
 
     Block by block, with ``b_L = s_L b'_L`` and ``w = s_w w' + shift``: ``m_L = s_L m'_L``,
     ``T = diag(s_L) T'``, ``K = diag(s_L) K' diag(1 / s_w)``, ``m_w = s_w m'_w + shift``,
-    ``U = diag(s_w) U'``.
+    ``U = diag(s_w) U'``. On the host: returns NumPy arrays (new shapes compile nothing).
     """
+    params = to_host(params)
     m = params.model
     dtype = m.sigma.dtype
     sy = scales.y_scale
     beta = None
     if m.beta is not None:
-        beta = m.beta * jnp.asarray(sy / scales.x_scale, dtype) + jnp.asarray(scales.y_shift * scales.shift_coef, dtype)
-    chol = tuple(L * jnp.asarray(sy / s, dtype)[:, None] for L, s in zip(m.chol, scales.z_scale))
+        beta = m.beta * np.asarray(sy / scales.x_scale, dtype) + np.asarray(scales.y_shift * scales.shift_coef, dtype)
+    chol = tuple(L * np.asarray(sy / s, dtype)[:, None] for L, s in zip(m.chol, scales.z_scale))
     model = ModelParams(beta=beta, chol=chol, sigma=m.sigma * sy)
     blocks = []
     for block, bp in zip(spec.blocks, params.blocks):
         s_large, s_small, shift = _block_scales(spec, block, scales)
         new = bp
         if s_large is not None:
-            fl = jnp.asarray(s_large, dtype)
+            fl = np.asarray(s_large, dtype)
             new = new._replace(loc_large=bp.loc_large * fl, chol_large=bp.chol_large * fl[:, None])
         if s_small is not None:
-            fw = jnp.asarray(s_small, dtype)
+            fw = np.asarray(s_small, dtype)
             new = new._replace(
-                loc_small=bp.loc_small * fw + jnp.asarray(shift, dtype), chol_small=bp.chol_small * fw[:, None]
+                loc_small=bp.loc_small * fw + np.asarray(shift, dtype), chol_small=bp.chol_small * fw[:, None]
             )
             if bp.coupling is not None:
-                new = new._replace(coupling=bp.coupling * jnp.asarray(s_large, dtype)[:, None] / fw)
+                new = new._replace(coupling=bp.coupling * np.asarray(s_large, dtype)[:, None] / fw)
         blocks.append(new)
     return VIParams(model=model, blocks=tuple(blocks))
 

