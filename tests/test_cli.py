@@ -177,3 +177,34 @@ def test_bad_option_exits_2(sleep_csv, capsys):
     assert "--num-steps" in capsys.readouterr().err
     assert main(["fit", sleep_csv, FORMULA, "--family", "full"]) == 2
     assert main([]) == 2
+
+
+def test_warmup_fills_the_cache_and_the_next_process_hits_it(tmp_path):
+    """``lmevi warmup`` in one process, then a fit of the same structure on other data of the same bucket in
+    another: JAX reports cache hits, and nothing is left to compile for the fitting loop."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+    env["LMEVI_CACHE_DIR"] = str(tmp_path)
+    run = [sys.executable, "-m", "lmevi", "warmup", "--sizes", "small", "--formula", "y ~ x + (1 | g)"]
+    out = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 fits" in out.stdout and any(tmp_path.iterdir())
+    child = (
+        "import jax, lmevi\n"
+        "from lmevi.warmup import simulate\n"
+        "hits = []\n"
+        "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if e.endswith('cache_hits') else None)\n"
+        "lmevi.fit('y ~ x + (1 | g)', simulate(180, 13, 4, seed=5), progress=False)\n"
+        "print(len(hits))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 3  # block data, starting point, fitting loop at least
+
+
+def test_warmup_rejects_an_unknown_size(capsys):
+    assert main(["warmup", "--sizes", "huge"]) == 2
+    assert "--sizes" in capsys.readouterr().err

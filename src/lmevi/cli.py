@@ -145,7 +145,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     p.add_argument("--float32", action="store_true", help="fit in single precision (default: float64)")
     p.set_defaults(run=run_fit)
+
+    w = sub.add_parser(
+        "warmup",
+        help="compile the common model shapes into the compilation cache",
+        description=(
+            "Fit the common model structures on simulated data of common sizes, REML and ML, so that their\n"
+            "compiled programs are in lmevi's compilation cache (LMEVI_CACHE_DIR, or the user cache folder)\n"
+            "and a later process's first fit of such a model loads them instead of compiling."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument(
+        "--sizes",
+        default="small,medium",
+        help="comma-separated sizes among small (200 rows), medium (900), large (3,500) (default: %(default)s)",
+    )
+    w.add_argument(
+        "--formula",
+        action="append",
+        metavar="FORMULA",
+        help="a structure to warm up, in the simulated columns y, x, g, h (repeatable; default: the four of "
+        "lmevi.warmup.STRUCTURES)",
+    )
+    w.set_defaults(run=run_warmup)
     return parser
+
+
+def run_warmup(args: argparse.Namespace) -> int:
+    """The ``warmup`` command: fit the workload, one line per fit."""
+    from lmevi import runtime, warmup
+
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in warmup.SIZES]
+    if unknown or not sizes:
+        _error(f"--sizes takes {', '.join(warmup.SIZES)}, got {args.sizes!r}")
+        return EXIT_BAD_INPUT
+    folder = runtime.cache_dir()
+    if folder is None:
+        print(f"{PROG}: warning: the compilation cache is off (LMEVI_CACHE_DIR), so warm-up lasts only for "
+              "this process", file=sys.stderr)
+    else:
+        print(f"compiling into {folder}")
+    show = lambda r: print(f"  {r['size']:<6} {'REML' if r['reml'] else 'ML  '} {r['formula']:<28} {r['seconds']:.2f} s")  # noqa: E731
+    try:
+        records = warmup.warmup(tuple(args.formula) if args.formula else warmup.STRUCTURES, sizes, progress=show)
+    except (ValueError, TypeError) as err:
+        _error(err)
+        return EXIT_BAD_INPUT
+    print(f"{len(records)} fits in {sum(r['seconds'] for r in records):.1f} s")
+    return 0
 
 
 def run_fit(args: argparse.Namespace) -> int:
