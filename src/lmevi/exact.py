@@ -51,6 +51,7 @@ import scipy.optimize
 
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
+from lmevi.model import log_abs_diag
 
 
 
@@ -430,7 +431,7 @@ def _spd_inverse(S, split: int | None = None, leaf: int = 96):
     if n <= leaf and split is None:
         L = jnp.linalg.cholesky(S)
         Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=S.dtype), lower=True)
-        logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+        logdet = 2.0 * jnp.sum(log_abs_diag(L))
         inv = Linv.T @ Linv
         return logdet, logdet, inv, inv
     h = n // 2 if split is None else split

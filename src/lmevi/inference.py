@@ -107,19 +107,22 @@ def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, 
     done = False
     start = time.perf_counter()
     with tqdm(total=rule.num_steps, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
+        show = not bar.disable
         while not done and int(t) < rule.num_steps:
             t_end = min([int(t) + chunk, rule.num_steps] + [s for s in pending if s > int(t)])
             t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end), tol)
             done = bool(done_arr)
             if int(t_new) in pending:
                 snaps[int(t_new)] = to_params(carry)
-            bar.update(int(t_new) - int(t))
-            bar.set_postfix(elbo=f"{float(trace[int(t_new) - 1]):.6g}")
+            if show:
+                bar.update(int(t_new) - int(t))
+                bar.set_postfix(elbo=f"{float(np.asarray(trace)[int(t_new) - 1]):.6g}")
             t = t_new
     jax.block_until_ready(carry)
     seconds = time.perf_counter() - start
     steps = int(t)
-    return carry, np.asarray(trace[:steps]), steps, done, seconds, snaps
+    # sliced on the host: slicing on the device compiles once per number of steps
+    return carry, np.asarray(trace)[:steps], steps, done, seconds, snaps
 
 
 def _bar_disabled(progress: bool | None):

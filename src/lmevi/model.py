@@ -62,13 +62,19 @@ def log_likelihood(
     return jnp.sum(likelihood.log_density(design.y, eta, sigma))
 
 
+def log_abs_diag(L: jax.Array) -> jax.Array:
+    """``log |L_ii|`` of (batched) triangular factors ``(..., p, p)`` -> ``(..., p)``: summed, half the
+    log-determinant of ``L L^T``. The one place log-determinants of Cholesky factors are taken."""
+    return jnp.log(jnp.abs(jnp.diagonal(L, axis1=-2, axis2=-1)))
+
+
 def log_prior(effects: tuple[jax.Array, ...], chol: tuple[jax.Array, ...]) -> jax.Array:
     """``sum_k sum_j log N(b_kj | 0, L_k L_k^T)``; returns ``()``."""
     total = 0.0
     for b, L in zip(effects, chol):
         J, p = b.shape
         white = jax.scipy.linalg.solve_triangular(L, b.T, lower=True)  # (p, J)
-        logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(L))))
+        logdet = jnp.sum(log_abs_diag(L))
         total = total - 0.5 * J * p * LOG_2PI - J * logdet - 0.5 * jnp.sum(white**2)
     return total
 

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmevi.design import Design, DesignInfo
-from lmevi.model import LOG_2PI, ModelParams
+from lmevi.model import LOG_2PI, ModelParams, log_abs_diag
 
 
 @dataclass(frozen=True)
@@ -648,7 +648,7 @@ def expected_log_prior(spec: QSpec, params: VIParams, level_mask=None) -> jax.Ar
         M = second_moment_sum(spec, params.blocks, k, mask)
         white = jax.scipy.linalg.solve_triangular(L, M, lower=True)
         trace = jnp.trace(jax.scipy.linalg.solve_triangular(L, white.T, lower=True))
-        logdet = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(L))))
+        logdet = jnp.sum(log_abs_diag(L))
         total = total - 0.5 * J * p * LOG_2PI - J * logdet - 0.5 * trace
     return total
 
@@ -671,7 +671,7 @@ def entropy(spec: QSpec, blocks, level_mask=None) -> jax.Array:
     for block, bp in zip(spec.blocks, blocks):
         dim = 0
         if bp.chol_large is not None:
-            logs = jnp.log(jnp.abs(jnp.diagonal(bp.chol_large, axis1=1, axis2=2)))
+            logs = log_abs_diag(bp.chol_large)
             if level_mask is None:
                 total = total + jnp.sum(logs)
                 dim += bp.chol_large.shape[0] * bp.chol_large.shape[1]
@@ -680,7 +680,7 @@ def entropy(spec: QSpec, blocks, level_mask=None) -> jax.Array:
                 total = total + jnp.sum(logs * mask[:, None])
                 dim += jnp.sum(mask) * bp.chol_large.shape[1]
         if bp.chol_small is not None:
-            logs = jnp.log(jnp.abs(jnp.diagonal(bp.chol_small)))
+            logs = log_abs_diag(bp.chol_small)
             if level_mask is None:
                 total = total + jnp.sum(logs)
                 dim += bp.chol_small.shape[0]
