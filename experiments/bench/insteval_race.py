@@ -62,7 +62,7 @@ def time_ours(df, ref, repeats: int, cold_repeats: int, quick: bool) -> dict:
         acc = accuracy(m.ranef(), ref)
         log(f"  lmevi {dtype}: {k} steps reach the target {fmt_acc(acc)}; warm {warm['median']:.3f} s")
         cold = [worker("cold", "--dtype", dtype, "--num-steps", str(k)) for _ in range(cold_repeats)]
-        log(f"    cold (fresh process, compile included): {[round(c['fit_seconds'], 3) for c in cold]}")
+        log(f"    cold (fresh process, compilation cache warm): {[round(c['fit_seconds'], 3) for c in cold]}")
         res = {
             "steps_to_target": k,
             "accuracy_trace": trace,

@@ -88,11 +88,15 @@ def fit(
     """
     runtime.prepare()
     family, q = _family_and_q(family, q)
+    if q == "exact" and (method is not None or optimizer is not None or elbo != "closed_form"):
+        raise ValueError("q='exact' optimises lme4's profiled criterion: method, optimizer and elbo do not apply")
     how = fitting.settings(
         method=method, elbo=elbo, optimizer=optimizer, num_samples=num_samples, num_steps=num_steps, tol=tol,
         window=window, seed=seed, progress=progress, accelerate=accelerate, init_scale=init_scale,
         snapshot_steps=snapshot_steps,
     )
+    if q == "auto" and how.method != "cavi":
+        q = "structured"  # the optax path is variational: auto's exact choice does not apply
     model = build_model(
         formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi",
