@@ -55,9 +55,11 @@ def fit(
         family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (the only one for now;
             :mod:`lmevi.likelihood`). ``family="structured"`` or ``"meanfield"``, the spelling of q before it
             had its own option, still works with a ``DeprecationWarning``.
-        q: the variational family: ``"structured"`` (default: small grouping factors share a Gaussian block
-            with the large factor they are nested in, see :mod:`lmevi.variational`) or ``"meanfield"`` (the
-            tutorial's fully factorised q).
+        q: ``"structured"`` (default: small grouping factors share a Gaussian block with the large factor
+            they are nested in, see :mod:`lmevi.variational`), ``"meanfield"`` (the tutorial's fully factorised
+            q), ``"exact"`` (lme4's profiled criterion, :mod:`lmevi.exact`: lme4's estimates and log-likelihood)
+            or ``"auto"`` (exact when its dense block has at most ``lmevi.build.AUTO_EXACT_MAX`` coefficients,
+            else structured).
         reml: ``True`` (default, as lme4's ``REML = TRUE``) puts beta in q with a flat prior, so the fit
             targets REML estimates; ``False`` makes beta a point estimate (ML-like, and the tutorial's).
         method: ``"cavi"`` (closed-form coordinate ascent) or ``"optax"``; default ``"optax"`` when an

@@ -34,10 +34,10 @@ levels ``(g_L(i), g_k(i))``; every table gathered has at most ``J_L J_k p_L p_k`
 rows, as the ELBO and the M-step need them, the variances are traces against the cross-products of
 :class:`BlockData` (:func:`row_var_sum`) and take no pass over the rows at all.
 
-* ``family="meanfield"``: every term is its own block with no small part (the Edward tutorial's fully
+* ``q="meanfield"``: every term is its own block with no small part (the Edward tutorial's fully
   factorised normal when every term is a random intercept; with slopes, a full ``p_k x p_k`` covariance
   per level), and beta, if in q, a block of its own.
-* ``family="structured"``: each small term (``J_k p_k <= small_threshold``) joins the block of the large
+* ``q="structured"``: each small term (``J_k p_k <= small_threshold``) joins the block of the large
   term it is most nested in (share of its rows explained by the large term's levels, 1.0 for exact
   nesting); beta joins the block with the most entangled small terms. Without large terms everything is
   one dense block, and q is then the exact conditional posterior.
