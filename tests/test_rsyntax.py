@@ -174,3 +174,25 @@ def test_singular_fit_warns():
     with pytest.warns(lmevi.SingularFitWarning, match="near zero"):
         m = lmevi.fit("y ~ 1 + (1 | g)", df, progress=False, reml=False)
     assert m.singular()
+
+
+def test_boundary_under_an_approximate_structured_q_names_the_factor_and_the_remedy(crossed_fit):
+    """A structured q with more than one block is an approximation: a variance at zero there may be the
+    approximation's, and the warning says so, naming the factor and q='exact'."""
+    import dataclasses
+
+    from lmevi import checks, variational
+
+    sig = float(crossed_fit.params.model.sigma)
+    chol = (np.diag([1e-6 * sig, 1e-6 * sig]), *crossed_fit.params.model.chol[1:])
+    model = crossed_fit.params.model._replace(chol=chol)
+    two_blocks = variational.meanfield_spec(crossed_fit.info, reml=True)
+    approx = dataclasses.replace(crossed_fit, spec=two_blocks, params=crossed_fit.params._replace(model=model))
+    assert approx.options.q == "structured" and not approx.exact
+    with pytest.warns(lmevi.SingularFitWarning, match="'g'.*q='exact'"):
+        checks.warn_singular(approx)
+    exact_one_block = dataclasses.replace(approx, spec=crossed_fit.spec)
+    assert exact_one_block.exact
+    with pytest.warns(lmevi.SingularFitWarning) as caught:
+        checks.warn_singular(exact_one_block)
+    assert all("q='exact'" not in str(w.message) for w in caught)

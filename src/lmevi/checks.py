@@ -101,12 +101,18 @@ def warn_convergence(run: RunInfo, rule: StopRule, stacklevel: int = 3) -> None:
 
 def warn_singular(result, stacklevel: int = 3) -> None:
     """The result's :meth:`~lmevi.results.FitResult.singular` findings as :class:`SingularFitWarning`\\ s,
-    with the remedy when mean-field q is the likely cause."""
+    with the remedy when the approximate q may be the cause: mean-field q drains nested factors' variances;
+    the structured q keeps the blocks of different large factors independent, which can pull a variance
+    towards zero that the exact posterior keeps (never silently: each message names the factor)."""
     for msg in result.singular():
-        hint = (
-            " Under q='meanfield' this is often mean-field q draining a nested factor's variance; "
-            "q='structured' avoids it." if result.options.q == "meanfield" else ""
-        )
+        hint = ""
+        if result.options.q == "meanfield":
+            hint = (" Under q='meanfield' this is often mean-field q draining a nested factor's variance; "
+                    "q='structured' avoids it.")
+        elif result.options.q == "structured" and not result.exact:
+            hint = (" Under q='structured' the blocks of crossed large factors are independent, which can drain "
+                    "a variance that lme4 keeps; q='exact' (or q='auto') fits lme4's criterion where its dense "
+                    "block is affordable.")
         warnings.warn(
             f"boundary (singular) fit: {msg}: the data do not support this variance component as modelled.{hint}",
             SingularFitWarning,
