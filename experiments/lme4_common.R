@@ -1,6 +1,7 @@
-## Shared helpers of the lme4 reference scripts (lme4_reference.R, lme4_datasets.R, lme4_corpus.R):
+## Shared helpers of the lme4 reference scripts (lme4_reference.R, lme4_datasets.R, lme4_corpus.R,
+## lme4_latency.R):
 ## fit with lmer while collecting warnings and messages, and write the fit in the layouts of lme4's
-## as.data.frame methods plus a JSON summary. Sourced, not run.
+## as.data.frame methods plus a JSON summary; load a corpus data set. Sourced, not run.
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -110,3 +111,20 @@ summarise_fit <- function(fit, tag) {
   else cat("  messages: none\n")
 }
 
+## A corpus data set (experiments/corpus_models.csv) as a plain data.frame (groupedData and tibble classes and
+## their formula attributes dropped; columns unchanged).
+load_data <- function(package, dataset, subset) {
+  env <- new.env()
+  data(list = dataset, package = package, envir = env)
+  df <- env[[dataset]]
+  df <- as.data.frame(df)
+  attrs <- attributes(df)
+  attributes(df) <- attrs[c("names", "row.names")]
+  class(df) <- "data.frame"
+  if (nzchar(subset)) {
+    keep <- eval(str2lang(subset), df, parent.frame())
+    df <- df[keep & !is.na(keep), , drop = FALSE]
+  }
+  rownames(df) <- NULL
+  df
+}

@@ -57,30 +57,12 @@ if (!is.null(only)) {
 }
 dir.create(outdir, recursive = TRUE, showWarnings = FALSE)
 
-## Shared helpers (write_json_file, fit_lmer) live next to this script.
+## Shared helpers (write_json_file, fit_lmer, load_data) live next to this script.
 script_dir <- function() {
   f <- sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))
   if (length(f)) dirname(normalizePath(f[[1]])) else "experiments"
 }
 source(file.path(script_dir(), "lme4_common.R"))
-
-## The data set as a plain data.frame (groupedData and tibble classes and
-## their formula attributes dropped; columns unchanged).
-load_data <- function(package, dataset, subset) {
-  env <- new.env()
-  data(list = dataset, package = package, envir = env)
-  df <- env[[dataset]]
-  df <- as.data.frame(df)
-  attrs <- attributes(df)
-  attributes(df) <- attrs[c("names", "row.names")]
-  class(df) <- "data.frame"
-  if (nzchar(subset)) {
-    keep <- eval(str2lang(subset), df, parent.frame())
-    df <- df[keep & !is.na(keep), , drop = FALSE]
-  }
-  rownames(df) <- NULL
-  df
-}
 
 versions <- function() list(R_version = R.version.string,
                             lme4_version = as.character(packageVersion("lme4")))

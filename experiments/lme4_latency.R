@@ -116,22 +116,7 @@ if (mode == "corpus") {
     if (length(bad)) stop("unknown model(s): ", paste(bad, collapse = ", "))
     models <- models[models$name %in% only, ]
   }
-  ## The data set as experiments/lme4_corpus.R loads it: a plain data.frame,
-  ## with the optional row subset applied.
-  load_data <- function(package, dataset, subset) {
-    env <- new.env()
-    data(list = dataset, package = package, envir = env)
-    df <- as.data.frame(env[[dataset]])
-    attrs <- attributes(df)
-    attributes(df) <- attrs[c("names", "row.names")]
-    class(df) <- "data.frame"
-    if (nzchar(subset)) {
-      keep <- eval(str2lang(subset), df, parent.frame())
-      df <- df[keep & !is.na(keep), , drop = FALSE]
-    }
-    rownames(df) <- NULL
-    df
-  }
+  source(file.path("experiments", "lme4_common.R"))  # load_data, as experiments/lme4_corpus.R loads the data
   fits <- list()
   total <- 0
   for (r in seq_len(nrow(models))) {
