@@ -295,11 +295,13 @@ def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     def sweep(params):
         return cavi.sweep(problem, params)
 
+    # which parameters belong to padding levels does not change along the loop: built once, outside it
+    mask = None
+    if accelerate and problem.level_mask is not None:
+        mask = variational.coordinate_mask(problem.spec, carry, problem.level_mask)
+
     def step(params, t):
         if accelerate:
-            mask = None
-            if problem.level_mask is not None:
-                mask = variational.coordinate_mask(problem.spec, params, problem.level_mask)
             return squarem_step(sweep, params, problem.sigma_if_fixed, mask)
         return sweep(params)
 
