@@ -15,8 +15,6 @@ import pandas as pd
 
 from lmevi import checks, fitting, runtime, variational
 from lmevi.build import build_model
-from lmevi.checks import ConvergenceWarning, SingularFitWarning  # noqa: F401  (public names)
-from lmevi.fitting import edward_adam  # noqa: F401  (public name)
 from lmevi.precision import x64
 from lmevi.results import FitResult, make_result
 

@@ -25,7 +25,8 @@ from lmevi.options import check_bool, check_choice
 from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
-from lmevi.precision import x64
+from lmevi import fitting, scaling
+from lmevi.precision import to_host, x64
 from lmevi.runtime import sized_jit
 from lmevi.scaling import Scales, relative_chol
 
@@ -464,9 +465,6 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         params: point estimates and q in standardised units, as :func:`lmevi.fitting.fit_model` returns them.
         run: the run record.
     """
-    from lmevi import fitting, scaling
-    from lmevi.precision import to_host
-
     problem, scales, spec = model.problem, model.scales, model.spec
     n = model.info.n_obs
     mean = _row_mean(problem, params)
