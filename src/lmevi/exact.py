@@ -47,6 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 
 from lmevi.design import Design
@@ -205,19 +206,22 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     keys, values = keys[keep], values[keep]
     level, coef, rest_coord = keys // (p1 * P), (keys // P) % p1, keys % P
 
-    # All ordered pairs of entries within a level, then the lower triangle r >= r' of the target.
+    # Each unordered pair of entries within a level once (an entry with itself included), oriented so that
+    # the target (r, r') has r >= r'; W_j is symmetric, so either entry's coefficient may come first.
+    ientry = _index_dtype(len(keys))
+    level = level.astype(ientry)
     count = np.bincount(level, minlength=J1)
-    start = np.cumsum(count) - count
-    reps = count[level]
-    left = np.repeat(np.arange(len(keys)), reps)
-    within = np.arange(len(left)) - np.repeat(np.cumsum(reps) - reps, reps)
-    right = start[level[left]] + within
-    lower = rest_coord[left] >= rest_coord[right]
-    left, right = left[lower], right[lower]
-    weight = np.where(rest_coord[left] == rest_coord[right], 0.5, 1.0)
-    target = rest_coord[left] * P + rest_coord[right]
-    sort = np.argsort(target, kind="stable")
-    left, right, weight, target = left[sort], right[sort], weight[sort], target[sort]
+    start = (np.cumsum(count) - count).astype(ientry)
+    position = np.arange(len(keys), dtype=ientry)
+    reps = position - start[level] + 1  # entry i pairs with the entries of its level up to itself
+    left = np.repeat(position, reps)
+    right = start[level[left]] + (np.arange(len(left), dtype=ientry) - np.repeat(np.cumsum(reps) - reps, reps))
+    swap = rest_coord[left] < rest_coord[right]
+    left, right = np.where(swap, right, left), np.where(swap, left, right)
+    weight = np.where(left == right, 0.5, 1.0)
+    # Left in the order made (by level): sorting by target made the segment sum no faster (measured on
+    # InstEval's 2 million pairs) and cost 0.25 s on the host.
+    target = rest_coord[left].astype(_index_dtype(P * P)) * P + rest_coord[right]
 
     itarget = _index_dtype(P * P)
     iblock = _index_dtype(J1 * p1 * p1)
@@ -275,23 +279,39 @@ def theta_default(n_coefs: tuple[int, ...]) -> np.ndarray:
     return np.where(theta_lower_bounds(n_coefs) == 0.0, 1.0, 0.0)
 
 
-def lambdas(theta, n_coefs: tuple[int, ...]) -> tuple[jax.Array, ...]:
-    """Split ``theta`` into one lower-triangular ``(p_k, p_k)`` ``Lambda_k`` per term (design order)."""
+def theta_from_chol(chol, sigma: float) -> np.ndarray:
+    """``theta`` of per-term lower Cholesky factors ``L_k`` of ``Sigma_k`` (design order) and the residual SD:
+    ``Lambda_k = L_k / sigma`` with each column's sign flipped so that its diagonal is non-negative (``L_k``'s
+    columns may carry either sign; ``L_k L_k'`` does not change)."""
+    out = []
+    for L in chol:
+        L = np.asarray(L, np.float64)
+        L = L * np.where(np.diag(L) < 0, -1.0, 1.0)[None, :]
+        rows, cols = _tril_columnwise(L.shape[0])
+        out.append(L[rows, cols] / float(sigma))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def lambdas(theta, n_coefs: tuple[int, ...], xp=jnp) -> tuple:
+    """Per term ``(p_k, p_k)`` lower-triangular ``Lambda_k`` from ``theta`` (a gather, so that it runs on JAX
+    and NumPy arrays alike: ``xp`` is ``jax.numpy`` or ``numpy``)."""
+    flat = xp.concatenate([theta, xp.zeros(1, theta.dtype)])
     out, pos = [], 0
     for q in n_coefs:
         rows, cols = _tril_columnwise(q)
-        m = len(rows)
-        out.append(jnp.zeros((q, q), theta.dtype).at[rows, cols].set(theta[pos : pos + m]))
-        pos += m
+        index = np.full((q, q), theta.shape[0])
+        index[rows, cols] = pos + np.arange(len(rows))
+        out.append(flat[index])
+        pos += len(rows)
     return tuple(out)
 
 
-def _rest_weights(mats, s: Structure) -> list[tuple[int, jax.Array]]:
+def _rest_weights(mats, s: Structure, xp=jnp) -> list[tuple[int, jax.Array]]:
     """``B = blockdiag(I_{J_k} kron B_k, I_p)`` over the rest terms as diagonals: ``(d, w_d)`` pairs with
     ``(M B)[:, i] = sum_d M[:, i + d] w_d[i]``, ``w_d[i] = B_k[r + d, r]`` for coordinate ``i`` = (level j,
     coefficient r) of term k (zero where ``r + d`` leaves the block)."""
     q_max = max([s.n_coefs[k] for k in s.order[1:]], default=1)
-    flat = jnp.concatenate([m.reshape(-1) for m in mats] + [jnp.ones(1), jnp.zeros(1)])
+    flat = xp.concatenate([m.reshape(-1) for m in mats] + [xp.ones(1), xp.zeros(1)])
     one, zero = flat.shape[0] - 2, flat.shape[0] - 1
     out, base = [], 0
     index = {d: [] for d in range(-(q_max - 1), q_max)}
@@ -308,14 +328,14 @@ def _rest_weights(mats, s: Structure) -> list[tuple[int, jax.Array]]:
     return out
 
 
-def _rest_times(M, weights):
+def _rest_times(M, weights, xp=jnp):
     """``M B`` for ``M`` of shape ``(..., P)`` and ``B`` given by :func:`_rest_weights`.
 
     Elementwise products with shifted copies: slicing the term blocks out of ``M`` and concatenating them
     back made the gradient of an InstEval evaluation ten times slower."""
     out = 0.0
     for d, w in weights:
-        out = out + (M if d == 0 else jnp.roll(M, -d, axis=-1)) * w
+        out = out + (M if d == 0 else xp.roll(M, -d, axis=-1)) * w
     return out
 
 
@@ -335,34 +355,35 @@ class _Factor(NamedTuple):
     quad1: jax.Array  # sum_j |c_1j|^2
 
 
-def _factor(theta, s: Structure) -> _Factor:
-    lams = lambdas(theta, s.n_coefs)
+def _factor(theta, s: Structure, ops: "_Ops") -> _Factor:
+    xp = ops.xp
+    lams = lambdas(theta, s.n_coefs, xp)
     lam1 = lams[s.order[0]]
     lams_rest = [lams[k] for k in s.order[1:]]
     J1, p1 = s.zy1.shape
     P, Q = s.rr.shape[0], s.n_rest_random
 
-    D = jnp.einsum("ba,jbc,cd->jad", lam1, s.zz1, lam1) + jnp.eye(p1)
-    logdet_D, Dinv = _small_spd_inverse(D)
+    D = xp.einsum("ba,jbc,cd->jad", lam1, s.zz1, lam1) + xp.eye(p1)
+    logdet_D, Dinv = _small_spd_inverse(D, xp)
     W = lam1 @ Dinv @ lam1.T
 
     # sum_j G_j' W_j G_j over the listed pairs; K holds its lower triangle with half diagonals.
-    K = _pair_sum(W.reshape(-1), s.pair_block, s.pair_value, s.pair_target, P * P).reshape(P, P)
+    K = ops.pair_sum(W.reshape(-1), s.pair_block, s.pair_value, s.pair_target, P * P).reshape(P, P)
     M = s.rr - K - K.T
-    weights = _rest_weights(lams_rest, s)
-    S = _rest_times(_rest_times(M, weights).T, weights)
-    S = S + jnp.diag(jnp.concatenate([jnp.ones(Q), jnp.zeros(P - Q)]))
+    weights = _rest_weights(lams_rest, s, xp)
+    S = _rest_times(_rest_times(M, weights, xp).T, weights, xp)
+    S = S + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
 
     # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y; the rest right-hand side
     # is Lambda_e'(R'y - sum_j G_j' W_j Z_1j'y).
-    Wzy = jnp.einsum("jab,jb->ja", W, s.zy1)
-    quad1 = jnp.sum(Wzy * s.zy1)
-    Gt = jax.ops.segment_sum(s.cross_value * Wzy[s.cross_level, s.cross_coef], s.cross_rest, num_segments=P)
-    rhs = _rest_times(s.ry - Gt, weights)
+    Wzy = xp.einsum("jab,jb->ja", W, s.zy1)
+    quad1 = xp.sum(Wzy * s.zy1)
+    Gt = ops.segment_sum(s.cross_value * Wzy[s.cross_level, s.cross_coef], s.cross_rest, P)
+    rhs = _rest_times(s.ry - Gt, weights, xp)
     return _Factor(lams, D, W, logdet_D, S, rhs, quad1)
 
 
-def _small_spd_inverse(D):
+def _small_spd_inverse(D, xp=jnp):
     """``(sum_j log|D_j|, D^{-1})`` of a batch ``(J, q, q)`` of small SPD matrices.
 
     The Cholesky factor is unrolled over the ``q^2`` entries, each step an elementwise operation over the
@@ -372,19 +393,19 @@ def _small_spd_inverse(D):
     q = D.shape[-1]
     L = [[None] * q for _ in range(q)]
     for c in range(q):
-        L[c][c] = jnp.sqrt(D[:, c, c] - sum(L[c][k] ** 2 for k in range(c)))
+        L[c][c] = xp.sqrt(D[:, c, c] - sum(L[c][k] ** 2 for k in range(c)))
         for r in range(c + 1, q):
             L[r][c] = (D[:, r, c] - sum(L[r][k] * L[c][k] for k in range(c))) / L[c][c]
-    logdet = 2.0 * sum(jnp.sum(jnp.log(L[c][c])) for c in range(q))
+    logdet = 2.0 * sum(xp.sum(xp.log(L[c][c])) for c in range(q))
     # Forward substitution for L^{-1}, then D^{-1} = L^{-T} L^{-1}.
     Li = [[None] * q for _ in range(q)]
     for c in range(q):
         Li[c][c] = 1.0 / L[c][c]
         for r in range(c + 1, q):
             Li[r][c] = -sum(L[r][k] * Li[k][c] for k in range(c, r)) / L[r][r]
-    zero = jnp.zeros_like(L[0][0])
-    Linv = jnp.stack([jnp.stack([Li[r][c] if r >= c else zero for c in range(q)], -1) for r in range(q)], -2)
-    return logdet, jnp.swapaxes(Linv, -1, -2) @ Linv
+    zero = xp.zeros_like(L[0][0])
+    Linv = xp.stack([xp.stack([Li[r][c] if r >= c else zero for c in range(q)], -1) for r in range(q)], -2)
+    return logdet, xp.swapaxes(Linv, -1, -2) @ Linv
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -394,7 +415,7 @@ def _pair_sum(w, block, value, target, size: int):
     Written with its own gradient (a gather at the targets, then a segment sum over blocks): the gradient
     JAX derives for the gather ``w[block]`` was several times slower on CPU.
     """
-    return jax.ops.segment_sum(w[block] * value, target, num_segments=size, indices_are_sorted=True)
+    return jax.ops.segment_sum(w[block] * value, target, num_segments=size)
 
 
 def _pair_sum_fwd(w, block, value, target, size):
@@ -409,43 +430,18 @@ def _pair_sum_bwd(size, res, g):
 _pair_sum.defvjp(_pair_sum_fwd, _pair_sum_bwd)
 
 
-def _criterion(logdet, pwrss, n, p, reml: bool):
+def _criterion(logdet, pwrss, n, p, reml: bool, xp=jnp):
     """lme4's eq. 41 (ML) or eq. 42 (REML, ``logdet`` including ``log|R_X|^2``)."""
     dof = n - p if reml else n
-    return logdet + dof * (1.0 + LOG_2PI + jnp.log(pwrss / dof))
+    return logdet + dof * (1.0 + LOG_2PI + xp.log(pwrss / dof))
 
 
-def _spd_inverse(S, split: int | None = None, leaf: int = 96):
-    """``(log|S|, S^{-1})`` of a symmetric positive definite matrix by recursive block elimination.
-
-    With ``S = [[A, B'], [B, C]]`` and ``F = B A^{-1}``: ``log|S| = log|A| + log|C - F B'|`` and
-    ``S^{-1} = [[A^{-1} + F' E F, -F' E], [-E F, E]]`` with ``E = (C - F B')^{-1}``. About ``4/3 P^3`` flops,
-    all but the leaves in matrix products, which XLA runs far faster on CPU than the ``P^3`` triangular
-    solves that an inverse from a Cholesky factor needs. ``split`` (default: half) is the size of ``A`` at
-    the top level, so that ``A`` can be a block whose own determinant and inverse are wanted.
-
-    Returns:
-        ``(logdet_A, logdet_S, A^{-1}, S^{-1})`` where ``A = S[:split, :split]``.
-    """
-    n = S.shape[0]
-    if n <= leaf and split is None:
-        L = jnp.linalg.cholesky(S)
-        Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(n, dtype=S.dtype), lower=True)
-        logdet = 2.0 * jnp.sum(log_abs_diag(L))
-        inv = Linv.T @ Linv
-        return logdet, logdet, inv, inv
-    h = n // 2 if split is None else split
-    if h == n:
-        _, logdet, _, inv = _spd_inverse(S, None, leaf)
-        return logdet, logdet, inv, inv
-    A, B, C = S[:h, :h], S[h:, :h], S[h:, h:]
-    _, logdet_A, _, Ainv = _spd_inverse(A, None, leaf)
-    F = B @ Ainv
-    schur = C - F @ B.T
-    _, logdet_E, _, E = _spd_inverse(0.5 * (schur + schur.T), None, leaf)
-    EF = E @ F
-    inv = jnp.block([[Ainv + F.T @ EF, -EF.T], [-EF, E]])
-    return logdet_A, logdet_A + logdet_E, Ainv, inv
+def _chol_logdet_inverse(L, m: int):
+    """``(log|S_mm|, S_mm^{-1})`` of the leading ``(m, m)`` block of ``S = L L'`` from its lower Cholesky
+    factor ``L`` (whose leading block is the block's own factor): two triangular solves."""
+    Lm = L[:m, :m]
+    inv = jax.scipy.linalg.cho_solve((Lm, True), jnp.eye(m, dtype=L.dtype))
+    return 2.0 * jnp.sum(log_abs_diag(Lm)), 0.5 * (inv + inv.T)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -460,8 +456,9 @@ def _logdet_quad(S, b, m: int):
 
 
 def _logdet_quad_fwd(S, b, m):
-    logdet_m, logdet, inv_m, inv = _spd_inverse(S, m)
-    x = inv @ b
+    L = jnp.linalg.cholesky(S)
+    logdet_m, inv_m = _chol_logdet_inverse(L, m)
+    x = jax.scipy.linalg.cho_solve((L, True), b)
     return (logdet_m, b @ x), (inv_m, x)
 
 
@@ -475,7 +472,56 @@ def _logdet_quad_bwd(m, res, g):
 _logdet_quad.defvjp(_logdet_quad_fwd, _logdet_quad_bwd)
 
 
-def profiled_deviance(theta: jax.Array, structure: Structure, reml: bool | None = None) -> jax.Array:
+def _np_chol_logdet_inverse(L, m: int):
+    Lm = L[:m, :m]
+    inv = scipy.linalg.cho_solve((Lm, True), np.eye(m))
+    return 2.0 * np.sum(np.log(np.abs(np.diag(Lm)))), 0.5 * (inv + inv.T)
+
+
+def _np_logdet_quad(S, b, m: int):
+    L = np.linalg.cholesky(S)
+    return 2.0 * np.sum(np.log(np.diag(L)[:m])), b @ scipy.linalg.cho_solve((L, True), b)
+
+
+@dataclass(frozen=True)
+class _Ops:
+    """The array operations the criterion needs, on JAX (jit-able, differentiable, hand-written gradients)
+    or on NumPy (no compilation: for small dense blocks, where compiling costs far more than evaluating).
+
+    One implementation of the criterion and the estimates runs on either, so the two cannot drift apart."""
+
+    xp: object
+    segment_sum: object  # (data, ids, n) -> (n,) sums of data by id
+    pair_sum: object  # (w, block, value, target, size) -> (size,)
+    logdet_quad: object  # (S, b, m) -> (log|S[:m, :m]|, b' S^{-1} b)
+    cholesky: object
+    chol_logdet_inverse: object  # (L, m) -> (log|S_mm|, S_mm^{-1}) from S's lower Cholesky factor L
+    solve: object
+
+
+JAX_OPS = _Ops(
+    xp=jnp,
+    segment_sum=lambda data, ids, n: jax.ops.segment_sum(data, ids, num_segments=n),
+    pair_sum=_pair_sum,
+    logdet_quad=_logdet_quad,
+    cholesky=jnp.linalg.cholesky,
+    chol_logdet_inverse=_chol_logdet_inverse,
+    solve=jnp.linalg.solve,
+)
+NUMPY_OPS = _Ops(
+    xp=np,
+    segment_sum=lambda data, ids, n: np.bincount(ids, data, minlength=n),
+    pair_sum=lambda w, block, value, target, size: np.bincount(target, w[block] * value, minlength=size),
+    logdet_quad=_np_logdet_quad,
+    cholesky=np.linalg.cholesky,
+    chol_logdet_inverse=_np_chol_logdet_inverse,
+    solve=np.linalg.solve,
+)
+
+
+def profiled_deviance(
+    theta: jax.Array, structure: Structure, reml: bool | None = None, ops: _Ops = JAX_OPS
+) -> jax.Array:
     """lme4's profiled objective at ``theta``: REML criterion (eq. 42) or ``-2 log L`` (eq. 41).
 
     Pure and jit-able (``reml`` static); run it with 64-bit JAX on (``with jax.enable_x64(True):``), as
@@ -486,16 +532,17 @@ def profiled_deviance(theta: jax.Array, structure: Structure, reml: bool | None 
             column, terms in design order (see the module docstring).
         structure: :func:`build_structure` of the design.
         reml: ``True`` for the REML criterion, ``False`` for the deviance; ``None`` takes ``structure.reml``.
+        ops: :data:`JAX_OPS` (default) or :data:`NUMPY_OPS` (the structure's NumPy arrays, float64).
 
     Returns:
         ``()``: ``log|L_Z|^2 (+ log|R_X|^2) + d (1 + log(2 pi r^2 / d))`` with ``d = n - p`` (REML) or ``n``.
     """
     reml = structure.reml if reml is None else reml
-    f = _factor(theta, structure)
+    f = _factor(theta, structure, ops)
     Q = structure.n_rest_random
-    logdet_rest, quad_rest = _logdet_quad(f.S, f.rhs, f.S.shape[0] if reml else Q)
+    logdet_rest, quad_rest = ops.logdet_quad(f.S, f.rhs, f.S.shape[0] if reml else Q)
     pwrss = structure.yy - f.quad1 - quad_rest
-    return _criterion(f.logdet_D + logdet_rest, pwrss, structure.n_obs, structure.n_fixed, reml)
+    return _criterion(f.logdet_D + logdet_rest, pwrss, structure.n_obs, structure.n_fixed, reml, ops.xp)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,7 +574,7 @@ class Conditional(NamedTuple):
 
 
 def conditional_estimates(
-    theta: jax.Array, structure: Structure, reml: bool | None = None, marginal: bool = False
+    theta: jax.Array, structure: Structure, reml: bool | None = None, marginal: bool = False, ops: _Ops = JAX_OPS
 ) -> Conditional:
     """Conditional modes, beta, sigma and covariances at ``theta`` (pure, jit-able; run it with x64 on).
 
@@ -549,36 +596,42 @@ def conditional_estimates(
     """
     s = structure
     reml = s.reml if reml is None else reml
-    f = _factor(theta, s)
+    xp = ops.xp
+    f = _factor(theta, s, ops)
     P, Q, p, n = s.rr.shape[0], s.n_rest_random, s.n_fixed, s.n_obs
     J1, p1 = s.zy1.shape
     lam1 = f.lams[s.order[0]]
     lams_rest = [f.lams[k] for k in s.order[1:]]
 
-    logdet_q, logdet_s, inv_q, inv_s = _spd_inverse(f.S, Q)
+    L = ops.cholesky(f.S)
+    logdet_s, inv_s = ops.chol_logdet_inverse(L, P)
+    logdet_q = 2.0 * xp.sum(xp.log(xp.abs(xp.diagonal(L)[:Q])))
+    # (S_QQ)^{-1} from S^{-1} by a rank-p correction: S_QQ^{-1} = V_QQ - V_Qp V_pp^{-1} V_pQ with V = S^{-1}.
+    Vqp = inv_s[:Q, Q:]
+    inv_q = inv_s[:Q, :Q] - Vqp @ ops.solve(inv_s[Q:, Q:], Vqp.T)
     x = inv_s @ f.rhs
     pwrss = s.yy - f.quad1 - f.rhs @ x
-    objective = _criterion(f.logdet_D + (logdet_s if reml else logdet_q), pwrss, n, p, reml)
+    objective = _criterion(f.logdet_D + (logdet_s if reml else logdet_q), pwrss, n, p, reml, xp)
     sigma2 = pwrss / (n - p if reml else n)
 
     # Term 1: u_1j = D_j^{-1}(Lambda_1' Z_1j'y - Lambda_1' G_j Lambda_e x).
-    weights_t = _rest_weights([lam.T for lam in lams_rest], s)
-    y_rest = _rest_times(x, weights_t)
-    Gy = jax.ops.segment_sum(
-        s.cross_value * y_rest[s.cross_rest], s.cross_level * p1 + s.cross_coef, num_segments=J1 * p1
+    weights_t = _rest_weights([lam.T for lam in lams_rest], s, xp)
+    y_rest = _rest_times(x, weights_t, xp)
+    Gy = ops.segment_sum(
+        s.cross_value * y_rest[s.cross_rest], s.cross_level * p1 + s.cross_coef, J1 * p1
     ).reshape(J1, p1)
-    u1 = jnp.linalg.solve(f.D, ((s.zy1 - Gy) @ lam1)[..., None])[..., 0]
+    u1 = ops.solve(f.D, ((s.zy1 - Gy) @ lam1)[..., None])[..., 0]
     b_rest = y_rest[:Q]
 
     beta_cov = sigma2 * inv_s[Q:, Q:]
-    Sz = inv_s if marginal else jnp.zeros((P, P), inv_s.dtype).at[:Q, :Q].set(inv_q)
+    Sz = inv_s if marginal else xp.pad(inv_q, ((0, P - Q), (0, P - Q)))
     # H_j = G_j (Lambda_e S_Z^{-1} Lambda_e') G_j' over the pairs, then C_j S_Z^{-1} C_j' = Lambda_1' H_j Lambda_1.
-    Shat = _rest_times(_rest_times(Sz, weights_t).T, weights_t).T
-    Hk = jax.ops.segment_sum(
-        s.pair_value * Shat.reshape(-1)[s.pair_target], s.pair_block, num_segments=J1 * p1 * p1
-    ).reshape(J1, p1, p1)
-    H = Hk + jnp.swapaxes(Hk, -1, -2)
-    _, Dinv = _small_spd_inverse(f.D)
+    Shat = _rest_times(_rest_times(Sz, weights_t, xp).T, weights_t, xp).T
+    Hk = ops.segment_sum(s.pair_value * Shat.reshape(-1)[s.pair_target], s.pair_block, J1 * p1 * p1).reshape(
+        J1, p1, p1
+    )
+    H = Hk + xp.swapaxes(Hk, -1, -2)
+    _, Dinv = _small_spd_inverse(f.D, xp)
     A11 = Dinv + Dinv @ (lam1.T @ H @ lam1) @ Dinv
     cov1 = sigma2 * (lam1 @ A11 @ lam1.T)
 
@@ -594,7 +647,7 @@ def conditional_estimates(
     return Conditional(
         objective=objective,
         pwrss=pwrss,
-        sigma=jnp.sqrt(sigma2),
+        sigma=xp.sqrt(sigma2),
         beta=x[Q:],
         beta_cov=beta_cov,
         effects=tuple(effects),
@@ -643,6 +696,36 @@ _BOUNDARY_STEP = 1e-3
 _value_and_grad = jax.jit(jax.value_and_grad(profiled_deviance), static_argnames=("reml",))
 _conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal"))
 
+# Dense blocks up to this size are fitted in NumPy: an evaluation there takes well under a millisecond,
+# where compiling the JAX criterion for a new shape takes 1-2 s (experiments/families.py measures both).
+NUMPY_MAX = 128
+BACKENDS = ("jax", "numpy")
+# Central differences for the NumPy path's gradient: a step of about eps^(1/3) (relative to theta, at least
+# absolute) balances truncation (step^2) against rounding (eps / step), about 1e-10 relative to the criterion.
+_FD_STEP = 6e-6
+
+
+def _evaluator(s: Structure, reml: bool, backend: str):
+    """``theta -> (criterion, gradient)`` as NumPy on ``backend``, and ``theta -> Conditional``."""
+    if backend == "numpy":
+
+        def value(th):
+            return float(profiled_deviance(th, s, reml, NUMPY_OPS))
+
+        def value_and_grad(th):
+            steps = _FD_STEP * np.maximum(np.abs(th), 1.0)
+            grad = [(value(th + h * e) - value(th - h * e)) / (2.0 * h) for h, e in zip(steps, np.eye(len(th)))]
+            return value(th), np.asarray(grad)
+
+        return value_and_grad, lambda th: conditional_estimates(th, s, reml, ops=NUMPY_OPS)
+    sj = jax.device_put(s)
+
+    def value_and_grad(th):
+        value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
+        return float(value), np.asarray(grad, np.float64)
+
+    return value_and_grad, lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml))
+
 
 def fit_exact(
     design: Design,
@@ -652,13 +735,15 @@ def fit_exact(
     tol: float = 1e-10,
     max_evals: int = 1000,
     structure: Structure | None = None,
+    backend: str | None = None,
 ) -> ExactFit:
     """Maximise the (restricted) likelihood exactly: L-BFGS-B on lme4's profiled criterion.
 
     Differs from lme4 in the optimiser only: lme4 runs derivative-free BOBYQA (nloptwrap), here L-BFGS-B
-    uses JAX's exact gradient. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every
-    ``Lambda_k``, start at ``Lambda_k = I``. The jit-compiled ``value_and_grad`` is shared by fits of the same
-    shapes, so only a fit of a new shape compiles.
+    uses the criterion's gradient. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every
+    ``Lambda_k``, start at ``Lambda_k = I``. On JAX the gradient is exact and the jit-compiled
+    ``value_and_grad`` is shared by fits of the same shapes, so only a fit of a new shape compiles; on NumPy
+    (small dense blocks) nothing compiles and the gradient is by central differences.
 
     Args:
         design: the model's arrays.
@@ -667,6 +752,8 @@ def fit_exact(
         tol: L-BFGS-B's ``ftol`` (relative change of the criterion) and ``gtol`` (projected gradient).
         max_evals: the most criterion evaluations.
         structure: a :func:`build_structure` of ``design`` to reuse; built here when ``None``.
+        backend: ``"jax"`` or ``"numpy"``; ``None`` takes NumPy when the dense block has at most
+            :data:`NUMPY_MAX` coefficients.
 
     Returns:
         An :class:`ExactFit` of NumPy float64 arrays.
@@ -677,15 +764,18 @@ def fit_exact(
     theta0 = theta_default(n_coefs) if theta0 is None else np.asarray(theta0, np.float64)
     lower = theta_lower_bounds(n_coefs)
     bounds = [(None if np.isinf(lo) else lo, None) for lo in lower]
+    if backend is None:
+        backend = "numpy" if s.size <= NUMPY_MAX else "jax"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_evals = 0
     with jax.enable_x64(True):
-        sj = jax.device_put(s)
+        value_and_grad, conditional = _evaluator(s, reml, backend)
 
         def fun(th):
             nonlocal n_evals
             n_evals += 1
-            value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
-            return float(value), np.asarray(grad, np.float64)
+            return value_and_grad(np.asarray(th, np.float64))
 
         options = {"ftol": tol, "gtol": tol, "maxfun": max_evals, "maxiter": max_evals}
         res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
@@ -705,7 +795,7 @@ def fit_exact(
             options["maxfun"] = max(max_evals - n_evals, 1)
             res = scipy.optimize.minimize(fun, trial, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
         theta = np.asarray(res.x, np.float64)
-        est = jax.tree.map(np.asarray, _conditional(jnp.asarray(theta), sj, reml=reml))
+        est = conditional(theta)
     sigma = float(est.sigma)
     lams = _lambdas_numpy(theta, n_coefs)
     return ExactFit(

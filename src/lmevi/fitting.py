@@ -205,7 +205,7 @@ def _fit_exact(model: Model) -> tuple[VIParams, RunInfo]:
     ``vcov`` as its block under REML. The run's "ELBO" is the (restricted) log-likelihood."""
     from lmevi import exact
 
-    fit = exact.fit_exact(model.problem.design, reml=model.reml)
+    fit = exact.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model))
     blocks = []
     for block in model.spec.blocks:
         if block.large is not None:
@@ -215,8 +215,30 @@ def _fit_exact(model: Model) -> tuple[VIParams, RunInfo]:
             blocks.append(BlockParams(None, None, None, fit.beta, psd_factor(fit.beta_cov)))
     beta = None if model.reml else fit.beta
     params = VIParams(ModelParams(beta=beta, chol=fit.chol, sigma=fit.sigma), tuple(blocks))
-    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, float("nan"), {})
+    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, float("nan"), {},
+                  beta_cov=fit.beta_cov)
     return params, run
+
+
+# From this dense block size on, the exact fit starts from a structured-q fit: one criterion evaluation
+# costs about 0.1 s at 1,144 (InstEval), where the structured fit takes about as long and saves half the
+# evaluations (InstEval REML: 21 from lme4's start, 9 from the structured fit's).
+EXACT_WARM_START = 256
+
+
+def _exact_start(model: Model):
+    """``theta`` from a structured-q variational fit of ``model`` when its dense block is large, else ``None``
+    (lme4's start)."""
+    from lmevi import exact, variational
+    from lmevi.build import make_problem
+
+    design = model.problem.design
+    if exact.dense_block_size(design) < EXACT_WARM_START:
+        return None
+    spec = variational.structured_spec(design, model.info, model.reml)
+    problem = make_problem(design, spec, likelihood=model.problem.likelihood)
+    params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, 1e-8, 1), progress=False)
+    return exact.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
 
 
 # A coefficient whose SD is below this many residual SDs (in standardised units) may be heading for zero.

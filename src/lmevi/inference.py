@@ -53,6 +53,8 @@ class RunInfo(NamedTuple):
             ``-ELBO / n_obs`` with respect to the unconstrained parameters (:func:`final_grad_norm`): near
             zero at a stationary point, whichever path and ELBO estimator ran.
         snapshots: parameters after each requested snapshot step, ``{step: VIParams}``.
+        beta_cov: ``(p, p)`` the fixed effects' covariance when the fit estimates one outside q (lme4's
+            ``vcov`` of an exact fit, also under ML); ``None`` otherwise.
     """
 
     elbo_trace: np.ndarray
@@ -61,6 +63,7 @@ class RunInfo(NamedTuple):
     seconds: float
     grad_norm: float
     snapshots: dict
+    beta_cov: np.ndarray | None = None
 
 
 def _converged(trace: jax.Array, t: jax.Array, tol: jax.Array, w: int) -> jax.Array:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from lmevi import variational
 from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
-from lmevi.options import check_bool, check_choice
+from lmevi.options import check_bool, check_choice, check_real
 from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
@@ -186,12 +186,48 @@ class FitResult:
         return est.reindex([lme4_name(n) for n in names])
 
     @x64
+    def vcov(self) -> pd.DataFrame:
+        """The fixed effects' covariance matrix, as lme4's ``vcov(m)``: for an exact fit lme4's own
+        ``sigma^2 (R_X' R_X)^{-1}`` (REML and ML); for a variational fit with beta in q (``reml=True``) its
+        posterior covariance under q. A variational ML-like fit has beta as a point estimate, with no
+        covariance: that raises, naming the remedy."""
+        names = list(self.info.fixed_names)
+        if self.run.beta_cov is not None:
+            cov = self.run.beta_cov
+        elif self.spec.reml:
+            cov = np.asarray(variational.fixed_moments(self.spec, self.params.blocks)[1], np.float64)
+        else:
+            raise ValueError(
+                "this fit (variational, reml=False) has beta as a point estimate, with no covariance; fit with "
+                "q='exact' (or q='auto') for lme4's vcov, or reml=True for beta's posterior covariance"
+            )
+        return pd.DataFrame(cov, index=names, columns=names)
+
     def fixef_se(self) -> pd.Series | None:
-        """Posterior SDs of beta when it is in q (``reml=True``), else ``None``."""
-        if not self.spec.reml:
+        """Standard errors of beta (lme4's ``Std. Error``; posterior SDs for a variational REML-like fit), or
+        ``None`` where the fit has no covariance for beta (variational, ``reml=False``)."""
+        if self.run.beta_cov is None and not self.spec.reml:
             return None
-        _, cov = variational.fixed_moments(self.spec, self.params.blocks)
-        return pd.Series(np.sqrt(np.diag(np.asarray(cov))), index=list(self.info.fixed_names), name="std_error")
+        return pd.Series(np.sqrt(np.diag(self.vcov().to_numpy())), index=list(self.info.fixed_names),
+                         name="std_error")
+
+    def confint(self, level: float = 0.95) -> pd.DataFrame:
+        """Wald confidence intervals for the fixed effects, as lme4's ``confint(m, parm = "beta_", method =
+        "Wald")``: ``estimate +- z_{(1 + level) / 2} * std_error``, one row per coefficient, columns named as
+        R names them (``"2.5 %"``, ``"97.5 %"``). For a variational fit they are the intervals of q's normal
+        posterior for beta (REML-like fits only)."""
+        from statistics import NormalDist
+
+        level = check_real("level", level, positive=True)
+        if level >= 1.0:
+            raise ValueError(f"level must be in (0, 1), got {level}")
+        se = self.fixef_se()
+        if se is None:
+            self.vcov()  # raises, naming the remedy
+        z = NormalDist().inv_cdf(0.5 + level / 2.0)
+        est = self.fixef()
+        lo, hi = (1.0 - level) / 2.0, (1.0 + level) / 2.0
+        return pd.DataFrame({_percent(lo): est - z * se, _percent(hi): est + z * se})
 
     @x64
     def ranef(self, given_beta: bool = True) -> pd.DataFrame:
@@ -454,6 +490,11 @@ def sd_components(info: DesignInfo, chol, sigma: float) -> tuple[list[str], np.n
     return labels, np.asarray(values)
 
 
+def _percent(p: float) -> str:
+    """R's column name for a quantile (``format(100 * p, trim = TRUE, digits = 3)`` then ``" %"``)."""
+    return f"{100.0 * p:.3g} %"
+
+
 @x64
 def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResult:
     """Results stage, as lme4's ``mkMerMod``: map a fit from the model's standardised units back to the data's
@@ -493,7 +534,10 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         info=model.info,
         spec=spec,
         params=back(params),
-        run=run._replace(elbo_trace=run.elbo_trace + offset, snapshots=snapshots),
+        run=run._replace(
+            elbo_trace=run.elbo_trace + offset, snapshots=snapshots,
+            beta_cov=None if run.beta_cov is None else scaling.beta_cov_to_data_units(run.beta_cov, scales),
+        ),
         options=options,
         fitted=fitted,
         y=model.y,

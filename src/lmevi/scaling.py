@@ -146,6 +146,13 @@ def to_data_units(params: VIParams, spec: QSpec, scales: Scales) -> VIParams:
     return VIParams(model=model, blocks=tuple(blocks))
 
 
+def beta_cov_to_data_units(cov: np.ndarray, scales: Scales) -> np.ndarray:
+    """A ``(p, p)`` covariance of beta from standardised units to the data's: ``beta = d beta' + shift`` with
+    ``d = s_y / s_x``, so ``cov = diag(d) cov' diag(d)``."""
+    d = np.asarray(scales.y_scale / scales.x_scale, np.float64)
+    return np.asarray(cov, np.float64) * np.outer(d, d)
+
+
 def elbo_offset(scales: Scales, n_obs: int, reml: bool) -> float:
     """What to add to a standardised ELBO to get the data's: ``-n log s_y`` (plus beta's Jacobian under
     REML-like fits)."""
