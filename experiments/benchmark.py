@@ -84,6 +84,7 @@ def parse_args(argv):
     # helper modes, run in fresh processes by the main run
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float64", help=argparse.SUPPRESS)
+    p.add_argument("--q", default="structured", help=argparse.SUPPRESS)
     p.add_argument("--num-steps", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cap", type=float, default=60.0, help=argparse.SUPPRESS)

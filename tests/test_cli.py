@@ -66,7 +66,8 @@ def test_ml_fit_has_no_std_error_and_runs_as_a_module(sleep_csv, tmp_path):
     # the module entry point, in a fresh interpreter
     out = tmp_path / "ml"
     proc = subprocess.run(
-        [sys.executable, "-m", "lmevi", "fit", sleep_csv, FORMULA, "--ml", "--out", str(out), "--no-progress"],
+        [sys.executable, "-m", "lmevi", "fit", sleep_csv, FORMULA, "--ml", "--q", "structured", "--out", str(out),
+         "--no-progress"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -197,7 +198,7 @@ def test_warmup_fills_the_cache_and_the_next_process_hits_it(tmp_path):
         "from lmevi.warmup import simulate\n"
         "hits = []\n"
         "jax.monitoring.register_event_listener(lambda e, **k: hits.append(e) if e.endswith('cache_hits') else None)\n"
-        "lmevi.fit('y ~ x + (1 | g)', simulate(180, 13, 4, seed=5), progress=False)\n"
+        "lmevi.fit('y ~ x + (1 | g)', simulate(180, 13, 4, seed=5), q='structured', progress=False)\n"
         "print(len(hits))\n"
     )
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=env, timeout=300)

@@ -114,12 +114,17 @@ def test_anova_refuses_lower_bounds_unless_asked():
 
 
 def test_auto_q_is_exact_when_its_dense_block_is_small():
+    """The dense block left after eliminating the larger factor is the smaller factor's levels plus beta."""
+    from lmevi.build import AUTO_EXACT_MAX
+
     rng = np.random.default_rng(3)
-    n = 6000
-    frame = pd.DataFrame({"a": rng.integers(0, 700, n), "b": rng.integers(0, 600, n), "y": rng.normal(size=n)})
-    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", frame, q="auto").q_name == "structured"  # block 601
+    n, big = 3 * AUTO_EXACT_MAX, AUTO_EXACT_MAX + 100
+    frame = pd.DataFrame({"a": rng.permutation(np.resize(np.arange(big + 50), n)),
+                          "b": rng.permutation(np.resize(np.arange(big), n)), "y": rng.normal(size=n)})
+    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", frame).q_name == "structured"  # block big + 1 (the default)
     small = frame.assign(b=frame["b"] % 40)
-    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="auto").q_name == "exact"  # block 41
+    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small).q_name == "exact"  # block 41
+    assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, dtype="float32").q_name == "structured"
     with pytest.raises(ValueError, match="residual_scale"):
         lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="exact", residual_scale=1.0)
     with warnings.catch_warnings():

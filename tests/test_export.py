@@ -53,7 +53,7 @@ def nested() -> pd.DataFrame:
 def fits(sleepstudy, nested) -> dict[str, lmevi.FitResult]:
     """Each fit once per module: REML (beta in q) and ML (beta a point estimate), both families."""
     return {
-        "sleep_reml": lmevi.fit(SLEEP_FORMULA, sleepstudy, progress=False),
+        "sleep_reml": lmevi.fit(SLEEP_FORMULA, sleepstudy, q="structured", progress=False),
         "sleep_ml_meanfield": lmevi.fit(
             "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)",
             sleepstudy,
@@ -61,7 +61,7 @@ def fits(sleepstudy, nested) -> dict[str, lmevi.FitResult]:
             q="meanfield",
             progress=False,
         ),
-        "nested_reml": lmevi.fit("y ~ x + (1 | site) + (1 | site:unit)", nested, progress=False),
+        "nested_reml": lmevi.fit("y ~ x + (1 | site) + (1 | site:unit)", nested, q="structured", progress=False),
     }
 
 

@@ -88,7 +88,8 @@ def cavi_and_lbfgs(crossed, crossed_fit):
     with warnings.catch_warnings():
         warnings.simplefilter("error", lmevi.ConvergenceWarning)
         lbfgs = lmevi.fit(
-            crossed_fit.info.formula.text, crossed.frame, method="optax", tol=1e-14, num_steps=3000, progress=False
+            crossed_fit.info.formula.text, crossed.frame, q="structured", method="optax", tol=1e-14, num_steps=3000,
+            progress=False,
         )
     return crossed_fit, lbfgs
 

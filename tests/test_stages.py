@@ -33,13 +33,13 @@ def frame() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def fitted(frame):
-    return lmevi.fit(FORMULA, frame, progress=False)
+    return lmevi.fit(FORMULA, frame, q="structured", progress=False)
 
 
 def test_fit_is_the_composition_of_the_stages(frame, fitted):
     """Same stages, same compiled programs: the results agree exactly."""
     how = settings()
-    model = lmevi.build_model(FORMULA, frame)
+    model = lmevi.build_model(FORMULA, frame, q="structured")
     params, run = lmevi.fit_model(model, how)
     staged = lmevi.make_result(model, how, params, run)
     np.testing.assert_array_equal(staged.sd(), fitted.sd())
@@ -129,7 +129,7 @@ PADDING_CASES = {
 
 def _staged(frame, formula, pad, **options):
     how = settings(tol=1e-12)
-    model = lmevi.build_model(formula, frame, pad=pad, **options)
+    model = lmevi.build_model(formula, frame, pad=pad, **{"q": "structured", **options})
     params, run = lmevi.fit_model(model, how)
     return model, lmevi.make_result(model, how, params, run)
 

@@ -29,6 +29,13 @@ def lme4_fit() -> dict:
     return read_fit(LME4_DIR, "reml")
 
 
+def lme4_sd() -> dict:
+    """lme4's REML SDs by group (``s``, ``d``, ``dept``, ``Residual``) from ``varcorr_reml.csv``."""
+    v = read_table(LME4_DIR, "varcorr", "reml")
+    v = v[v["var2"].isna()]
+    return dict(zip(v["grp"], v["sdcor"].astype(float)))
+
+
 def accuracy(ranef: pd.DataFrame, ref: pd.DataFrame) -> dict:
     """Correlation with lme4 per grouping factor, joined on ``grpvar, term, grp`` (level labels)."""
     both = join_by_label(ranef, ref, validate="one_to_one")

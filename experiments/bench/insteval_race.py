@@ -1,6 +1,6 @@
 """lmevi's timings on InstEval, and the InstEval part of the benchmark as a whole.
 
-* the recommended configuration, ``lmevi.fit(formula, df)`` (structured q, REML-like, coordinate ascent on
+* the recommended variational configuration, ``lmevi.fit(formula, df, q="structured")`` (REML-like, coordinate ascent on
   the closed-form ELBO), run for the fewest steps that reach the accuracy target (:func:`steps_to_target`)
   and to convergence; warm (:func:`time_fit`) and cold (a fresh process, :func:`worker_cold`, the ``cold``
   helper mode of ``benchmark.py``); float64 and float32;
@@ -25,7 +25,8 @@ def steps_to_target(df, ref, dtype: str, max_steps: int, **kw) -> tuple[int | No
     import lmevi
 
     snaps = tuple(range(1, max_steps + 1))
-    m = lmevi.fit(FORMULA, df, num_steps=max_steps, tol=0.0, dtype=dtype, snapshot_steps=snaps, progress=False, **kw)
+    m = lmevi.fit(FORMULA, df, q="structured", num_steps=max_steps, tol=0.0, dtype=dtype, snapshot_steps=snaps,
+                  progress=False, **kw)
     trace = []
     for t in snaps:
         acc = accuracy(m.at_step(t).ranef(), ref)
@@ -58,7 +59,7 @@ def time_ours(df, ref, repeats: int, cold_repeats: int, quick: bool) -> dict:
         k, trace = steps_to_target(df, ref, dtype, max_steps=10 if quick else 40)
         if k is None:
             raise RuntimeError(f"lmevi ({dtype}) did not reach the accuracy target: {trace[-1]}")
-        warm, m = time_fit(df, repeats, num_steps=k, tol=0.0, dtype=dtype)
+        warm, m = time_fit(df, repeats, q="structured", num_steps=k, tol=0.0, dtype=dtype)
         acc = accuracy(m.ranef(), ref)
         log(f"  lmevi {dtype}: {k} steps reach the target {fmt_acc(acc)}; warm {warm['median']:.3f} s")
         cold = [worker("cold", "--dtype", dtype, "--num-steps", str(k)) for _ in range(cold_repeats)]
@@ -73,7 +74,7 @@ def time_ours(df, ref, repeats: int, cold_repeats: int, quick: bool) -> dict:
             "cold_import_seconds": spread([c["import_seconds"] for c in cold]),
         }
         if not quick:
-            conv, mc = time_fit(df, repeats, dtype=dtype)
+            conv, mc = time_fit(df, repeats, q="structured", dtype=dtype)
             cold_conv = [worker("cold", "--dtype", dtype, "--num-steps", "0") for _ in range(cold_repeats)]
             res.update(converged_steps=mc.steps, converged_accuracy=accuracy(mc.ranef(), ref),
                        converged_warm_seconds=conv,
@@ -82,6 +83,23 @@ def time_ours(df, ref, repeats: int, cold_repeats: int, quick: bool) -> dict:
                 f"cold {res['converged_cold_seconds']['median']:.3f} s")
         out[dtype] = res
     return out
+
+
+def time_exact(df, repeats: int, cold_repeats: int) -> dict:
+    """``q="exact"`` (lme4's REML criterion, the default ``q="auto"``'s choice where the dense block is small):
+    warm and cold (a fresh process), and the largest relative difference of its SDs from lme4 REML's."""
+    from bench.accuracy import lme4_sd
+
+    warm, m = time_fit(df, repeats, q="exact")
+    ref = lme4_sd()
+    sd = m.sd()
+    diff = max(abs(sd[k] / ref[k] - 1.0) for k in ref)
+    cold = [worker("cold", "--q", "exact", "--num-steps", "0") for _ in range(cold_repeats)]
+    log(f"  exact: warm {warm['median']:.3f} s ({m.steps} evaluations), cold "
+        f"{[round(c['fit_seconds'], 3) for c in cold]}; SDs within {diff:.1e} of lme4 REML")
+    return {"warm_seconds": warm, "cold_seconds": spread([c["fit_seconds"] for c in cold]),
+            "evaluations": int(m.steps), "max_sd_rel_diff_vs_lme4_reml": float(diff),
+            "sd": {k: float(v) for k, v in sd.items()}}
 
 
 def time_family_cost(df, repeats: int) -> dict:
@@ -161,6 +179,8 @@ def insteval_part(args, with_r: bool) -> dict:
     lme4_s = lme4["seconds"]["median"]
     log("lmevi, recommended configuration ...")
     ours = time_ours(df, ref, args.repeats, args.cold_repeats, args.quick)
+    log("lmevi, exact q (lme4's criterion) ...")
+    exact = time_exact(df, args.repeats, args.cold_repeats)
     log("lmevi, tutorial configuration ...")
     tutorial = time_tutorial(df, ref, args.repeats, lme4_s, args.quick)
     log("lmevi, structured against mean-field q ...")
@@ -182,7 +202,7 @@ def insteval_part(args, with_r: bool) -> dict:
         "quick": bool(args.quick),
         "formula": FORMULA,
         "accuracy_target": TARGET,
-        "ours": "lmevi.fit defaults (structured q, reml=True, cavi, closed-form ELBO), float64, "
+        "ours": "lmevi.fit(q='structured') (reml=True, cavi, closed-form ELBO), float64, "
                 "run for the fewest steps (SQUAREM iterations) that reach the accuracy target",
         "lme4_source": lme4["lme4_source"],
         "lme4_seconds": lme4_s,
@@ -195,6 +215,9 @@ def insteval_part(args, with_r: bool) -> dict:
         "ours_converged_cold_seconds": median_of(ours["float64"].get("converged_cold_seconds")),
         "tutorial_seconds_per_step": tutorial["seconds_per_step"]["median"],
         "tutorial_seconds_to_target": (tutorial.get("seconds_to_target") or {}).get("median"),
+        "exact_warm_seconds": exact["warm_seconds"]["median"],
+        "exact_cold_seconds": exact["cold_seconds"]["median"],
+        "exact_max_sd_rel_diff_vs_lme4_reml": exact["max_sd_rel_diff_vs_lme4_reml"],
         "mixedlm_seconds": mixed_s,
         "numpyro_seconds": npy_s,
         "numpyro_reached_target": None if npy is None else npy["reached"],
@@ -208,6 +231,7 @@ def insteval_part(args, with_r: bool) -> dict:
         "speedup_vs_numpyro_is_lower_bound": npy is not None and not npy["reached"],
         "lme4": lme4,
         "lmevi": ours,
+        "exact": exact,
         "tutorial": tutorial,
         "family_cost": family_cost,
         "mixedlm": mixed,
@@ -225,8 +249,9 @@ def worker_cold(args) -> dict:
     warnings.simplefilter("ignore", lmevi.ConvergenceWarning)
     df = lmevi.load_insteval()
     kw = {} if args.num_steps == 0 else {"num_steps": args.num_steps, "tol": 0.0}
+    q = getattr(args, "q", "structured")
     t1 = time.perf_counter()
-    m = lmevi.fit(FORMULA, df, dtype=args.dtype, progress=False, **kw)
+    m = lmevi.fit(FORMULA, df, q=q, dtype=args.dtype if q != "exact" else "float64", progress=False, **kw)
     fit_s = time.perf_counter() - t1
     return {"fit_seconds": fit_s, "import_seconds": t_import, "steps": m.steps,
             "since_import_seconds": time.perf_counter() - t0}

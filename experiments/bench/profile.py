@@ -43,7 +43,7 @@ def worker_profile(args) -> dict:
     warnings.simplefilter("ignore", lmevi.ConvergenceWarning)
     df, _ = simulate(args.n_obs, args.seed)
     reps = args.repeats
-    m = lmevi.fit(FORMULA, df, progress=False)
+    m = lmevi.fit(FORMULA, df, q="structured", progress=False)
 
     problem = structured_problem(df)
     design, params = problem.design, m.params

@@ -171,13 +171,13 @@ def worker_scale(args) -> dict:
         out.to_csv(args.csv, index=False)
         del out
     t0 = time.perf_counter()
-    m = lmevi.fit(FORMULA, df, progress=False)
+    m = lmevi.fit(FORMULA, df, q="structured", progress=False)
     first = time.perf_counter() - t0
     rss_first = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     fits = []
     for _ in range(args.repeats if args.n_obs < 10_000_000 else min(args.repeats, 2)):
         t0 = time.perf_counter()
-        m = lmevi.fit(FORMULA, df, progress=False)
+        m = lmevi.fit(FORMULA, df, q="structured", progress=False)
         fits.append(time.perf_counter() - t0)
     rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     re = m.ranef()

@@ -53,11 +53,13 @@ def fit(
         family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (the only one for now;
             :mod:`lmevi.likelihood`). ``family="structured"`` or ``"meanfield"``, the spelling of q before it
             had its own option, still works with a ``DeprecationWarning``.
-        q: ``"structured"`` (default: small grouping factors share a Gaussian block with the large factor
-            they are nested in, see :mod:`lmevi.variational`), ``"meanfield"`` (the tutorial's fully factorised
-            q), ``"exact"`` (lme4's profiled criterion, :mod:`lmevi.exact`: lme4's estimates and log-likelihood)
-            or ``"auto"`` (exact when its dense block has at most ``lmevi.build.AUTO_EXACT_MAX`` coefficients,
-            else structured).
+        q: ``"auto"`` (default: ``"exact"`` when lme4's criterion applies -- Gaussian, sigma estimated, no
+            ``blocks``, float64, coordinate ascent -- and its dense block has at most
+            ``lmevi.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``
+            and summary say which ran), ``"exact"`` (lme4's profiled criterion, :mod:`lmevi.exact`: lme4's
+            estimates and log-likelihood), ``"structured"`` (variational: small grouping factors share a
+            Gaussian block with the large factor they are nested in, see :mod:`lmevi.variational`) or
+            ``"meanfield"`` (the tutorial's fully factorised q).
         reml: ``True`` (default, as lme4's ``REML = TRUE``) puts beta in q with a flat prior, so the fit
             targets REML estimates; ``False`` makes beta a point estimate (ML-like, and the tutorial's).
         method: ``"cavi"`` (closed-form coordinate ascent) or ``"optax"``; default ``"optax"`` when an
@@ -95,8 +97,10 @@ def fit(
         window=window, seed=seed, progress=progress, accelerate=accelerate, init_scale=init_scale,
         snapshot_steps=snapshot_steps,
     )
-    if q == "auto" and how.method != "cavi":
-        q = "structured"  # the optax path is variational: auto's exact choice does not apply
+    if q == "auto" and (how.method != "cavi" or how.snapshot_steps or not how.accelerate):
+        # options of the variational loop (optax, snapshots during training, plain coordinate ascent) ask
+        # for variational EM: auto's exact choice does not apply
+        q = "structured"
     model = build_model(
         formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi",
@@ -120,4 +124,4 @@ def _family_and_q(family, q) -> tuple[str, str]:
             stacklevel=3,
         )
         return "gaussian", family
-    return family, "structured" if q is None else q
+    return family, "auto" if q is None else q

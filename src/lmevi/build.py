@@ -34,7 +34,7 @@ DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 # The q's a user can ask for: the variational layouts of lmevi.variational, "exact" (lme4's profiled
 # criterion, lmevi.exact) and "auto" (exact when its dense block is at most AUTO_EXACT_MAX coefficients).
 Q_CHOICES = ("structured", "meanfield", "exact", "auto")
-AUTO_EXACT_MAX = 512
+AUTO_EXACT_MAX = 2048
 
 
 @partial(
@@ -125,7 +125,7 @@ def build_model(
     data: pd.DataFrame,
     *,
     family: str = "gaussian",
-    q: str = "structured",
+    q: str = "auto",
     reml: bool = True,
     residual_scale: float | None = None,
     blocks=None,
@@ -162,7 +162,7 @@ def build_model(
     raw_design, info = build_design(parse_formula(formula), data, jdtype, missing)
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units
     design, scales = scaling.standardise(raw_design)
-    q = _resolve_q(q, design, like, residual_scale, blocks)
+    q = _resolve_q(q, design, like, residual_scale, blocks, dtype)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
@@ -170,16 +170,16 @@ def build_model(
     else:
         spec = variational.Q_FAMILIES[q](design, info, reml, small_threshold, blocks)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
-    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad)
+    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact")
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
     )
 
 
-def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks) -> str:
-    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks) and its
-    dense block is small; else structured."""
+def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str) -> str:
+    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks, float64) and
+    its dense block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
     exact_ok = like.name == "gaussian" and residual_scale is None
     if q == "exact" and not exact_ok:
         raise ValueError("q='exact' fits lme4's criterion: a Gaussian likelihood with sigma estimated "
@@ -188,7 +188,7 @@ def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks)
         return q
     from lmevi.exact import dense_block_size
 
-    if exact_ok and blocks is None and dense_block_size(design) <= AUTO_EXACT_MAX:
+    if exact_ok and blocks is None and dtype == "float64" and dense_block_size(design) <= AUTO_EXACT_MAX:
         return "exact"
     return "structured"
 
@@ -235,6 +235,7 @@ def make_problem(
     likelihood: Likelihood = likelihood_lib.GAUSSIAN,
     fixed_sigma: float | None = None,
     pad: bool = False,
+    with_block_data: bool = True,
 ) -> Problem:
     """The kernels' :class:`Problem` for arrays and a block layout of the block-Gaussian q, computing the
     block data (one compiled call).
@@ -245,6 +246,8 @@ def make_problem(
         likelihood: the response distribution.
         fixed_sigma: the fixed residual SD in the arrays' units, or ``None`` to estimate it.
         pad: pad rows and levels to their buckets (:func:`bucket`, :func:`pad_design`).
+        with_block_data: compute the block data; ``False`` leaves ``block_data`` empty, for a model that no
+            variational kernel runs on (``q="exact"``), so that building it compiles nothing.
     """
     n = design.y.shape[0]
     level_mask = None
@@ -255,7 +258,7 @@ def make_problem(
         spec = dataclasses.replace(spec, n_levels=levels)
     return Problem(
         design=design,
-        block_data=_block_data(design, spec),
+        block_data=_block_data(design, spec) if with_block_data else (),
         fixed_sigma=on_device(1.0 if fixed_sigma is None else fixed_sigma, design.y.dtype),
         n_rows=on_device(n, design.y.dtype),
         level_mask=level_mask,

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--q",
         choices=Q_CHOICES,
-        default="structured",
+        default="auto",
         help="q: 'structured' couples small grouping factors with the large factor they are nested in; "
         "'meanfield' factorises across terms; 'exact' fits lme4's criterion; 'auto' is exact when its dense "
         "block is small (default: %(default)s)",

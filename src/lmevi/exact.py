@@ -674,6 +674,8 @@ class ExactFit(NamedTuple):
         objective: ``()`` REML criterion or ``-2 log L`` (lme4's ``REMLcrit`` / ``deviance``).
         loglik: ``()`` ``-objective / 2``, lme4's ``logLik``.
         n_evals: deviance-and-gradient evaluations used.
+        grad_norm: norm of the projected gradient of ``objective / (2 n)`` (minus the log-likelihood per
+            observation) with respect to theta at the end: near zero at an optimum.
         converged: whether L-BFGS-B reported success.
         seconds: wall time of the optimisation and the final estimates.
     """
@@ -688,6 +690,7 @@ class ExactFit(NamedTuple):
     objective: np.ndarray
     loglik: np.ndarray
     n_evals: int
+    grad_norm: float
     converged: bool
     seconds: float
 
@@ -809,9 +812,16 @@ def fit_exact(
         objective=np.asarray(est.objective),
         loglik=np.asarray(-0.5 * est.objective),
         n_evals=n_evals,
+        grad_norm=_projected_grad_norm(res.x, res.jac, lower) / (2.0 * s.n_obs),
         converged=bool(res.success),
         seconds=time.perf_counter() - start,
     )
+
+
+def _projected_grad_norm(x, grad, lower) -> float:
+    """The gradient's norm once the components pushing a parameter at its lower bound outwards are dropped."""
+    grad = np.where((x <= lower) & (grad > 0), 0.0, np.asarray(grad, np.float64))
+    return float(np.linalg.norm(grad))
 
 
 def _lambdas_numpy(theta: np.ndarray, n_coefs: tuple[int, ...]) -> tuple[np.ndarray, ...]:

@@ -153,7 +153,7 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
     s = settings() if fit_settings is None else fit_settings
     problem = model.problem
     if model.q_name == "exact":
-        return _fit_exact(model)
+        return _fit_exact(model, s)
     if s.method != "cavi" and model.padded:
         raise ValueError("the optax path fits unpadded models only: build the model with pad=False")
     init = initial_params(problem, s.init_scale)
@@ -199,13 +199,16 @@ def psd_factor(cov) -> np.ndarray:
         return np.swapaxes(np.linalg.qr(np.swapaxes(B, -1, -2), mode="r"), -1, -2)
 
 
-def _fit_exact(model: Model) -> tuple[VIParams, RunInfo]:
+def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     """lme4's profiled criterion (:func:`lmevi.exact.fit_exact`) on the standardised design, returned in the
     mean-field layout of ``model.spec``: per term the conditional modes and ``condVar`` per level, beta's
-    ``vcov`` as its block under REML. The run's "ELBO" is the (restricted) log-likelihood."""
+    ``vcov`` as its block under REML (and in ``RunInfo.beta_cov`` under both). The run's "ELBO" is the
+    (restricted) log-likelihood; the stop rule's ``num_steps`` bounds the criterion evaluations and its ``tol``
+    is L-BFGS-B's."""
     from lmevi import exact
 
-    fit = exact.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model))
+    fit = exact.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
+                          max_evals=s.rule.num_steps)
     blocks = []
     for block in model.spec.blocks:
         if block.large is not None:
@@ -215,7 +218,7 @@ def _fit_exact(model: Model) -> tuple[VIParams, RunInfo]:
             blocks.append(BlockParams(None, None, None, fit.beta, psd_factor(fit.beta_cov)))
     beta = None if model.reml else fit.beta
     params = VIParams(ModelParams(beta=beta, chol=fit.chol, sigma=fit.sigma), tuple(blocks))
-    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, float("nan"), {},
+    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, fit.grad_norm, {},
                   beta_cov=fit.beta_cov)
     return params, run
 

@@ -508,9 +508,14 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     """
     problem, scales, spec = model.problem, model.scales, model.spec
     n = model.info.n_obs
-    mean = _row_mean(problem, params)
-    fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
-    fitted = scales.y_shift + scales.y_scale * np.asarray(fixed + mean, dtype=np.float64)[:n]
+    exact_fit = model.q_name == "exact"
+    if exact_fit:  # on the host: an exact fit of a small model compiles nothing
+        linear = _exact_linear_predictor(problem.design, spec, params)
+    else:
+        mean = _row_mean(problem, params)
+        fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
+        linear = np.asarray(fixed + mean, dtype=np.float64)
+    fitted = scales.y_shift + scales.y_scale * linear[:n]
     offset = scaling.elbo_offset(scales, n, spec.reml)
 
     def back(p):  # to the data's levels (padding dropped) and units, on the host
@@ -521,7 +526,6 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
 
     snapshots = {t: back(p) for t, p in run.snapshots.items()}
     s = fit_settings
-    exact_fit = model.q_name == "exact"
     options = FitOptions(
         family=problem.likelihood.name, q=model.q_name, reml=model.reml,
         method="profiled" if exact_fit else s.method, elbo="none" if exact_fit else s.elbo,
@@ -544,6 +548,21 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         scales=scales,
         data=model.data,
     )
+
+
+def _exact_linear_predictor(design, spec: QSpec, params: VIParams) -> np.ndarray:
+    """``X beta + sum_k Z_k b_k`` in NumPy for an exact fit, whose q has the mean-field layout (one block per
+    term holding its conditional modes, beta's block under REML); ``(n_rows,)``."""
+    X = np.asarray(design.X, np.float64)
+    out = X @ np.asarray(params.model.beta, np.float64) if params.model.beta is not None else np.zeros(len(X))
+    for block, bp in zip(spec.blocks, params.blocks):
+        if block.large is not None:
+            term = design.terms[block.large]
+            effects = np.asarray(bp.loc_large, np.float64)[np.asarray(term.index)]
+            out = out + np.sum(np.asarray(term.covariates, np.float64) * effects, axis=1)
+        if block.fixed:
+            out = out + X @ np.asarray(bp.loc_small, np.float64)
+    return out
 
 
 @sized_jit
