@@ -379,3 +379,31 @@ def test_meanfield_collapses_a_nested_outer_factor_and_structured_recovers_it(ne
     assert sd_mf < 0.05 * realized
     # the collapse is the outer factor's alone: both families agree on the residual SD (measured 0.06%)
     assert meanfield.sd()["Residual"] == pytest.approx(structured.sd()["Residual"], rel=0.01)
+
+
+def _schools(n_schools: int = 80, teachers_per_school: int = 6, rows_per_teacher: int = 12, seed: int = 2):
+    """Teachers nested in schools, both large (480 and 80 levels), as the education data of lme4's users:
+    ``y ~ 1 + (1 | tch) + (1 | sch)`` with a school SD of 1 and a teacher SD of 0.5."""
+    rng = np.random.default_rng(seed)
+    n_tch = n_schools * teachers_per_school
+    tch = np.repeat(np.arange(n_tch), rows_per_teacher)
+    sch = tch // teachers_per_school
+    y = 1.0 + rng.normal(size=n_schools)[sch] + 0.5 * rng.normal(size=n_tch)[tch] + rng.normal(size=len(tch))
+    return pd.DataFrame({"y": y, "tch": tch, "sch": sch})
+
+
+def test_nesting_is_never_split_between_blocks():
+    """80 schools are more than ``small_threshold`` coefficients, yet they nest the teachers: they join the
+    teachers' block, q is then the exact posterior (one block), and the school SD is lme4's, where a block of
+    its own drained it. Both fits converge to 1e-10 relative ELBO change: 1e-5 relative on the SDs."""
+    frame = _schools()
+    model = lmevi.build_model("y ~ 1 + (1 | tch) + (1 | sch)", frame, q="structured")
+    assert [(b.large, b.small) for b in model.spec.blocks] == [(0, (1,))]
+    structured = lmevi.fit("y ~ 1 + (1 | tch) + (1 | sch)", frame, q="structured", progress=False)
+    exact = lmevi.fit("y ~ 1 + (1 | tch) + (1 | sch)", frame, q="exact", progress=False)
+    assert structured.exact
+    np.testing.assert_allclose(structured.sd(), exact.sd(), rtol=1e-5)
+    # a parent above NESTED_MAX coefficients keeps a block of its own (its dense part would cost J p_w^2)
+    big = _schools(n_schools=variational.NESTED_MAX + 10, teachers_per_school=2, rows_per_teacher=4)
+    spec = lmevi.build_model("y ~ 1 + (1 | tch) + (1 | sch)", big, q="structured").spec
+    assert sorted(b.large for b in spec.blocks if b.large is not None) == [0, 1]

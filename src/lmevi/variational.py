@@ -189,6 +189,13 @@ def entanglement(design: Design, small: int, large: int) -> float:
     return float(counts.reshape(-1, js).max(axis=1).sum() / len(gs))
 
 
+# A factor nests another when at least this share of the other's rows sit in its most common level for each
+# of the other's levels (:func:`entanglement`); nesting parents up to NESTED_MAX coefficients join the
+# nested factor's block (the dense part of a block costs J_L p_w^2 per sweep).
+NEST_SHARE = 0.95
+NESTED_MAX = 200
+
+
 def structured_spec(
     design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None
 ) -> QSpec:
@@ -198,7 +205,9 @@ def structured_spec(
         design: the arrays (for the nesting shares).
         info: labels of the terms.
         reml: whether beta joins q.
-        small_threshold: a term with ``J_k p_k <= small_threshold`` is small.
+        small_threshold: a term with ``J_k p_k <= small_threshold`` is small; so is a term that nests a larger
+            one (:data:`NEST_SHARE`) and has at most :data:`NESTED_MAX` coefficients. Each small term joins the
+            block of the large term it is most entangled with.
         blocks: optional override, a sequence of tuples of grouping-factor names (as lme4 prints them);
             a tuple may also contain ``"fixed"`` to put beta there when ``reml=True``.
 
@@ -209,7 +218,16 @@ def structured_spec(
     if blocks is not None:
         return _spec("structured", info, _user_blocks(info, size, reml, small_threshold, blocks), reml)
     large = [k for k, s in enumerate(size) if s > small_threshold]
-    small = [k for k, s in enumerate(size) if s <= small_threshold]
+    # Nesting is never split: a large factor whose levels (nearly) nest those of another large factor joins
+    # that factor's block as its dense part when it has at most NESTED_MAX coefficients. In a block of its
+    # own, q would drain its variance into the nested factor's, as mean-field q drains InstEval's departments.
+    for parent in sorted(large, key=lambda k: size[k]):
+        if size[parent] <= NESTED_MAX and any(
+            size[child] > size[parent] and entanglement(design, parent, child) >= NEST_SHARE
+            for child in large if child != parent
+        ):
+            large.remove(parent)
+    small = [k for k in range(len(size)) if k not in large]
     if not large:
         return _spec("structured", info, [Block(large=None, small=tuple(small), fixed=reml)], reml)
     members: dict[int, list[int]] = {k: [] for k in large}
