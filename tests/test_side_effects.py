@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np, pandas as pd
     {simulate}
     frame = simulate_crossed()
-    m = lmevi.fit({formula!r}, frame, tol=1e-14, num_steps=3000, progress=False)
+    m = lmevi.fit({formula!r}, frame, q="structured", tol=1e-14, num_steps=3000, progress=False)
     ranef = m.ranef()
     pred = m.predict(frame)
     print(json.dumps(dict(
