@@ -114,6 +114,12 @@ def insteval_rows(ins: dict) -> list[dict]:
                 o["converged_warm_seconds"], o["converged_accuracy"], "default stop rule")
             add("lmevi", f"recommended, {dtype}, converged ({o['converged_steps']} steps), cold",
                 o["converged_cold_seconds"], o["converged_accuracy"], COLD_NOTE)
+    ex = ins.get("exact")
+    if ex:
+        note = f"lme4's criterion; SDs within {ex['max_sd_rel_diff_vs_lme4_reml']:.1e} of lme4 REML"
+        add("lmevi", f"exact q (default q='auto' here), {ex['evaluations']} evaluations, warm", ex["warm_seconds"],
+            None, note)
+        add("lmevi", "exact q, cold", ex["cold_seconds"], None, COLD_NOTE)
     fc = ins.get("family_cost")
     if fc:
         for family in ("structured", "meanfield"):
