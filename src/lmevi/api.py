@@ -44,6 +44,7 @@ def fit(
     accelerate: bool = True,
     init_scale: float = 0.1,
     snapshot_steps=(),
+    devices=None,
 ) -> FitResult:
     """Fit a linear mixed model by variational EM.
 
@@ -84,6 +85,10 @@ def fit(
             starts at its closed-form optimum given the starting point estimates).
         snapshot_steps: steps after which to keep the parameters; ``result.at_step(t)`` is then the fit as
             it stood after step ``t`` (the tutorial's residual histograms every ``n_print`` steps).
+        devices: shard the rows over this many JAX devices (or these devices): each holds a slice of the
+            rows, per-level sums are reduced across devices by XLA, and the fit equals the one-device fit to
+            rounding (:func:`lmevi.build_model`). Coordinate ascent with a variational q; ``q="auto"`` then
+            takes the structured q.
 
     Returns:
         A :class:`~lmevi.results.FitResult`.
@@ -103,7 +108,7 @@ def fit(
         q = "structured"
     model = build_model(
         formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
-        small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi",
+        small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi", devices=devices,
     )
     params, run = fitting.fit_model(model, how)
     checks.warn_convergence(run, how.rule, stacklevel=3)

@@ -133,6 +133,7 @@ def build_model(
     dtype: str = "float64",
     missing: str = "raise",
     pad: bool = True,
+    devices=None,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
@@ -140,6 +141,11 @@ def build_model(
         pad: pad rows and levels up to size buckets (:func:`bucket`) so that data of another size compiles
             nothing new; the fit is the same (padding rows and levels drop out of every sum). Coordinate
             ascent only: the optax path needs ``pad=False``.
+        devices: shard the rows over these JAX devices (a number: the first that many of ``jax.devices()``;
+            or a sequence of devices); ``None`` (default) keeps every array on the default device. Padding rows
+            make the row count a multiple of the number of devices; per-level arrays are replicated and XLA
+            reduces each device's per-level sums across devices (GSPMD), so the fit equals the one-device fit
+            to rounding. Variational q with coordinate ascent only (``pad=True``).
 
     Returns:
         A :class:`Model`.
@@ -157,12 +163,16 @@ def build_model(
     dtype = check_choice("dtype", dtype, tuple(DTYPES))
     missing = check_choice("missing", missing, ("raise", "drop"))
     pad = check_bool("pad", pad)
+    sharding = row_sharding(devices)
+    if sharding is not None and (q == "exact" or not pad):
+        raise ValueError("devices= shards the rows of a variational fit by coordinate ascent: it needs a "
+                         "variational q (not q='exact') and pad=True (method='cavi')")
     jdtype = DTYPES[dtype]
 
     raw_design, info = build_design(parse_formula(formula), data, jdtype, missing)
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units
     design, scales = scaling.standardise(raw_design)
-    q = _resolve_q(q, design, like, residual_scale, blocks, dtype)
+    q = _resolve_q(q, design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
@@ -170,16 +180,17 @@ def build_model(
     else:
         spec = variational.Q_FAMILIES[q](design, info, reml, small_threshold, blocks)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
-    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact")
+    problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
+                           sharding=sharding)
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
     )
 
 
-def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str) -> str:
-    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks, float64) and
-    its dense block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
+def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str, sharded: bool = False) -> str:
+    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks, float64, rows
+    not sharded) and its dense block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
     exact_ok = like.name == "gaussian" and residual_scale is None
     if q == "exact" and not exact_ok:
         raise ValueError("q='exact' fits lme4's criterion: a Gaussian likelihood with sigma estimated "
@@ -188,7 +199,7 @@ def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks,
         return q
     from lmevi.exact import dense_block_size
 
-    if exact_ok and blocks is None and dtype == "float64" and dense_block_size(design) <= AUTO_EXACT_MAX:
+    if exact_ok and blocks is None and not sharded and dtype == "float64" and dense_block_size(design) <= AUTO_EXACT_MAX:
         return "exact"
     return "structured"
 
@@ -228,6 +239,40 @@ def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design
     )
 
 
+def row_sharding(devices):
+    """A ``NamedSharding`` that splits the leading (row) axis over ``devices`` (see :func:`build_model`), or
+    ``None`` for ``devices=None``."""
+    if devices is None:
+        return None
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if isinstance(devices, bool) or not isinstance(devices, (int, list, tuple)):
+        raise TypeError(f"devices must be a number of devices or a sequence of JAX devices, got {devices!r}")
+    available = jax.devices()
+    if isinstance(devices, int):
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"devices={devices}: this process has {len(available)} JAX device(s) "
+                             "(on CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+        devices = available[:devices]
+    if not devices:
+        raise ValueError("devices= needs at least one device")
+    return NamedSharding(Mesh(np.asarray(list(devices)), ("rows",)), PartitionSpec("rows"))
+
+
+def shard_rows(design: Design, sharding) -> Design:
+    """Every per-row array of ``design`` placed with ``sharding`` (rows split over its devices)."""
+
+    def put(a):
+        return jax.device_put(a, sharding)
+
+    return Design(
+        y=put(design.y),
+        X=put(design.X),
+        terms=tuple(TermData(index=put(t.index), covariates=put(t.covariates), n_levels=t.n_levels)
+                    for t in design.terms),
+    )
+
+
 def make_problem(
     design: Design,
     spec: QSpec,
@@ -236,6 +281,7 @@ def make_problem(
     fixed_sigma: float | None = None,
     pad: bool = False,
     with_block_data: bool = True,
+    sharding=None,
 ) -> Problem:
     """The kernels' :class:`Problem` for arrays and a block layout of the block-Gaussian q, computing the
     block data (one compiled call).
@@ -248,14 +294,21 @@ def make_problem(
         pad: pad rows and levels to their buckets (:func:`bucket`, :func:`pad_design`).
         with_block_data: compute the block data; ``False`` leaves ``block_data`` empty, for a model that no
             variational kernel runs on (``q="exact"``), so that building it compiles nothing.
+        sharding: a ``jax.sharding.Sharding`` of the rows (:func:`row_sharding`) to place every per-row array
+            with, after padding the rows to a multiple of its device count; needs ``pad=True``.
     """
     n = design.y.shape[0]
     level_mask = None
     if pad:
         levels = tuple(bucket(J, LEVEL_MIN) for J in spec.n_levels)
         level_mask = tuple(on_device(np.arange(P) < J, design.y.dtype) for P, J in zip(levels, spec.n_levels))
-        design = pad_design(design, bucket(n, ROW_MIN), levels)
+        n_devices = 1 if sharding is None else len(sharding.device_set)
+        design = pad_design(design, -(-bucket(n, ROW_MIN) // n_devices) * n_devices, levels)
         spec = dataclasses.replace(spec, n_levels=levels)
+    if sharding is not None:
+        if not pad:
+            raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")
+        design = shard_rows(design, sharding)
     return Problem(
         design=design,
         block_data=_block_data(design, spec) if with_block_data else (),
