@@ -244,7 +244,7 @@ def run_optax(
         run_chunk, carry, rule, chunk, progress, problem.design.y.dtype, "lmevi optax", (snapshot_steps, to_params)
     )
     params = q.to_constrained(raw, problem.sigma_if_fixed)
-    gnorm = final_grad_norm(problem, params) if with_grad_norm else float("nan")
+    gnorm = final_grad_norm(problem, params)
     return params, RunInfo(trace, steps, done, seconds, float(gnorm), snaps)
 
 
@@ -340,5 +340,5 @@ def run_cavi(
     params, trace, steps, done, seconds, snaps = _drive(
         run_chunk, params, rule, chunk, progress, problem.design.y.dtype, "lmevi cavi", (snapshot_steps, lambda c: c)
     )
-    gnorm = final_grad_norm(problem, params)
+    gnorm = final_grad_norm(problem, params) if with_grad_norm else float("nan")
     return params, RunInfo(trace, steps, done, seconds, float(gnorm), snaps)

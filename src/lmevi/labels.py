@@ -51,6 +51,10 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     if isinstance(col.dtype, pd.CategoricalDtype):
         codes = col.cat.codes.to_numpy().astype(np.int64)
         return codes, [level_label(c) for c in col.cat.categories]
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        # numbers sort as numbers (R's factor); pandas sorts the uniques, labels are made in bulk
+        codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
+        return codes.astype(np.int64), _number_labels(np.asarray(uniques))
     codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
     values = list(uniques)
     labels = [level_label(v) for v in values]
@@ -62,6 +66,17 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     rank[order] = np.arange(len(values))
     codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(values) else -1, -1)
     return codes, [labels[i] for i in order]
+
+
+def _number_labels(values: np.ndarray) -> list[str]:
+    """:func:`level_label` of every number in ``values``, in bulk where every value is a whole number."""
+    if values.dtype.kind in "iu":
+        return values.astype(str).tolist()
+    if values.dtype.kind == "f":
+        whole = np.isfinite(values) & (values == np.floor(values)) & (np.abs(values) < 1e15)
+        if whole.all():
+            return values.astype(np.int64).astype(str).tolist()
+    return [level_label(v) for v in values]
 
 
 @dataclass(frozen=True)
@@ -103,13 +118,26 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
         missing |= codes < 0
     if len(parts) == 1:
         codes, labels = parts[0]
-        used = np.unique(codes[~missing])
+        used = np.flatnonzero(np.bincount(codes[~missing], minlength=len(labels)))
         remap = np.full(len(labels), -1, dtype=np.int64)
         remap[used] = np.arange(len(used))
         out = np.where(missing, -1, remap[np.maximum(codes, 0)] if len(labels) else -1)
         return out, [(labels[u],) for u in used]
-    stacked = np.stack([np.where(missing, 0, c) for c, _ in parts], axis=1)
-    uniq, inverse = np.unique(stacked[~missing], axis=0, return_inverse=True)  # lexicographic: a slowest
+    sizes = [max(len(labels), 1) for _, labels in parts]
+    if float(np.prod([float(z) for z in sizes])) < 2.0**62:
+        # one mixed-radix number per row (first column slowest): sorting it is the lexicographic order
+        key = np.zeros(n, dtype=np.int64)
+        for (codes, _), size in zip(parts, sizes):
+            key = key * size + np.where(missing, 0, codes)
+        uniq_key, inverse = np.unique(key[~missing], return_inverse=True)
+        digits = []
+        for size in reversed(sizes):
+            digits.append(uniq_key % size)
+            uniq_key = uniq_key // size
+        uniq = np.stack(digits[::-1], axis=1)
+    else:
+        stacked = np.stack([np.where(missing, 0, c) for c, _ in parts], axis=1)
+        uniq, inverse = np.unique(stacked[~missing], axis=0, return_inverse=True)  # lexicographic: a slowest
     out = np.full(n, -1, dtype=np.int64)
     out[~missing] = inverse.reshape(-1)
     keys = [tuple(parts[c][1][int(v)] for c, v in enumerate(row)) for row in uniq]
