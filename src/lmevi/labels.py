@@ -50,22 +50,33 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
         codes = col.cat.codes.to_numpy().astype(np.int64)
-        return codes, [level_label(c) for c in col.cat.categories]
+        return codes, _labels_of(col.cat.categories)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         # numbers sort as numbers (R's factor); pandas sorts the uniques, labels are made in bulk
         codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
         return codes.astype(np.int64), _number_labels(np.asarray(uniques))
     codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
-    values = list(uniques)
-    labels = [level_label(v) for v in values]
-    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        order = sorted(range(len(values)), key=lambda i: float(values[i]))
+    if pd.api.types.infer_dtype(uniques, skipna=False) == "string":
+        # text labels are the values themselves; NumPy sorts text by code point, as Python's sorted does
+        labels = [str(v) for v in uniques]
+        order = np.argsort(np.asarray(labels, dtype=str), kind="stable").tolist()
     else:
-        order = sorted(range(len(values)), key=lambda i: labels[i])
-    rank = np.empty(len(values), dtype=np.int64)
-    rank[order] = np.arange(len(values))
-    codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(values) else -1, -1)
+        labels = [level_label(v) for v in uniques]
+        order = sorted(range(len(labels)), key=lambda i: labels[i])
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[order] = np.arange(len(labels))
+    codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(labels) else -1, -1)
     return codes, [labels[i] for i in order]
+
+
+def _labels_of(values) -> list[str]:
+    """:func:`level_label` of every value, in bulk for numbers and text."""
+    array = np.asarray(values)
+    if array.dtype.kind in "iuf":
+        return _number_labels(array)
+    if pd.api.types.infer_dtype(values, skipna=False) == "string":
+        return [str(v) for v in values]
+    return [level_label(v) for v in values]
 
 
 def _number_labels(values: np.ndarray) -> list[str]:
