@@ -305,6 +305,8 @@ def make_problem(
         n_devices = 1 if sharding is None else len(sharding.device_set)
         design = pad_design(design, -(-bucket(n, ROW_MIN) // n_devices) * n_devices, levels)
         spec = dataclasses.replace(spec, n_levels=levels)
+    else:
+        design = pad_design(design, n, spec.n_levels)  # no padding: the arrays copied to the device once
     if sharding is not None:
         if not pad:
             raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")

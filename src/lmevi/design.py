@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 
-from lmevi.precision import on_device
+from lmevi.precision import host_array
 from lmevi.formula import Formula, RandomTerm
 from lmevi.labels import Levels, levels_of
 from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, required_columns, to_formulaic
@@ -160,7 +160,9 @@ def build_design(
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms)
-    design = Design(y=on_device(y, dtype), X=on_device(X, dtype), terms=tuple(terms))
+    # host (NumPy) arrays: standardising and padding happen on the host, and lmevi.build.make_problem copies
+    # the final arrays to the device once
+    design = Design(y=host_array(y, dtype), X=host_array(X, dtype), terms=tuple(terms))
     numeric = tuple(
         c for c in columns
         if pd.api.types.is_numeric_dtype(data[c]) and not isinstance(data[c].dtype, pd.CategoricalDtype)
@@ -437,7 +439,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         coef_spec=mm.model_spec,
         level_keys=levels,
     )
-    data_ = TermData(index=on_device(codes, jnp.int32), covariates=on_device(cov, dtype), n_levels=used)
+    data_ = TermData(index=host_array(codes, jnp.int32), covariates=host_array(cov, dtype), n_levels=used)
     return data_, info
 
 

@@ -30,6 +30,12 @@ def to_host(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def host_array(a, dtype) -> np.ndarray:
+    """``a`` as a C-ordered NumPy array of ``dtype`` (a NumPy or JAX dtype): reductions over a Fortran-ordered
+    copy would sum in another order and differ in the last bits."""
+    return np.ascontiguousarray(a, dtype=np.dtype(dtype))
+
+
 def on_device(a, dtype) -> jax.Array:
     """``a`` as a JAX array of ``dtype``, converted on the host and copied with ``jax.device_put``:
     ``jnp.asarray`` and conversions on the device compile a small program for every new shape, which data of

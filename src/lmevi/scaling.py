@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmevi.precision import on_device, to_host
+from lmevi.precision import host_array, to_host
 from lmevi.design import Design, TermData
 from lmevi.variational import QSpec, VIParams
 from lmevi.model import ModelParams
@@ -84,10 +84,10 @@ def standardise(design: Design) -> tuple[Design, Scales]:
     z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64)) for t in design.terms)
     dtype = design.y.dtype
     scaled = Design(
-        y=on_device((y - y_shift) / y_scale, dtype),
-        X=on_device(X / x_scale, dtype),
+        y=host_array((y - y_shift) / y_scale, dtype),
+        X=host_array(X / x_scale, dtype),
         terms=tuple(
-            TermData(index=t.index, covariates=on_device(np.asarray(t.covariates, np.float64) / s, dtype),
+            TermData(index=t.index, covariates=host_array(np.asarray(t.covariates, np.float64) / s, dtype),
                      n_levels=t.n_levels)
             for t, s in zip(design.terms, z_scale)
         ),
