@@ -32,9 +32,12 @@ order), the lower triangle of each ``Lambda_k`` read column by column, as lme4's
 out one term. lme4 itself orders its terms by decreasing number of levels, so for formulas not already in
 that order the terms' blocks of lme4's theta come in a different order; within a block the order is the same.
 
-Unlike the rest of lmevi this is not variational: it is lme4's own criterion, optimised with L-BFGS-B and
-exact gradients by JAX (lme4 uses the derivative-free BOBYQA). It is meant for designs whose dense rest
-block is small enough (:func:`dense_block_size`): the cost of one evaluation is ``O(P^3)``.
+Unlike the rest of lmevi this is not variational: it is lme4's own criterion, optimised with L-BFGS-B (lme4
+uses the derivative-free BOBYQA). One implementation runs on two array backends (:class:`_Ops`): JAX, jitted
+with exact, partly hand-written gradients, for larger dense blocks; NumPy, with central-difference gradients,
+for small ones (:data:`NUMPY_MAX`), where compiling would cost far more than evaluating. It is meant for
+designs whose dense rest block is small enough (:func:`dense_block_size`; ``q="auto"`` uses it up to
+``lmevi.build.AUTO_EXACT_MAX``): the cost of one evaluation is ``O(P^3)``.
 """
 
 from __future__ import annotations
