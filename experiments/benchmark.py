@@ -57,7 +57,7 @@ from bench.baselines import worker_numpyro  # noqa: E402
 from bench.harness import ROOT, log, machine_info, r_available  # noqa: E402
 from bench.insteval_race import insteval_part, worker_cold  # noqa: E402
 from bench.profile import profile_part, worker_profile  # noqa: E402
-from bench.scaling import scaling_part, slopes as scaling_slopes, worker_scale  # noqa: E402
+from bench.scaling import scaling_part, sharded_part, slopes as scaling_slopes, worker_scale  # noqa: E402
 from bench.writing import jsonable, plot_scaling, write_outputs  # noqa: E402
 
 WORKERS = {"cold": worker_cold, "numpyro": worker_numpyro, "scale": worker_scale, "profile": worker_profile}
@@ -129,7 +129,8 @@ def main(argv=None) -> dict | None:
     slopes = scaling_slopes(scal, lo, hi)
     plot_scaling(scal, slopes, out_dir / "scaling.png", lo, hi)
     prof = profile_part(args)
-    return write_outputs(out_dir, args, ins, scal, slopes, lo, hi, prof, machine, start)
+    sharded = None if args.quick else sharded_part()
+    return write_outputs(out_dir, args, ins, scal, slopes, lo, hi, prof, machine, start, sharded)
 
 
 def run_worker(args) -> None:

@@ -124,6 +124,48 @@ def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
     return rows
 
 
+SHARDED_CODE = r"""
+import json, time, warnings
+import numpy as np, jax, lmevi
+warnings.simplefilter("ignore")
+data = lmevi.load_insteval()
+formula = "y ~ service + (1|s) + (1|d) + (1|dept)"
+fits, seconds = {}, {}
+for name, devices in (("single", None), ("sharded", len(jax.devices()))):
+    lmevi.fit(formula, data, q="structured", accelerate=False, progress=False, devices=devices)
+    t0 = time.perf_counter()
+    fits[name] = lmevi.fit(formula, data, q="structured", accelerate=False, progress=False, devices=devices)
+    seconds[name] = time.perf_counter() - t0
+a, b = fits["single"], fits["sharded"]
+diff = max(float(np.max(np.abs(a.sd().to_numpy() - b.sd().to_numpy()))),
+           float(np.max(np.abs(a.fixef().to_numpy() - b.fixef().to_numpy()))),
+           float(np.max(np.abs(a.ranef().condval.to_numpy() - b.ranef().condval.to_numpy()))))
+print(json.dumps(dict(devices=len(jax.devices()), processes=1, seconds=seconds["sharded"],
+                      single_device_seconds=seconds["single"], max_abs_diff_vs_single=diff,
+                      steps=[a.steps, b.steps], data="InstEval, q='structured', plain coordinate ascent")))
+"""
+
+
+def sharded_part(devices: int = 4) -> dict:
+    """InstEval fitted with its rows sharded over ``devices`` CPU devices (a fresh process with
+    ``--xla_force_host_platform_device_count``) against the one-device fit in the same process: warm seconds and
+    the largest absolute difference of SDs, fixed effects and conditional modes."""
+    import os
+    import subprocess
+    import sys
+
+    log(f"sharded: InstEval on {devices} CPU devices against one ...")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    out = subprocess.run([sys.executable, "-c", SHARDED_CODE], capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        return {"devices": devices, "processes": 1, "error": out.stderr[-500:]}
+    res = last_json(out.stdout)
+    log(f"  {res['seconds']:.3f} s sharded, {res['single_device_seconds']:.3f} s on one device; "
+        f"max abs difference {res['max_abs_diff_vs_single']:.1e}")
+    return res
+
+
 def scale_row(res: dict) -> dict:
     """The flat entries of a ``scale`` worker's result, with its peak RSS, logged in one line."""
     row = {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
@@ -180,6 +222,9 @@ def worker_scale(args) -> dict:
         m = lmevi.fit(FORMULA, df, q="structured", progress=False)
         fits.append(time.perf_counter() - t0)
     rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    t0 = time.perf_counter()
+    lmevi.build_model(FORMULA, df, q="structured")  # the design stage alone (its programs compiled above)
+    design = time.perf_counter() - t0
     re = m.ranef()
     acc = {}
     for g in FACTORS:
@@ -205,7 +250,10 @@ def worker_scale(args) -> dict:
         "fit_seconds_max": float(np.max(fits)),
         "fit_seconds_first_call": first,
         "loop_seconds": m.run.seconds,
+        "design_seconds": design,
+        "design_share_of_fit": design / float(np.median(fits)),
         "seconds_per_sweep": per_sweep,
+        "sweep_ms": per_sweep * 1e3,
         "seconds_per_eval": per_eval,
         "peak_rss_gb_after_first_fit": rss_first,
         "peak_rss_gb_after_fits": rss_fit,

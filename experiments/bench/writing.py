@@ -153,7 +153,7 @@ def insteval_rows(ins: dict) -> list[dict]:
     return rows
 
 
-def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine, quick):
+def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine, quick, sharded=None):
     """``benchmark.md``: the InstEval table, the targets, the scaling table and slopes, the profile, the machine."""
     L = []
     L.append("### Time to lme4 accuracy on InstEval (73,421 rows)")
@@ -178,13 +178,15 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
     L.append("")
     L.append("### Scaling on simulated InstEval-shaped data")
     L.append("")
-    L.append("| rows | students | instructors | steps | fit warm (s) | fit first call (s) | per sweep (ms) | "
+    L.append("| rows | students | instructors | steps | fit warm (s) | fit first call (s) | design (s) | per sweep (ms) | "
              "ELBO+grad (ms) | peak RSS (GB) | lme4 (s) | cores |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in scal:
         lm = f"{r['lme4_seconds']:.3g}" if r["lme4_seconds"] else r["lme4_status"]
+        design = "" if r.get("design_seconds") is None else f"{r['design_seconds']:.3g}"
         L.append(f"| {r['n_obs']:,} | {r['n_students']:,} | {r['n_instructors']:,} | {r['steps']} | "
-                 f"{r['fit_seconds']:.3g} | {r['fit_seconds_first_call']:.3g} | {r['seconds_per_sweep'] * 1e3:.3g} | "
+                 f"{r['fit_seconds']:.3g} | {r['fit_seconds_first_call']:.3g} | {design} | "
+                 f"{r['seconds_per_sweep'] * 1e3:.3g} | "
                  f"{r['seconds_per_eval'] * 1e3:.3g} | {r['peak_rss_gb']:.2f} | {lm} | {r.get('cores_used', '')} |")
     L.append("")
     L.append("A step of the default fit is one SQUAREM iteration (three coordinate-ascent sweeps). Fit times are "
@@ -193,6 +195,12 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
     L.append("")
     L.append("Log-log slopes of time against rows: " + ", ".join(
         f"{k} {v:.2f}" for k, v in slopes.items() if v is not None) + ". See `scaling.png`.")
+    if sharded and "seconds" in sharded:
+        L.append("")
+        L.append(f"Rows sharded over {sharded['devices']} CPU devices (one process, "
+                 "`--xla_force_host_platform_device_count`), InstEval, structured q, plain coordinate ascent: "
+                 f"{sharded['seconds']:.3g} s warm against {sharded['single_device_seconds']:.3g} s on one device "
+                 f"(the same 2 cores), largest absolute difference {sharded['max_abs_diff_vs_single']:.1e}.")
     L.append("")
     L.append(f"### What limits speed now (one sweep at {prof['n_obs']:,} rows)")
     L.append("")
@@ -225,7 +233,7 @@ def jsonable(x):
 
 
 def write_outputs(out_dir: Path, args, ins: dict, scal: list[dict], slopes: dict, lo: int, hi: int, prof: dict,
-                  machine: dict, start: float) -> dict:
+                  machine: dict, start: float, sharded: dict | None = None) -> dict:
     """Write the tables, ``benchmark.json`` and ``benchmark.md`` to ``out_dir``, log the summary and return
     the JSON result; ``start`` is the ``time.perf_counter()`` of the run's beginning."""
     rows_t = insteval_rows(ins)
@@ -241,6 +249,7 @@ def write_outputs(out_dir: Path, args, ins: dict, scal: list[dict], slopes: dict
         "scaling_slopes": {"range": [lo, hi], **slopes},
         "profile": prof,
         "targets": targets,
+        "sharded": sharded,
         "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if not k.startswith("worker") and k not in ("dtype", "num_steps", "data", "cap", "chunk",
@@ -250,7 +259,7 @@ def write_outputs(out_dir: Path, args, ins: dict, scal: list[dict], slopes: dict
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     result = jsonable(result)
     (out_dir / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out_dir / "benchmark.md", ins, rows_t, targets, scal, slopes, prof, machine, args.quick)
+    write_markdown(out_dir / "benchmark.md", ins, rows_t, targets, scal, slopes, prof, machine, args.quick, sharded)
     log("")
     log(pd.DataFrame(rows_t)[["method", "configuration", "median_s", "min_s", "max_s", "ratio_to_ours",
                               "accuracy"]].to_string(index=False))
