@@ -361,9 +361,10 @@ def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> tuple[list[int], l
     columns."""
     if X.shape[1] == 0:
         return [], []
-    scale = np.linalg.norm(X, axis=0)
+    G = X.T @ X  # one BLAS pass over the rows; the columns' norms are its diagonal
+    scale = np.sqrt(np.diag(G)).copy()
     scale[scale == 0] = 1.0
-    G = (X / scale).T @ (X / scale)
+    G = G / np.outer(scale, scale)
     keep: list[int] = []
     for j in range(X.shape[1]):
         g = G[keep, j]
@@ -435,7 +436,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         coef_formula=term.coefs,
         coef_names=coef_names,
         levels=levels.labels,
-        counts=tuple(int(c) for c in counts),
+        counts=tuple(np.asarray(counts).tolist()),
         coef_spec=mm.model_spec,
         level_keys=levels,
     )

@@ -75,7 +75,7 @@ def _labels_of(values) -> list[str]:
     if array.dtype.kind in "iuf":
         return _number_labels(array)
     if pd.api.types.infer_dtype(values, skipna=False) == "string":
-        return [str(v) for v in values]
+        return np.asarray(values, dtype=object).astype(str).tolist()
     return [level_label(v) for v in values]
 
 

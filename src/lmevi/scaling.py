@@ -87,7 +87,8 @@ def standardise(design: Design) -> tuple[Design, Scales]:
         y=host_array((y - y_shift) / y_scale, dtype),
         X=host_array(X / x_scale, dtype),
         terms=tuple(
-            TermData(index=t.index, covariates=host_array(np.asarray(t.covariates, np.float64) / s, dtype),
+            TermData(index=t.index, covariates=host_array(
+                np.asarray(t.covariates, np.float64) / s if np.any(s != 1.0) else t.covariates, dtype),
                      n_levels=t.n_levels)
             for t, s in zip(design.terms, z_scale)
         ),
