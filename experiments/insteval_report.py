@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table
+from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
 from lmevi.results import FitResult
 
 
@@ -38,10 +38,7 @@ def load_lme4(directory: str | Path, kind: str) -> dict:
             "varcorr": read_table(directory, "varcorr", kind), "fit": read_fit(directory, kind)}
 
 
-def lme4_sd(varcorr: pd.DataFrame) -> pd.Series:
-    """SDs from an lme4 ``as.data.frame(VarCorr(m))`` table, indexed by group (intercept-only terms)."""
-    v = varcorr[varcorr["var2"].isna()]
-    return pd.Series(v["sdcor"].to_numpy(), index=v["grp"].to_numpy())
+lme4_sd = sd_by_group  # SDs of an lme4 varcorr table, by group (lme4_refs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ def read_table(directory: str | Path, table: str, kind: str) -> pd.DataFrame:
     return pd.read_csv(Path(directory) / f"{table}_{kind}.csv", dtype=dtype)
 
 
+def sd_by_group(varcorr: pd.DataFrame) -> pd.Series:
+    """SDs from an lme4 ``as.data.frame(VarCorr(m))`` table, indexed by group (intercept-only terms)."""
+    v = varcorr[varcorr["var2"].isna()]
+    return pd.Series(v["sdcor"].to_numpy(dtype=float), index=v["grp"].to_numpy())
+
+
 def join_by_label(ours: pd.DataFrame, lme4: pd.DataFrame, **merge_options) -> pd.DataFrame:
     """Random effects side by side, merged on :data:`KEYS`; lme4's columns end in ``_lme4``.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from bench.harness import ROOT
-from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table
+from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
 
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 LME4_DIR = ROOT / "results" / "lme4" / "insteval"
@@ -31,9 +31,7 @@ def lme4_fit() -> dict:
 
 def lme4_sd() -> dict:
     """lme4's REML SDs by group (``s``, ``d``, ``dept``, ``Residual``) from ``varcorr_reml.csv``."""
-    v = read_table(LME4_DIR, "varcorr", "reml")
-    v = v[v["var2"].isna()]
-    return dict(zip(v["grp"], v["sdcor"].astype(float)))
+    return sd_by_group(read_table(LME4_DIR, "varcorr", "reml")).to_dict()
 
 
 def accuracy(ranef: pd.DataFrame, ref: pd.DataFrame) -> dict:

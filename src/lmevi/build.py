@@ -220,14 +220,14 @@ def bucket(n: int, minimum: int) -> int:
 
 
 def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design:
-    """``design`` with zero rows appended up to ``n_rows`` and ``n_levels`` levels per term. A zero row (y, x
-    and every covariate 0, level code 0) adds exactly nothing to any sum over rows; a padding level has no
-    rows."""
+    """``design`` with zero rows appended up to ``n_rows`` and ``n_levels`` levels per term, as host (NumPy)
+    arrays: a device concatenate would compile once per data size. A zero row (y, x and every covariate 0,
+    level code 0) adds exactly nothing to any sum over rows; a padding level has no rows."""
     extra = n_rows - design.y.shape[0]
 
-    def rows(a):  # on the host: a device concatenate would compile once per data size
+    def rows(a):
         a = np.asarray(a)
-        return on_device(np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]), a.dtype)
+        return np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) if extra else a
 
     return Design(
         y=rows(design.y),
@@ -259,8 +259,9 @@ def row_sharding(devices):
     return NamedSharding(Mesh(np.asarray(list(devices)), ("rows",)), PartitionSpec("rows"))
 
 
-def shard_rows(design: Design, sharding) -> Design:
-    """Every per-row array of ``design`` placed with ``sharding`` (rows split over its devices)."""
+def place_rows(design: Design, sharding=None) -> Design:
+    """Every per-row array of ``design`` copied to the device once: with ``sharding`` (rows split over its
+    devices), or on the default device."""
 
     def put(a):
         return jax.device_put(a, sharding)
@@ -305,12 +306,9 @@ def make_problem(
         n_devices = 1 if sharding is None else len(sharding.device_set)
         design = pad_design(design, -(-bucket(n, ROW_MIN) // n_devices) * n_devices, levels)
         spec = dataclasses.replace(spec, n_levels=levels)
-    else:
-        design = pad_design(design, n, spec.n_levels)  # no padding: the arrays copied to the device once
-    if sharding is not None:
-        if not pad:
-            raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")
-        design = shard_rows(design, sharding)
+    elif sharding is not None:
+        raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")
+    design = place_rows(design, sharding)
     return Problem(
         design=design,
         block_data=_block_data(design, spec) if with_block_data else (),

@@ -55,7 +55,6 @@ import scipy.optimize
 
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
-from lmevi.model import log_abs_diag
 
 
 
@@ -439,12 +438,16 @@ def _criterion(logdet, pwrss, n, p, reml: bool, xp=jnp):
     return logdet + dof * (1.0 + LOG_2PI + xp.log(pwrss / dof))
 
 
-def _chol_logdet_inverse(L, m: int):
-    """``(log|S_mm|, S_mm^{-1})`` of the leading ``(m, m)`` block of ``S = L L'`` from its lower Cholesky
-    factor ``L`` (whose leading block is the block's own factor): two triangular solves."""
-    Lm = L[:m, :m]
-    inv = jax.scipy.linalg.cho_solve((Lm, True), jnp.eye(m, dtype=L.dtype))
-    return 2.0 * jnp.sum(log_abs_diag(Lm)), 0.5 * (inv + inv.T)
+def _chol_logdet(L, m: int, xp=jnp):
+    """``log|S_mm|`` of the leading ``(m, m)`` block of ``S = L L'`` from its lower Cholesky factor ``L`` (whose
+    leading block is the block's own factor)."""
+    return 2.0 * xp.sum(xp.log(xp.abs(xp.diagonal(L)[:m])))
+
+
+def _chol_inverse(L, m: int, xp=jnp, cho_solve=jax.scipy.linalg.cho_solve):
+    """``S_mm^{-1}`` from ``S``'s lower Cholesky factor ``L``: two triangular solves."""
+    inv = cho_solve((L[:m, :m], True), xp.eye(m, dtype=L.dtype))
+    return 0.5 * (inv + inv.T)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -460,7 +463,7 @@ def _logdet_quad(S, b, m: int):
 
 def _logdet_quad_fwd(S, b, m):
     L = jnp.linalg.cholesky(S)
-    logdet_m, inv_m = _chol_logdet_inverse(L, m)
+    logdet_m, inv_m = _chol_logdet(L, m), _chol_inverse(L, m)
     x = jax.scipy.linalg.cho_solve((L, True), b)
     return (logdet_m, b @ x), (inv_m, x)
 
@@ -475,15 +478,10 @@ def _logdet_quad_bwd(m, res, g):
 _logdet_quad.defvjp(_logdet_quad_fwd, _logdet_quad_bwd)
 
 
-def _np_chol_logdet_inverse(L, m: int):
-    Lm = L[:m, :m]
-    inv = scipy.linalg.cho_solve((Lm, True), np.eye(m))
-    return 2.0 * np.sum(np.log(np.abs(np.diag(Lm)))), 0.5 * (inv + inv.T)
-
-
 def _np_logdet_quad(S, b, m: int):
+    """:func:`_logdet_quad`'s value in NumPy (no gradient: the NumPy path differentiates numerically)."""
     L = np.linalg.cholesky(S)
-    return 2.0 * np.sum(np.log(np.diag(L)[:m])), b @ scipy.linalg.cho_solve((L, True), b)
+    return _chol_logdet(L, m, np), b @ scipy.linalg.cho_solve((L, True), b)
 
 
 @dataclass(frozen=True)
@@ -498,7 +496,7 @@ class _Ops:
     pair_sum: object  # (w, block, value, target, size) -> (size,)
     logdet_quad: object  # (S, b, m) -> (log|S[:m, :m]|, b' S^{-1} b)
     cholesky: object
-    chol_logdet_inverse: object  # (L, m) -> (log|S_mm|, S_mm^{-1}) from S's lower Cholesky factor L
+    cho_solve: object  # ((L, lower), b) -> S^{-1} b from S's Cholesky factor L
     solve: object
 
 
@@ -508,7 +506,7 @@ JAX_OPS = _Ops(
     pair_sum=_pair_sum,
     logdet_quad=_logdet_quad,
     cholesky=jnp.linalg.cholesky,
-    chol_logdet_inverse=_chol_logdet_inverse,
+    cho_solve=jax.scipy.linalg.cho_solve,
     solve=jnp.linalg.solve,
 )
 NUMPY_OPS = _Ops(
@@ -517,7 +515,7 @@ NUMPY_OPS = _Ops(
     pair_sum=lambda w, block, value, target, size: np.bincount(target, w[block] * value, minlength=size),
     logdet_quad=_np_logdet_quad,
     cholesky=np.linalg.cholesky,
-    chol_logdet_inverse=_np_chol_logdet_inverse,
+    cho_solve=scipy.linalg.cho_solve,
     solve=np.linalg.solve,
 )
 
@@ -607,8 +605,8 @@ def conditional_estimates(
     lams_rest = [f.lams[k] for k in s.order[1:]]
 
     L = ops.cholesky(f.S)
-    logdet_s, inv_s = ops.chol_logdet_inverse(L, P)
-    logdet_q = 2.0 * xp.sum(xp.log(xp.abs(xp.diagonal(L)[:Q])))
+    logdet_s, inv_s = _chol_logdet(L, P, xp), _chol_inverse(L, P, xp, ops.cho_solve)
+    logdet_q = _chol_logdet(L, Q, xp)
     # (S_QQ)^{-1} from S^{-1} by a rank-p correction: S_QQ^{-1} = V_QQ - V_Qp V_pp^{-1} V_pQ with V = S^{-1}.
     Vqp = inv_s[:Q, Q:]
     inv_q = inv_s[:Q, :Q] - Vqp @ ops.solve(inv_s[Q:, Q:], Vqp.T)

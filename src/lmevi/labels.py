@@ -56,13 +56,9 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
         codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
         return codes.astype(np.int64), _number_labels(np.asarray(uniques))
     codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
-    if pd.api.types.infer_dtype(uniques, skipna=False) == "string":
-        # text labels are the values themselves; NumPy sorts text by code point, as Python's sorted does
-        labels = [str(v) for v in uniques]
-        order = np.argsort(np.asarray(labels, dtype=str), kind="stable").tolist()
-    else:
-        labels = [level_label(v) for v in uniques]
-        order = sorted(range(len(labels)), key=lambda i: labels[i])
+    labels = _labels_of(uniques)
+    # sorted labels; NumPy sorts text by code point, as Python's sorted does
+    order = np.argsort(np.asarray(labels, dtype=str), kind="stable").tolist()
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(len(labels))
     codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(labels) else -1, -1)
