@@ -170,18 +170,20 @@ def build_model(
     jdtype = DTYPES[dtype]
 
     raw_design, info = build_design(parse_formula(formula), data, jdtype, missing)
-    # fit in standardised units and map back: estimates and warnings do not depend on the data's units
-    design, scales = scaling.standardise(raw_design)
-    q = _resolve_q(q, design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
+    q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
         spec, pad = variational.meanfield_spec(info, reml), False
     else:
-        spec = variational.Q_FAMILIES[q](design, info, reml, small_threshold, blocks)
+        spec = variational.Q_FAMILIES[q](raw_design, info, reml, small_threshold, blocks)
+    n_obs = raw_design.y.shape[0]
+    # fit in standardised units and map back: estimates and warnings do not depend on the data's units; the
+    # standardised arrays are made with their padding rows, so that padding copies nothing
+    design, scales = scaling.standardise(raw_design, n_rows=padded_rows(n_obs, sharding) if pad else None)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
-                           sharding=sharding)
+                           sharding=sharding, n_obs=n_obs)
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
@@ -217,6 +219,13 @@ def bucket(n: int, minimum: int) -> int:
         return 1 << (n - 1).bit_length()
     k = (n - 1).bit_length() - 3  # n lies in (2^(k+2), 2^(k+3)]
     return next(m << k for m in (5, 6, 7, 8) if (m << k) >= n)
+
+
+def padded_rows(n: int, sharding=None) -> int:
+    """The row count ``n`` rows are padded to: its :func:`bucket`, rounded up to a multiple of the devices of
+    ``sharding``."""
+    n_devices = 1 if sharding is None else len(sharding.device_set)
+    return -(-bucket(n, ROW_MIN) // n_devices) * n_devices
 
 
 def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design:
@@ -283,6 +292,7 @@ def make_problem(
     pad: bool = False,
     with_block_data: bool = True,
     sharding=None,
+    n_obs: int | None = None,
 ) -> Problem:
     """The kernels' :class:`Problem` for arrays and a block layout of the block-Gaussian q, computing the
     block data (one compiled call).
@@ -297,14 +307,15 @@ def make_problem(
             variational kernel runs on (``q="exact"``), so that building it compiles nothing.
         sharding: a ``jax.sharding.Sharding`` of the rows (:func:`row_sharding`) to place every per-row array
             with, after padding the rows to a multiple of its device count; needs ``pad=True``.
+        n_obs: the number of observations when the arrays already end in zero padding rows (as
+            :func:`lmevi.scaling.standardise` makes them); ``None``: every row is an observation.
     """
-    n = design.y.shape[0]
+    n = design.y.shape[0] if n_obs is None else int(n_obs)
     level_mask = None
     if pad:
         levels = tuple(bucket(J, LEVEL_MIN) for J in spec.n_levels)
         level_mask = tuple(on_device(np.arange(P) < J, design.y.dtype) for P, J in zip(levels, spec.n_levels))
-        n_devices = 1 if sharding is None else len(sharding.device_set)
-        design = pad_design(design, -(-bucket(n, ROW_MIN) // n_devices) * n_devices, levels)
+        design = pad_design(design, padded_rows(n, sharding), levels)
         spec = dataclasses.replace(spec, n_levels=levels)
     elif sharding is not None:
         raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")

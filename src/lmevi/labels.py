@@ -49,8 +49,8 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     R's ``factor`` uses: sorted numbers for a numeric column, sorted labels otherwise.
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
-        codes = col.cat.codes.to_numpy().astype(np.int64)
-        return codes, _labels_of(col.cat.categories)
+        # the codes' own integer type (int8 .. int32): widening 10^7 of them costs more than the rest
+        return col.cat.codes.to_numpy(), _labels_of(col.cat.categories)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         # numbers sort as numbers (R's factor); pandas sorts the uniques, labels are made in bulk
         codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
@@ -125,11 +125,16 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
         missing |= codes < 0
     if len(parts) == 1:
         codes, labels = parts[0]
-        used = np.flatnonzero(np.bincount(codes[~missing], minlength=len(labels)))
-        remap = np.full(len(labels), -1, dtype=np.int64)
-        remap[used] = np.arange(len(used))
-        out = np.where(missing, -1, remap[np.maximum(codes, 0)] if len(labels) else -1)
-        return out, [(labels[u],) for u in used]
+        has_missing = bool(missing.any())
+        used = np.flatnonzero(np.bincount(codes[~missing] if has_missing else codes, minlength=len(labels)))
+        if len(used) == len(labels):  # every level occurs: the codes are already the answer
+            out = codes
+        else:
+            remap = np.full(len(labels), -1, dtype=codes.dtype)
+            remap[used] = np.arange(len(used))
+            out = np.where(missing, -1, remap[np.maximum(codes, 0)]) if len(labels) else np.full(n, -1, codes.dtype)
+        kept = labels if len(used) == len(labels) else [labels[u] for u in used]
+        return out, list(zip(kept))
     sizes = [max(len(labels), 1) for _, labels in parts]
     if float(np.prod([float(z) for z in sizes])) < 2.0**62:
         # one mixed-radix number per row (first column slowest): sorting it is the lexicographic order
@@ -162,7 +167,8 @@ def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.
         ``(levels, codes (n,))``; a row with a missing value has code ``-1``.
     """
     combined, keys = _combine([_factorize(data[c]) for c in columns])
-    return Levels(keys=tuple(keys), labels=tuple(":".join(k) for k in keys)), combined
+    labels = tuple(k[0] for k in keys) if len(columns) == 1 else tuple(":".join(k) for k in keys)
+    return Levels(keys=tuple(keys), labels=labels), combined
 
 
 def as_factor(values) -> pd.Categorical:

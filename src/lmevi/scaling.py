@@ -53,23 +53,49 @@ def _column_scale(M: np.ndarray) -> np.ndarray:
     """SD of each column, or its absolute value where the column is constant (an intercept)."""
     if M.shape[0] == 0 or M.shape[1] == 0:
         return np.ones(M.shape[1])
-    sd = M.std(axis=0)
     const = np.abs(M[0])
+    if (M == M[0]).all():  # every column constant (an intercept-only term): no variance to compute
+        return np.where(const > 0, const, 1.0)
+    sd = M.std(axis=0)
     scale = np.where(sd > 1e-12 * np.maximum(np.abs(M).max(axis=0), 1e-300), sd, const)
     return np.where(scale > 0, scale, 1.0)
 
 
-def standardise(design: Design) -> tuple[Design, Scales]:
+def _padded(a: np.ndarray, n_rows: int, dtype, scale=None) -> np.ndarray:
+    """``a`` (divided column by column by ``scale``, when given) as a C-ordered array of ``dtype`` with zero
+    rows appended up to ``n_rows``: one allocation of the final array. At 10^7 rows fresh memory is the cost
+    of this stage (page faults), so no intermediate copy is made."""
+    a = np.asarray(a)
+    n = a.shape[0]
+    out = np.zeros((n_rows,) + a.shape[1:], dtype=np.dtype(dtype))
+    head = out[:n]
+    if scale is None or not np.any(scale != 1.0):
+        head[...] = a
+    elif out.dtype == np.float64:
+        np.divide(a, scale, out=head)
+    else:  # divide in float64, then round once
+        head[...] = np.asarray(a, np.float64) / scale
+    return out
+
+
+def standardise(design: Design, n_rows: int | None = None) -> tuple[Design, Scales]:
     """The design in standardised units, and the scales that map back.
 
     Args:
-        design: arrays in the data's units.
+        design: arrays in the data's units, ``n`` rows.
+        n_rows: the row count of the result: ``n_rows - n`` zero rows (y, X, covariates 0, level code 0) are
+            appended, as :func:`lmevi.build.pad_design` would, but without a second copy. ``None``: ``n``.
 
     Returns:
-        ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``.
+        ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;
+        the scales are computed from the ``n`` rows of ``design`` only.
     """
     y = np.asarray(design.y, dtype=np.float64)
     X = np.asarray(design.X, dtype=np.float64)
+    n = y.shape[0]
+    n_rows = n if n_rows is None else int(n_rows)
+    if n_rows < n:
+        raise ValueError(f"n_rows={n_rows} is below the design's {n} rows")
     x_scale = _column_scale(X)
     shift_coef = np.zeros(X.shape[1])
     y_shift = 0.0
@@ -83,13 +109,15 @@ def standardise(design: Design) -> tuple[Design, Scales]:
         y_scale = 1.0
     z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64)) for t in design.terms)
     dtype = design.y.dtype
+    y_out = np.zeros(n_rows, dtype=np.float64)
+    np.subtract(y, y_shift, out=y_out[:n])
+    y_out[:n] /= y_scale
     scaled = Design(
-        y=host_array((y - y_shift) / y_scale, dtype),
-        X=host_array(X / x_scale, dtype),
+        y=host_array(y_out, dtype),
+        X=_padded(X, n_rows, dtype, x_scale),
         terms=tuple(
-            TermData(index=t.index, covariates=host_array(
-                np.asarray(t.covariates, np.float64) / s if np.any(s != 1.0) else t.covariates, dtype),
-                     n_levels=t.n_levels)
+            TermData(index=_padded(t.index, n_rows, np.asarray(t.index).dtype),
+                     covariates=_padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels)
             for t, s in zip(design.terms, z_scale)
         ),
     )

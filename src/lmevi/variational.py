@@ -182,10 +182,14 @@ def entanglement(design: Design, small: int, large: int) -> float:
     For each level of ``large``, count its rows at its most common level of ``small``; divide the sum by
     ``n_obs``. It is 1.0 when ``large`` is nested in ``small`` (every instructor in one department).
     """
-    gs = np.asarray(design.terms[small].index, dtype=np.int64)
-    gl = np.asarray(design.terms[large].index, dtype=np.int64)
-    js = design.terms[small].n_levels
-    counts = np.bincount(gl * js + gs, minlength=design.terms[large].n_levels * js)
+    js, jl = design.terms[small].n_levels, design.terms[large].n_levels
+    # int32 keys where they fit: at 10^7 rows widening both code arrays cost more than the count
+    itype = np.int32 if jl * js < 2**31 else np.int64
+    gs = np.asarray(design.terms[small].index).astype(itype, copy=False)
+    gl = np.asarray(design.terms[large].index).astype(itype, copy=False)
+    key = gl * itype(js)
+    key += gs
+    counts = np.bincount(key, minlength=jl * js)
     return float(counts.reshape(-1, js).max(axis=1).sum() / len(gs))
 
 
