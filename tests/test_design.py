@@ -131,3 +131,61 @@ def test_new_rows_get_codes_and_unseen_labels_get_minus_one(crossed):
     levels = crossed.info.terms[0].levels
     assert list(codes) == [levels.index("g3"), -1, levels.index("g0")]
     np.testing.assert_array_equal(cov, [[1.0, 0.5], [1.0, -1.0], [1.0, 2.0]])
+
+
+PLAIN_SIDES = ["x", "1 + x", "0 + x", "x - 1", "x + w", "w + x", "x + x", "1", "0 + x + w", "w + x - 1"]
+
+
+@pytest.mark.parametrize("side", PLAIN_SIDES)
+def test_plain_numeric_sides_match_formulaic(frame, side):
+    """A side of only numeric columns and the intercept is built without formulaic: the same column names
+    and values (bit for bit: both copy the columns), for fitting and for new rows."""
+    from formulaic import model_matrix
+
+    from lmevi.design import PlainSpec, _design_matrix
+    from lmevi.rsyntax import to_formulaic
+
+    data = frame.assign(w=np.arange(len(frame)) % 7)  # an integer column
+    M, names, spec = _design_matrix(side, data)
+    reference = model_matrix(to_formulaic(side), data)
+    assert isinstance(spec, PlainSpec)
+    assert names == list(reference.columns)
+    np.testing.assert_array_equal(M, np.asarray(reference, dtype=np.float64))
+    new = data.iloc[::-3]
+    np.testing.assert_array_equal(spec.get_model_matrix(new), np.asarray(reference.model_spec.get_model_matrix(new), float))
+
+
+@pytest.mark.parametrize("side", ["f", "x + f", "log(abs(x))", "x:w", "0 + 1", "1 + x - 1", "I(x^2)"])
+def test_other_sides_go_to_formulaic(frame, side):
+    from lmevi.design import PlainSpec, _design_matrix
+
+    _, _, spec = _design_matrix(side, frame.assign(w=1.0))
+    assert not isinstance(spec, PlainSpec)
+
+
+def test_boolean_and_categorical_columns_are_not_plain(frame):
+    from lmevi.design import _plain_spec
+
+    data = frame.assign(t=frame["x"] > 0, c=pd.Categorical(frame["a"]))
+    assert _plain_spec("x", data) is not None
+    assert _plain_spec("x + t", data) is None and _plain_spec("c", data) is None
+
+
+def test_a_plain_formula_fits_without_importing_formulaic():
+    """sleepstudy-shaped: lmevi.fit, predict and the summary never load the formula engine (0.3-0.5 s of a
+    fresh process)."""
+    import subprocess
+    import sys
+
+    child = (
+        "import sys, numpy as np, pandas as pd, lmevi\n"
+        "rng = np.random.default_rng(0)\n"
+        "d = pd.DataFrame({'g': np.repeat(np.arange(12), 10), 'x': np.tile(np.arange(10.0), 12)})\n"
+        "d['y'] = 1 + 0.5 * d.x + rng.normal(size=12)[d.g] + rng.normal(size=len(d))\n"
+        "m = lmevi.fit('y ~ x + (x | g)', d)\n"
+        "str(m); m.predict(d.iloc[:5]); m.fixef(add_dropped=True)\n"
+        "print('formulaic' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

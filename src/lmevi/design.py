@@ -27,7 +27,7 @@ import pandas as pd
 from lmevi.precision import host_array
 from lmevi.formula import Formula, RandomTerm
 from lmevi.labels import Levels, levels_of
-from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, required_columns, to_formulaic
+from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels"])
@@ -210,6 +210,8 @@ def fixed_matrix(info: DesignInfo, data: pd.DataFrame) -> np.ndarray:
         ValueError: naming a fixed-effect factor's levels that the fit never saw (lme4 refuses them too:
             such a row has no coefficient to predict with).
     """
+    if isinstance(info.fixed_spec, PlainSpec):  # numbers only: no levels to check, no formula engine
+        return info.fixed_spec.get_model_matrix(data)[:, list(info.fixed_keep)]
     from formulaic.errors import DataMismatchWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -337,11 +339,10 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
 def _fixed(rhs: str, data: pd.DataFrame):
     """Fixed-effects matrix, with columns aliased on earlier ones dropped (lme4 does this by pivoted QR)."""
     try:
-        mm = _model_matrix(to_formulaic(rhs), data, na_action="raise", context=CONTEXT)
+        X, columns, spec = _design_matrix(rhs, data)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
-    names = [lme4_name(c) for c in mm.columns]
-    X = np.asarray(mm, dtype=np.float64)
+    names = [lme4_name(c) for c in columns]
     keep, aliased = _independent_columns(X)
     dropped = tuple(names[i] for i in aliased)
     if dropped:
@@ -350,9 +351,9 @@ def _fixed(rhs: str, data: pd.DataFrame):
             f"coefficient(s): {list(dropped)}",
             stacklevel=5,
         )
-    X = X[:, keep]
+    X = X if len(keep) == X.shape[1] else X[:, keep]
     _check_scales(X, [names[i] for i in keep])
-    return X, tuple(names[i] for i in keep), mm.model_spec, tuple(keep), dropped
+    return X, tuple(names[i] for i in keep), spec, tuple(keep), dropped
 
 
 def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> tuple[list[int], list[int]]:
@@ -409,13 +410,12 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             stacklevel=5,
         )
     try:
-        mm = _model_matrix(to_formulaic(term.coefs), data, na_action="raise", context=CONTEXT)
+        cov, columns, coef_spec = _design_matrix(term.coefs, data)
     except Exception as err:
         raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
-    if mm.shape[1] == 0:
+    if cov.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
-    coef_names = tuple(lme4_name(c) for c in mm.columns)
-    cov = np.asarray(mm, dtype=np.float64)
+    coef_names = tuple(lme4_name(c) for c in columns)
     keep, aliased = _independent_columns(cov)
     if aliased:
         bad = [coef_names[j] for j in aliased]
@@ -425,9 +425,9 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             f"{[coef_names[j] for j in keep]}, so their variances and correlations are not identified; "
             "drop the dependent column(s) from the term"
         )
-    if used * mm.shape[1] >= len(data):
+    if used * cov.shape[1] >= len(data):
         raise ValueError(
-            f"the random term {term.text} has {used * mm.shape[1]} random effects for {len(data)} rows: "
+            f"the random term {term.text} has {used * cov.shape[1]} random effects for {len(data)} rows: "
             "with at least as many random effects as observations the model is not identifiable"
         )
     info = TermInfo(
@@ -437,7 +437,7 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
         coef_names=coef_names,
         levels=levels.labels,
         counts=tuple(np.asarray(counts).tolist()),
-        coef_spec=mm.model_spec,
+        coef_spec=coef_spec,
         level_keys=levels,
     )
     data_ = TermData(index=host_array(codes, jnp.int32), covariates=host_array(cov, dtype), n_levels=used)
@@ -467,6 +467,57 @@ def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
                 f"{', '.join(f'{n} of {t}' for t, n in bad)} is already in an earlier term, so the variance "
                 "cannot be split between them; write each column in one term only"
             )
+
+
+@dataclass(frozen=True)
+class PlainSpec:
+    """The model matrix of a formula side that is only numeric columns and the intercept
+    (:func:`lmevi.rsyntax.plain_terms`), built without a formula engine: as formulaic builds it (the same
+    columns, names and values), in a few array copies, with no formulaic import. Offers the part of formulaic's
+    ``ModelSpec`` that lmevi uses (``column_names``, ``get_model_matrix``), so that new data is encoded the
+    same way."""
+
+    intercept: bool
+    columns: tuple[str, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return (("Intercept",) if self.intercept else ()) + self.columns
+
+    def get_model_matrix(self, data: pd.DataFrame, context=None, na_action=None) -> np.ndarray:
+        """``(n, p)`` float64, C-ordered."""
+        out = np.empty((len(data), len(self.column_names)), dtype=np.float64)
+        if self.intercept:
+            out[:, 0] = 1.0
+        for j, c in enumerate(self.columns, start=int(self.intercept)):
+            out[:, j] = data[c].to_numpy(dtype=np.float64, na_value=np.nan)
+        return out
+
+
+def _plain_spec(expr: str, data: pd.DataFrame) -> PlainSpec | None:
+    """A :class:`PlainSpec` for ``expr`` when every column it names is a plain number column of ``data``
+    (not boolean or categorical, which formulaic encodes as factors), else ``None``."""
+    plain = plain_terms(expr)
+    if plain is None:
+        return None
+    intercept, columns = plain
+    for c in columns:
+        col = data[c] if c in data.columns else None
+        if (col is None or isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col)
+                or pd.api.types.is_bool_dtype(col)):
+            return None
+    return PlainSpec(intercept, columns)
+
+
+def _design_matrix(expr: str, data: pd.DataFrame) -> tuple[np.ndarray, list[str], object]:
+    """``(matrix (n, p) float64, formulaic-style column names, spec)`` of one side of the formula: by
+    :class:`PlainSpec` where it applies, else by formulaic (``na_action="raise"``; formulaic's errors pass
+    through)."""
+    spec = _plain_spec(expr, data)
+    if spec is not None:
+        return spec.get_model_matrix(data), list(spec.column_names), spec
+    mm = _model_matrix(to_formulaic(expr), data, na_action="raise", context=CONTEXT)
+    return np.asarray(mm, dtype=np.float64), list(mm.columns), mm.model_spec
 
 
 def _model_matrix(*args, **kwargs):

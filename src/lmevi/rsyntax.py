@@ -72,8 +72,43 @@ CONTEXT = {
 }
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def plain_terms(expr: str) -> tuple[bool, tuple[str, ...]] | None:
+    """``(intercept, columns)`` when ``expr`` is only column names and ``1`` / ``0`` / ``- 1`` joined by
+    ``+`` (``Days``, ``1 + service``, ``0 + x + z``), else ``None``.
+
+    Such a side needs no formula engine: its model matrix is the intercept column (unless removed) and the
+    named columns, each once, in the order written (as formulaic and R order first-order terms). Names
+    with dots or other characters, and every operator or call, go to formulaic.
+    """
+    text = re.sub(r"\s+", "", expr)
+    intercept = True
+    if text.endswith("-1"):
+        text, intercept = text[:-2], False
+    columns: list[str] = []
+    tokens = text.split("+") if text else ["1"]
+    if "1" in tokens and (not intercept or "0" in tokens):
+        return None  # "0 + 1", "1 + x - 1": leave R's precedence to the formula engine
+    for token in tokens:
+        if token == "1":
+            continue
+        if token == "0":
+            intercept = False
+        elif _NAME.fullmatch(token) and token not in CONTEXT:
+            if token not in columns:
+                columns.append(token)
+        else:
+            return None
+    return intercept, tuple(columns)
+
+
 def required_columns(expr: str) -> set[str]:
     """Data columns an R expression reads (function names of :data:`CONTEXT` excluded)."""
+    plain = plain_terms(expr)
+    if plain is not None:  # no formula engine needed (nor imported)
+        return set(plain[1])
     from formulaic import Formula
 
     # formulaic's required_variables splits quoted names at their dots: stand in plain names for them
