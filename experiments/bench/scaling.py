@@ -36,24 +36,40 @@ def simulate(n_obs: int, seed: int) -> tuple[pd.DataFrame, dict]:
     has a home department, and 95% of an instructor's rows are in it. ``service`` is Bernoulli(0.4).
     """
     rng = np.random.default_rng(seed)
-    n_s, n_d, n_dept = max(10, n_obs // 25), max(5, n_obs // 65), 14
-    s = rng.integers(0, n_s, n_obs, dtype=np.int32)
-    d = rng.integers(0, n_d, n_obs, dtype=np.int32)
-    home = rng.integers(0, n_dept, n_d, dtype=np.int32)
-    away = rng.random(n_obs) < 0.05
-    dept = np.where(away, rng.integers(0, n_dept, n_obs, dtype=np.int32), home[d]).astype(np.int32)
-    service = (rng.random(n_obs) < 0.4).astype(np.int64)
-    b = {"s": rng.normal(0, SIM_SD["s"], n_s), "d": rng.normal(0, SIM_SD["d"], n_d),
-         "dept": rng.normal(0, SIM_SD["dept"], n_dept)}
-    y = (SIM_BETA[0] + SIM_BETA[1] * service + b["s"][s] + b["d"][d] + b["dept"][dept]
-         + rng.normal(0, SIM_SD["residual"], n_obs))
+    levels = simulate_levels(n_obs, rng)
+    rows = simulate_rows(levels, n_obs, rng)
 
     def factor(codes, n):
         return pd.Categorical.from_codes(codes, categories=[str(i) for i in range(n)])
 
-    df = pd.DataFrame({"y": y, "service": service, "s": factor(s, n_s), "d": factor(d, n_d),
-                       "dept": factor(dept, n_dept)})
-    return df, b
+    df = pd.DataFrame({"y": rows["y"], "service": rows["service"],
+                       **{g: factor(rows[g], levels["n_levels"][g]) for g in FACTORS}})
+    return df, levels["effects"]
+
+
+def simulate_levels(n_obs: int, rng) -> dict:
+    """The levels of :func:`simulate` for ``n_obs`` rows: their numbers, the instructors' home departments and
+    every level's effect."""
+    n_levels = {"s": max(10, n_obs // 25), "d": max(5, n_obs // 65), "dept": 14}
+    home = rng.integers(0, n_levels["dept"], n_levels["d"], dtype=np.int32)
+    effects = {g: rng.normal(0, SIM_SD[g], n_levels[g]) for g in FACTORS}
+    return {"n_levels": n_levels, "home": home, "effects": effects}
+
+
+def simulate_rows(levels: dict, n_rows: int, rng) -> dict:
+    """``n_rows`` rows of :func:`simulate` given its levels (:func:`simulate_levels`): level codes (int32),
+    ``service`` and ``y``. Drawn in blocks from separate streams, rows of one data set can be made a shard
+    at a time."""
+    n = levels["n_levels"]
+    s = rng.integers(0, n["s"], n_rows, dtype=np.int32)
+    d = rng.integers(0, n["d"], n_rows, dtype=np.int32)
+    away = rng.random(n_rows) < 0.05
+    dept = np.where(away, rng.integers(0, n["dept"], n_rows, dtype=np.int32), levels["home"][d]).astype(np.int32)
+    service = (rng.random(n_rows) < 0.4).astype(np.int64)
+    b = levels["effects"]
+    y = (SIM_BETA[0] + SIM_BETA[1] * service + b["s"][s] + b["d"][d] + b["dept"][dept]
+         + rng.normal(0, SIM_SD["residual"], n_rows))
+    return {"y": y, "service": service, "s": s, "d": d, "dept": dept}
 
 
 def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
@@ -163,7 +179,31 @@ def sharded_part(devices: int = 4) -> dict:
     res = last_json(out.stdout)
     log(f"  {res['seconds']:.3f} s sharded, {res['single_device_seconds']:.3f} s on one device; "
         f"max abs difference {res['max_abs_diff_vs_single']:.1e}")
+    res["multi_process"] = multi_process_part()
     return res
+
+
+def multi_process_part(processes: int = 2) -> dict:
+    """InstEval as ``processes`` Parquet files, one ``jax.distributed`` process each
+    (``experiments/distributed.py``), against one process: warm seconds and the largest absolute difference."""
+    import tempfile
+
+    import distributed
+
+    log(f"sharded: InstEval over {processes} processes (Parquet files, jax.distributed) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            res = distributed.main(["--processes", str(processes), "--out", tmp])
+        except Exception as err:  # noqa: BLE001 - a failed part is recorded, the others still run
+            return {"processes": processes, "error": str(err)[-500:]}
+    diffs = res["max_abs_diff_vs_single"]
+    worst = max(diffs[k] for k in ("fixef", "sd", "ranef", "fitted"))
+    out = {"devices": res["devices"], "processes": processes, "seconds": max(res["fit_seconds_per_process"]),
+           "seconds_first_call": max(res["fit_seconds_first_call_per_process"]),
+           "single_process_seconds": res["single_process_fit_seconds"], "max_abs_diff_vs_single": worst}
+    log(f"  {out['seconds']:.3f} s warm over {processes} processes, {out['single_process_seconds']:.3f} s in one; "
+        f"max abs difference {worst:.1e}")
+    return out
 
 
 def scale_row(res: dict) -> dict:

@@ -201,6 +201,13 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
                  "`--xla_force_host_platform_device_count`), InstEval, structured q, plain coordinate ascent: "
                  f"{sharded['seconds']:.3g} s warm against {sharded['single_device_seconds']:.3g} s on one device "
                  f"(the same 2 cores), largest absolute difference {sharded['max_abs_diff_vs_single']:.1e}.")
+        mp = sharded.get("multi_process") or {}
+        if "seconds" in mp:
+            L.append(f"Rows over {mp['processes']} processes (`experiments/distributed.py`: one Parquet file and one "
+                     "`jax.distributed` process each, gloo collectives), InstEval, structured q: "
+                     f"{mp['seconds']:.3g} s warm ({mp['seconds_first_call']:.3g} s first call) against "
+                     f"{mp['single_process_seconds']:.3g} s in one process, largest absolute difference "
+                     f"{mp['max_abs_diff_vs_single']:.1e}.")
     L.append("")
     L.append(f"### What limits speed now (one sweep at {prof['n_obs']:,} rows)")
     L.append("")

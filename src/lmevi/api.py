@@ -45,6 +45,7 @@ def fit(
     init_scale: float = 0.1,
     snapshot_steps=(),
     devices=None,
+    distributed: bool = False,
 ) -> FitResult:
     """Fit a linear mixed model by variational EM.
 
@@ -89,6 +90,10 @@ def fit(
             rows, per-level sums are reduced across devices by XLA, and the fit equals the one-device fit to
             rounding (:func:`lmevi.build_model`). Coordinate ascent with a variational q; ``q="auto"`` then
             takes the structured q.
+        distributed: a multi-process fit: every process of a ``jax.distributed`` job calls ``fit`` with its own
+            rows (for example its own Parquet files) and gets the fit of all the rows, its rows sharded over
+            the devices of every process (:func:`lmevi.build_model`; ``experiments/distributed.py`` runs one).
+            The fitted values and residuals of the result are this process's rows.
 
     Returns:
         A :class:`~lmevi.results.FitResult`.
@@ -109,6 +114,7 @@ def fit(
     model = build_model(
         formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi", devices=devices,
+        distributed=distributed,
     )
     params, run = fitting.fit_model(model, how)
     checks.warn_convergence(run, how.rule, stacklevel=3)

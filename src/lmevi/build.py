@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from lmevi import collective as collective_lib
 from lmevi import likelihood as likelihood_lib
 from lmevi import scaling, variational
+from lmevi.collective import LOCAL
 from lmevi.design import Design, DesignInfo, TermData, build_design
 from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
@@ -134,6 +136,7 @@ def build_model(
     missing: str = "raise",
     pad: bool = True,
     devices=None,
+    distributed: bool = False,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
@@ -146,9 +149,14 @@ def build_model(
             make the row count a multiple of the number of devices; per-level arrays are replicated and XLA
             reduces each device's per-level sums across devices (GSPMD), so the fit equals the one-device fit
             to rounding. Variational q with coordinate ascent only (``pad=True``).
+        distributed: ``data`` is this process's share of the rows of a multi-process job
+            (``jax.distributed.initialize`` has run in every process, and every process calls this with its
+            own rows): the model is the one all the rows make (levels, counts, scales and q's blocks from
+            every process, :mod:`lmevi.collective`), its rows sharded over the devices of all processes.
+            Numeric fixed effects and covariates only; variational q (``q="auto"`` takes the structured one).
 
     Returns:
-        A :class:`Model`.
+        A :class:`Model` (in a multi-process job: ``y`` and the data are this process's rows).
     """
     like = likelihood_lib.get(family)
     q = check_choice("q", q, Q_CHOICES)
@@ -163,24 +171,36 @@ def build_model(
     dtype = check_choice("dtype", dtype, tuple(DTYPES))
     missing = check_choice("missing", missing, ("raise", "drop"))
     pad = check_bool("pad", pad)
+    distributed = check_bool("distributed", distributed)
+    collective = LOCAL
+    if distributed:
+        if devices is not None:
+            raise ValueError("distributed=True shards the rows over every process's devices: leave devices=None")
+        collective = collective_lib.processes()
+        devices = len(jax.devices())  # every device of every process
     sharding = row_sharding(devices)
     if sharding is not None and (q == "exact" or not pad):
         raise ValueError("devices= shards the rows of a variational fit by coordinate ascent: it needs a "
                          "variational q (not q='exact') and pad=True (method='cavi')")
     jdtype = DTYPES[dtype]
 
-    raw_design, info = build_design(parse_formula(formula), data, jdtype, missing)
+    raw_design, info = build_design(parse_formula(formula), data, jdtype, missing, collective)
     q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
         spec, pad = variational.meanfield_spec(info, reml), False
     else:
-        spec = variational.Q_FAMILIES[q](raw_design, info, reml, small_threshold, blocks)
-    n_obs = raw_design.y.shape[0]
+        spec = variational.Q_FAMILIES[q](raw_design, info, reml, small_threshold, blocks, collective=collective)
+    n_obs = info.n_obs
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units; the
-    # standardised arrays are made with their padding rows, so that padding copies nothing
-    design, scales = scaling.standardise(raw_design, n_rows=padded_rows(n_obs, sharding) if pad else None)
+    # standardised arrays are made with their padding rows, so that padding copies nothing (each process
+    # pads its rows to the same count, a multiple of its devices)
+    n_rows = None
+    if pad:
+        local_devices = 1 if sharding is None else len(sharding.addressable_devices)
+        n_rows = padded_rows(int(collective.max(raw_design.y.shape[0])), local_devices=local_devices)
+    design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
                            sharding=sharding, n_obs=n_obs)
@@ -221,10 +241,10 @@ def bucket(n: int, minimum: int) -> int:
     return next(m << k for m in (5, 6, 7, 8) if (m << k) >= n)
 
 
-def padded_rows(n: int, sharding=None) -> int:
+def padded_rows(n: int, sharding=None, local_devices: int | None = None) -> int:
     """The row count ``n`` rows are padded to: its :func:`bucket`, rounded up to a multiple of the devices of
-    ``sharding``."""
-    n_devices = 1 if sharding is None else len(sharding.device_set)
+    ``sharding`` (or of ``local_devices``)."""
+    n_devices = local_devices or (1 if sharding is None else len(sharding.device_set))
     return -(-bucket(n, ROW_MIN) // n_devices) * n_devices
 
 
@@ -273,6 +293,9 @@ def place_rows(design: Design, sharding=None) -> Design:
     devices), or on the default device."""
 
     def put(a):
+        if sharding is not None and not sharding.is_fully_addressable:
+            # a multi-process job: these are this process's rows of the global array
+            return jax.make_array_from_process_local_data(sharding, a)
         return jax.device_put(a, sharding)
 
     return Design(
@@ -307,15 +330,17 @@ def make_problem(
             variational kernel runs on (``q="exact"``), so that building it compiles nothing.
         sharding: a ``jax.sharding.Sharding`` of the rows (:func:`row_sharding`) to place every per-row array
             with, after padding the rows to a multiple of its device count; needs ``pad=True``.
-        n_obs: the number of observations when the arrays already end in zero padding rows (as
-            :func:`lmevi.scaling.standardise` makes them); ``None``: every row is an observation.
+        n_obs: the number of observations (over every process, in a multi-process fit) when the arrays are
+            already padded (as :func:`lmevi.scaling.standardise` makes them; each process's own rows then);
+            ``None``: every row is an observation, and padding (``pad=True``) appends the rows.
     """
     n = design.y.shape[0] if n_obs is None else int(n_obs)
     level_mask = None
     if pad:
         levels = tuple(bucket(J, LEVEL_MIN) for J in spec.n_levels)
         level_mask = tuple(on_device(np.arange(P) < J, design.y.dtype) for P, J in zip(levels, spec.n_levels))
-        design = pad_design(design, padded_rows(n, sharding), levels)
+        rows = padded_rows(n, sharding) if n_obs is None else design.y.shape[0]
+        design = pad_design(design, rows, levels)
         spec = dataclasses.replace(spec, n_levels=levels)
     elif sharding is not None:
         raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")

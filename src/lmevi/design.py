@@ -26,6 +26,7 @@ import pandas as pd
 
 from lmevi.precision import host_array
 from lmevi.formula import Formula, RandomTerm
+from lmevi.collective import LOCAL, Local
 from lmevi.labels import Levels, levels_of
 from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 
@@ -122,7 +123,7 @@ class DesignInfo:
 
 
 def build_design(
-    formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise"
+    formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise", collective: Local = LOCAL
 ) -> tuple[Design, DesignInfo]:
     """Check ``data`` against ``formula`` and build the arrays of the model.
 
@@ -132,6 +133,9 @@ def build_design(
         dtype: float dtype of ``y``, ``X`` and the covariates.
         missing: ``"raise"`` (default) stops on NA or inf in a column the formula uses; ``"drop"`` drops
             those rows (only those columns count) with a warning saying how many.
+        collective: :data:`lmevi.collective.LOCAL`, or the processes of a multi-process fit, each with its
+            own rows of ``data``: levels, counts, checks and ``n_obs`` are then those of all processes' rows,
+            and the arrays hold this process's rows coded with the global levels.
 
     Returns:
         ``(design, info)``.
@@ -152,14 +156,15 @@ def build_design(
         raise ValueError(f"the data has more than one column named {duplicated}; column names must be unique")
     columns = _check_columns(formula, data)
     data = _handle_missing(data, columns, missing)
-    y = _response(formula.response, data)
-    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data)
+    n_obs = int(collective.sum(len(data)))
+    y = _response(formula.response, data, collective)
+    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective)
     terms, infos = [], []
     for term in formula.random:
-        td, ti = _random_term(term, data, dtype)
+        td, ti = _random_term(term, data, dtype, collective, n_obs)
         terms.append(td)
         infos.append(ti)
-    _check_shared_factors(formula.random, infos, terms)
+    _check_shared_factors(formula.random, infos, terms, collective)
     # host (NumPy) arrays: standardising and padding happen on the host, and lmevi.build.make_problem copies
     # the final arrays to the device once
     design = Design(y=host_array(y, dtype), X=host_array(X, dtype), terms=tuple(terms))
@@ -169,7 +174,7 @@ def build_design(
         and not pd.api.types.is_bool_dtype(data[c]) and c not in formula.columns
     )
     info = DesignInfo(
-        formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=len(data), fixed_spec=fixed_spec,
+        formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=n_obs, fixed_spec=fixed_spec,
         fixed_keep=keep, dropped_fixed=dropped, rows=data.index, numeric_columns=numeric,
     )
     return design, info
@@ -311,7 +316,7 @@ def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
     return data.loc[~bad_rows]
 
 
-def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
+def _response(expr: str, data: pd.DataFrame, collective: Local = LOCAL) -> np.ndarray:
     if expr in data.columns:
         col = data[expr]
         if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
@@ -329,21 +334,22 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
         y = np.asarray(mm, dtype=np.float64)[:, 0]
     if not np.all(np.isfinite(y)):
         raise ValueError(f"the response {expr!r} has non-finite values (e.g. log of a non-positive number)")
-    if np.ptp(y) == 0 or np.ptp(y) <= 1e-12 * np.max(np.abs(y)):
+    lo, hi = float(collective.min(np.min(y))), float(collective.max(np.max(y)))
+    if hi - lo == 0 or hi - lo <= 1e-12 * max(abs(lo), abs(hi)):
         raise ValueError(
             f"the response {expr!r} is constant ({y[0]:g}, to 12 significant digits); there is no variation to model"
         )
     return y
 
 
-def _fixed(rhs: str, data: pd.DataFrame):
+def _fixed(rhs: str, data: pd.DataFrame, collective: Local = LOCAL):
     """Fixed-effects matrix, with columns aliased on earlier ones dropped (lme4 does this by pivoted QR)."""
     try:
-        X, columns, spec = _design_matrix(rhs, data)
+        X, columns, spec = _design_matrix(rhs, data, collective)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
     names = [lme4_name(c) for c in columns]
-    keep, aliased = _independent_columns(X)
+    keep, aliased = _independent_columns(X, collective=collective)
     dropped = tuple(names[i] for i in aliased)
     if dropped:
         warnings.warn(
@@ -352,17 +358,17 @@ def _fixed(rhs: str, data: pd.DataFrame):
             stacklevel=5,
         )
     X = X if len(keep) == X.shape[1] else X[:, keep]
-    _check_scales(X, [names[i] for i in keep])
+    _check_scales(X, [names[i] for i in keep], collective)
     return X, tuple(names[i] for i in keep), spec, tuple(keep), dropped
 
 
-def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> tuple[list[int], list[int]]:
+def _independent_columns(X: np.ndarray, tol: float = 1e-9, collective: Local = LOCAL) -> tuple[list[int], list[int]]:
     """``(kept, aliased)`` column positions of ``X``, in order: a column is aliased when it lies (to ``tol``,
     relative) in the span of the kept columns before it, as lme4's pivoted QR drops the later of two aliased
     columns."""
     if X.shape[1] == 0:
         return [], []
-    G = X.T @ X  # one BLAS pass over the rows; the columns' norms are its diagonal
+    G = collective.sum(X.T @ X)  # one BLAS pass over the rows; the columns' norms are its diagonal
     scale = np.sqrt(np.diag(G)).copy()
     scale[scale == 0] = 1.0
     G = G / np.outer(scale, scale)
@@ -375,8 +381,8 @@ def _independent_columns(X: np.ndarray, tol: float = 1e-9) -> tuple[list[int], l
     return keep, [j for j in range(X.shape[1]) if j not in keep]
 
 
-def _check_scales(X: np.ndarray, names: list[str]) -> None:
-    sd = X.std(axis=0)
+def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) -> None:
+    sd = column_sd(X, collective)
     varying = sd > 0
     if varying.sum() >= 2 and sd[varying].max() / sd[varying].min() > 1e3:
         big = names[int(np.argmax(np.where(varying, sd, -np.inf)))]
@@ -388,16 +394,23 @@ def _check_scales(X: np.ndarray, names: list[str]) -> None:
         )
 
 
-def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData, TermInfo]:
-    levels, codes = levels_of(data, term.group)
+def _random_term(
+    term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None
+) -> tuple[TermData, TermInfo]:
+    n_obs = len(data) if n_obs is None else n_obs
+    if collective.distributed:
+        levels = global_levels(data, term.group, collective)
+        codes = levels.codes(data, term.group)
+    else:
+        levels, codes = levels_of(data, term.group)
     used = len(levels)
-    counts = np.bincount(codes, minlength=used)
+    counts = collective.sum(np.bincount(codes, minlength=used))
     if used < 2:
         raise ValueError(
             f"the grouping factor {term.group_name!r} of {term.text} has {used} level "
             "in the data; a random effect needs at least two"
         )
-    if used >= len(data):
+    if used >= n_obs:
         raise ValueError(
             f"the grouping factor {term.group_name!r} of {term.text} has as many levels ({used}) as there are "
             "rows: its variance cannot be told apart from the residual variance"
@@ -410,13 +423,13 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             stacklevel=5,
         )
     try:
-        cov, columns, coef_spec = _design_matrix(term.coefs, data)
+        cov, columns, coef_spec = _design_matrix(term.coefs, data, collective)
     except Exception as err:
         raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
     if cov.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
     coef_names = tuple(lme4_name(c) for c in columns)
-    keep, aliased = _independent_columns(cov)
+    keep, aliased = _independent_columns(cov, collective=collective)
     if aliased:
         bad = [coef_names[j] for j in aliased]
         raise ValueError(
@@ -425,9 +438,9 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
             f"{[coef_names[j] for j in keep]}, so their variances and correlations are not identified; "
             "drop the dependent column(s) from the term"
         )
-    if used * cov.shape[1] >= len(data):
+    if used * cov.shape[1] >= n_obs:
         raise ValueError(
-            f"the random term {term.text} has {used * cov.shape[1]} random effects for {len(data)} rows: "
+            f"the random term {term.text} has {used * cov.shape[1]} random effects for {n_obs} rows: "
             "with at least as many random effects as observations the model is not identifiable"
         )
     info = TermInfo(
@@ -444,11 +457,30 @@ def _random_term(term: RandomTerm, data: pd.DataFrame, dtype) -> tuple[TermData,
     return data_, info
 
 
+def global_levels(data: pd.DataFrame, columns: tuple[str, ...], collective: Local) -> Levels:
+    """The levels of ``columns`` over every process's rows, in R's order (:func:`lmevi.labels.levels_of`): each
+    process contributes its distinct combinations (one row per level it holds), and the union is ordered
+    as one frame of all rows would be."""
+    parts = collective.gather(data[list(columns)].drop_duplicates())
+    levels, _ = levels_of(pd.concat(parts, ignore_index=True), columns)
+    return levels
+
+
+def column_sd(M: np.ndarray, collective: Local = LOCAL) -> np.ndarray:
+    """``(p,)`` the SD of each column of ``M`` ``(n, p)`` over all processes' rows: NumPy's own for one
+    process, else from summed sums (the mean first, then the squared deviations from it)."""
+    if not collective.distributed:
+        return M.std(axis=0)
+    n = collective.sum(M.shape[0])
+    mean = collective.sum(M.sum(axis=0)) / n
+    return np.sqrt(collective.sum(((M - mean) ** 2).sum(axis=0)) / n)
+
+
 def _label_clashes(levels: Levels) -> list[str]:
     return [label for label, n in collections.Counter(levels.labels).items() if n > 1]
 
 
-def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
+def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms, collective: Local = LOCAL) -> None:
     """Terms on one grouping factor, as ``(1 | g) + (0 + x | g)``, must not repeat a column between them:
     ``(1 | g) + (x | g)`` would split one intercept variance in two, which the data cannot tell apart."""
     by_group: dict[frozenset, list[int]] = {}
@@ -459,7 +491,7 @@ def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms) -> None:
             continue
         cov = np.concatenate([np.asarray(terms[k].covariates, dtype=np.float64) for k in ks], axis=1)
         names = [(random[k].text, name) for k in ks for name in infos[k].coef_names]
-        _, aliased = _independent_columns(cov)
+        _, aliased = _independent_columns(cov, collective=collective)
         if aliased:
             bad = [names[j] for j in aliased]
             raise ValueError(
@@ -509,13 +541,20 @@ def _plain_spec(expr: str, data: pd.DataFrame) -> PlainSpec | None:
     return PlainSpec(intercept, columns)
 
 
-def _design_matrix(expr: str, data: pd.DataFrame) -> tuple[np.ndarray, list[str], object]:
+def _design_matrix(expr: str, data: pd.DataFrame, collective: Local = LOCAL) -> tuple[np.ndarray, list[str], object]:
     """``(matrix (n, p) float64, formulaic-style column names, spec)`` of one side of the formula: by
     :class:`PlainSpec` where it applies, else by formulaic (``na_action="raise"``; formulaic's errors pass
-    through)."""
+    through). A multi-process fit takes plain sides only: formulaic would code a factor by the levels of
+    this process's rows alone."""
     spec = _plain_spec(expr, data)
     if spec is not None:
         return spec.get_model_matrix(data), list(spec.column_names), spec
+    if collective.distributed:
+        raise ValueError(
+            f"{expr!r}: a multi-process fit (distributed=True) takes fixed effects and random-effect covariates "
+            "that are numeric columns and the intercept only (a factor or a transform would be coded from "
+            "this process's rows alone); add such columns to the data before splitting it"
+        )
     mm = _model_matrix(to_formulaic(expr), data, na_action="raise", context=CONTEXT)
     return np.asarray(mm, dtype=np.float64), list(mm.columns), mm.model_spec
 

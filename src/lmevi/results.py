@@ -514,8 +514,9 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     else:
         mean = _row_mean(problem, params)
         fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
-        linear = np.asarray(fixed + mean, dtype=np.float64)
-    fitted = scales.y_shift + scales.y_scale * linear[:n]
+        linear = local_rows(fixed + mean)
+    # this process's rows (all rows but in a multi-process fit), padding dropped
+    fitted = scales.y_shift + scales.y_scale * linear[: len(model.y)]
     offset = scaling.elbo_offset(scales, n, spec.reml)
 
     def back(p):  # to the data's levels (padding dropped) and units, on the host
@@ -548,6 +549,15 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         scales=scales,
         data=model.data,
     )
+
+
+def local_rows(a) -> np.ndarray:
+    """A row-indexed array as float64 NumPy: the whole of it, or in a multi-process fit the rows this process
+    holds (its devices' shards, in row order)."""
+    if a.is_fully_addressable:
+        return np.asarray(a, dtype=np.float64)
+    shards = sorted(a.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+    return np.concatenate([np.asarray(shard.data, dtype=np.float64) for shard in shards])
 
 
 def _exact_linear_predictor(design, spec: QSpec, params: VIParams) -> np.ndarray:

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import numpy as np
 
 from lmevi.precision import host_array, to_host
-from lmevi.design import Design, TermData
+from lmevi.collective import LOCAL, Local
+from lmevi.design import Design, TermData, column_sd
 from lmevi.variational import QSpec, VIParams
 from lmevi.model import ModelParams
 
@@ -49,15 +50,25 @@ class Scales(NamedTuple):
     z_scale: tuple[np.ndarray, ...]
 
 
-def _column_scale(M: np.ndarray) -> np.ndarray:
-    """SD of each column, or its absolute value where the column is constant (an intercept)."""
-    if M.shape[0] == 0 or M.shape[1] == 0:
-        return np.ones(M.shape[1])
-    const = np.abs(M[0])
-    if (M == M[0]).all():  # every column constant (an intercept-only term): no variance to compute
-        return np.where(const > 0, const, 1.0)
-    sd = M.std(axis=0)
-    scale = np.where(sd > 1e-12 * np.maximum(np.abs(M).max(axis=0), 1e-300), sd, const)
+def _column_scale(M: np.ndarray, collective: Local = LOCAL) -> np.ndarray:
+    """SD of each column, or its absolute value where the column is constant (an intercept); over every
+    process's rows in a multi-process fit (the first row's value then is process 0's)."""
+    if M.shape[1] == 0:
+        return np.ones(0)
+    if collective.distributed:
+        lo, hi = collective.min(M.min(axis=0)), collective.max(M.max(axis=0))
+        const = np.abs(collective.gather(M[0])[0])
+        if np.all(lo == hi):
+            return np.where(const > 0, const, 1.0)
+        sd, big = column_sd(M, collective), np.maximum(np.abs(lo), np.abs(hi))
+    else:
+        if M.shape[0] == 0:
+            return np.ones(M.shape[1])
+        const = np.abs(M[0])
+        if (M == M[0]).all():  # every column constant (an intercept-only term): no variance to compute
+            return np.where(const > 0, const, 1.0)
+        sd, big = M.std(axis=0), np.abs(M).max(axis=0)
+    scale = np.where(sd > 1e-12 * np.maximum(big, 1e-300), sd, const)
     return np.where(scale > 0, scale, 1.0)
 
 
@@ -78,13 +89,15 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None) -> np.ndarray:
     return out
 
 
-def standardise(design: Design, n_rows: int | None = None) -> tuple[Design, Scales]:
+def standardise(design: Design, n_rows: int | None = None, collective: Local = LOCAL) -> tuple[Design, Scales]:
     """The design in standardised units, and the scales that map back.
 
     Args:
         design: arrays in the data's units, ``n`` rows.
         n_rows: the row count of the result: ``n_rows - n`` zero rows (y, X, covariates 0, level code 0) are
             appended, as :func:`lmevi.build.pad_design` would, but without a second copy. ``None``: ``n``.
+        collective: in a multi-process fit, the processes whose rows together set the scales (each
+            process standardises its own rows with them).
 
     Returns:
         ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;
@@ -96,18 +109,26 @@ def standardise(design: Design, n_rows: int | None = None) -> tuple[Design, Scal
     n_rows = n if n_rows is None else int(n_rows)
     if n_rows < n:
         raise ValueError(f"n_rows={n_rows} is below the design's {n} rows")
-    x_scale = _column_scale(X)
+    x_scale = _column_scale(X, collective)
     shift_coef = np.zeros(X.shape[1])
     y_shift = 0.0
-    const = [j for j in range(X.shape[1]) if X.shape[0] and np.ptp(X[:, j]) == 0 and X[0, j] != 0]
+    if collective.distributed:
+        lo, hi, first = collective.min(X.min(axis=0)), collective.max(X.max(axis=0)), collective.gather(X[0])[0]
+        const = [j for j in range(X.shape[1]) if lo[j] == hi[j] and first[j] != 0]
+    else:
+        first = X[0] if X.shape[0] else None
+        const = [j for j in range(X.shape[1]) if X.shape[0] and np.ptp(X[:, j]) == 0 and X[0, j] != 0]
     if const:
         j = const[0]
-        shift_coef[j] = 1.0 / X[0, j]
-        y_shift = float(np.mean(y))
-    y_scale = float(np.std(y - y_shift))
+        shift_coef[j] = 1.0 / first[j]
+        y_shift = float(collective.sum(y.sum()) / collective.sum(n)) if collective.distributed else float(np.mean(y))
+    if collective.distributed:
+        y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
+    else:
+        y_scale = float(np.std(y - y_shift))
     if not y_scale > 0:
         y_scale = 1.0
-    z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64)) for t in design.terms)
+    z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64), collective) for t in design.terms)
     dtype = design.y.dtype
     y_out = np.zeros(n_rows, dtype=np.float64)
     np.subtract(y, y_shift, out=y_out[:n])

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmevi.collective import LOCAL, Local
 from lmevi.design import Design, DesignInfo
 from lmevi.model import LOG_2PI, ModelParams, log_abs_diag
 
@@ -172,11 +173,13 @@ def meanfield_spec(info: DesignInfo, reml: bool) -> QSpec:
     return _spec("meanfield", info, blocks, reml)
 
 
-def _meanfield(design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None) -> QSpec:
+def _meanfield(
+    design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None, collective: Local = LOCAL
+) -> QSpec:
     return meanfield_spec(info, reml)
 
 
-def entanglement(design: Design, small: int, large: int) -> float:
+def entanglement(design: Design, small: int, large: int, collective: Local = LOCAL) -> float:
     """Share of the rows of term ``small`` explained by the levels of term ``large``.
 
     For each level of ``large``, count its rows at its most common level of ``small``; divide the sum by
@@ -189,8 +192,8 @@ def entanglement(design: Design, small: int, large: int) -> float:
     gl = np.asarray(design.terms[large].index).astype(itype, copy=False)
     key = gl * itype(js)
     key += gs
-    counts = np.bincount(key, minlength=jl * js)
-    return float(counts.reshape(-1, js).max(axis=1).sum() / len(gs))
+    counts = collective.sum(np.bincount(key, minlength=jl * js))  # over every process's rows
+    return float(counts.reshape(-1, js).max(axis=1).sum() / counts.sum())
 
 
 # A factor nests another when at least this share of the other's rows sit in its most common level for each
@@ -201,7 +204,8 @@ NESTED_MAX = 200
 
 
 def structured_spec(
-    design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None
+    design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None,
+    collective: Local = LOCAL
 ) -> QSpec:
     """Blocks of the structured family, chosen from the data unless ``blocks`` names them.
 
@@ -214,6 +218,7 @@ def structured_spec(
             block of the large term it is most entangled with.
         blocks: optional override, a sequence of tuples of grouping-factor names (as lme4 prints them);
             a tuple may also contain ``"fixed"`` to put beta there when ``reml=True``.
+        collective: in a multi-process fit, the processes whose rows together give the nesting shares.
 
     Returns:
         The :class:`QSpec`.
@@ -227,7 +232,7 @@ def structured_spec(
     # own, q would drain its variance into the nested factor's, as mean-field q drains InstEval's departments.
     for parent in sorted(large, key=lambda k: size[k]):
         if size[parent] <= NESTED_MAX and any(
-            size[child] > size[parent] and entanglement(design, parent, child) >= NEST_SHARE
+            size[child] > size[parent] and entanglement(design, parent, child, collective) >= NEST_SHARE
             for child in large if child != parent
         ):
             large.remove(parent)
@@ -237,7 +242,7 @@ def structured_spec(
     members: dict[int, list[int]] = {k: [] for k in large}
     best_share: dict[int, float] = {k: -1.0 for k in large}
     for s in small:
-        shares = {k: entanglement(design, s, k) for k in large}
+        shares = {k: entanglement(design, s, k, collective) for k in large}
         host = max(large, key=lambda k: (shares[k], -size[k]))
         members[host].append(s)
         best_share[host] = max(best_share[host], shares[host])
