@@ -202,10 +202,13 @@ def main(argv=None) -> dict:
             for c in data.columns:  # a factor stays one (concat of unequal categories would give text)
                 if isinstance(parts[0][c].dtype, pd.CategoricalDtype):
                     data[c] = union_categoricals([part[c] for part in parts])
-            lmevi.fit(FORMULA, data, q="structured", progress=False)  # compile, so that the next is warm
-            start = time.perf_counter()
-            m = lmevi.fit(FORMULA, data, q="structured", progress=False)
-            single = summary(m) | {"seconds": time.perf_counter() - start}
+            lmevi.fit(FORMULA, data, q="structured", progress=False)  # compile, so that the next are warm
+            times = []
+            for _ in range(3):  # the fastest of 3: the machine is still settling after the job
+                start = time.perf_counter()
+                m = lmevi.fit(FORMULA, data, q="structured", progress=False)
+                times.append(time.perf_counter() - start)
+            single = summary(m) | {"seconds": min(times)}
             diffs = compare(job, single)
     n_rows = sum(r["rows"] for r in job)
     out = {
