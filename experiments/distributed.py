@@ -49,7 +49,11 @@ OUT = HERE.parent / "results" / "distributed"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--processes", type=int, default=2, help="number of processes (and Parquet files)")
+    p.add_argument("--processes", type=int, default=2,
+                   help="number of processes (1: one process reads every file, without jax.distributed)")
+    p.add_argument("--files", type=int, default=0, help="Parquet files (default: one per process); process i "
+                   "reads files i, i + processes, ...")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"], help="precision of the fit")
     p.add_argument("--rows", type=int, default=0, help="simulated InstEval-shaped rows (0: InstEval itself)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="folder for distributed.json and distributed.md")
@@ -61,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--coordinator", help=argparse.SUPPRESS)
     p.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--shard", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--shard", type=Path, nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -108,21 +112,32 @@ def summary(m, with_rows: bool = True) -> dict:
     return out
 
 
+def read_rows(paths: list[Path]) -> pd.DataFrame:
+    """Parquet files as one frame: pyarrow reads them as one table, handed to pandas column by column
+    (``self_destruct``), so that the rows are in memory about once."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table([str(p) for p in paths]).to_pandas(self_destruct=True, split_blocks=True)
+
+
 def worker(args) -> None:
-    """One process of the job: its own Parquet file in, the fit of all files out (JSON)."""
+    """One process of the job: its own Parquet files in, the fit of all files out (JSON)."""
     import jax
 
-    jax.distributed.initialize(args.coordinator, num_processes=args.processes, process_id=args.process_id)
+    distributed = args.processes > 1
+    if distributed:
+        jax.distributed.initialize(args.coordinator, num_processes=args.processes, process_id=args.process_id)
     import lmevi
 
     start = time.perf_counter()
-    rows = pd.read_parquet(args.shard, engine="pyarrow")
+    rows = read_rows(args.shard)
     read = time.perf_counter() - start
-    m = lmevi.fit(FORMULA, rows, distributed=True, progress=False)
+    options = dict(distributed=distributed, progress=False, dtype=args.dtype, q="structured")
+    m = lmevi.fit(FORMULA, rows, **options)
     first = again = time.perf_counter() - start - read
     for _ in range(args.fits - 1):
         start = time.perf_counter()
-        m = lmevi.fit(FORMULA, rows, distributed=True, progress=False)
+        m = lmevi.fit(FORMULA, rows, **options)
         again = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     out = summary(m, with_rows=not args.no_single) | {
@@ -138,13 +153,15 @@ def free_port() -> int:
 
 
 def run_job(shards: list[Path], folder: Path, args) -> list[dict]:
-    """Start one worker per shard, wait for all, return their results in process order."""
+    """Start one worker per process (process i reads files i, i + processes, ...), wait for all, return their
+    results in process order."""
     coordinator = f"localhost:{free_port()}"
     procs, results = [], []
-    for i, shard in enumerate(shards):
+    for i in range(args.processes):
         result = folder / f"result-{i}.json"
+        mine = [str(p) for p in shards[i :: args.processes]]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--coordinator", coordinator,
-               "--processes", str(len(shards)), "--process-id", str(i), "--shard", str(shard),
+               "--processes", str(args.processes), "--process-id", str(i), "--dtype", args.dtype, "--shard", *mine,
                "--result", str(result), "--fits", str(args.fits)] + (["--no-single"] if args.no_single else [])
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         results.append(result)
@@ -190,23 +207,23 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         start = time.perf_counter()
-        shards = write_shards(args.rows, args.processes, args.seed, folder)
+        shards = write_shards(args.rows, args.files or args.processes, args.seed, folder)
         write_seconds = time.perf_counter() - start
         start = time.perf_counter()
         job = run_job(shards, folder, args)
         job_seconds = time.perf_counter() - start
         single = diffs = None
         if not args.no_single:
-            parts = [pd.read_parquet(p, engine="pyarrow") for p in shards]
+            parts = [read_rows([p]) for p in shards]
             data = pd.concat(parts, ignore_index=True)
             for c in data.columns:  # a factor stays one (concat of unequal categories would give text)
                 if isinstance(parts[0][c].dtype, pd.CategoricalDtype):
                     data[c] = union_categoricals([part[c] for part in parts])
-            lmevi.fit(FORMULA, data, q="structured", progress=False)  # compile, so that the next are warm
+            lmevi.fit(FORMULA, data, q="structured", progress=False, dtype=args.dtype)  # compile: the next are warm
             times = []
             for _ in range(3):  # the fastest of 3: the machine is still settling after the job
                 start = time.perf_counter()
-                m = lmevi.fit(FORMULA, data, q="structured", progress=False)
+                m = lmevi.fit(FORMULA, data, q="structured", progress=False, dtype=args.dtype)
                 times.append(time.perf_counter() - start)
             single = summary(m) | {"seconds": min(times)}
             diffs = compare(job, single)
@@ -215,6 +232,8 @@ def main(argv=None) -> dict:
         "data": f"{n_rows:,} simulated InstEval-shaped rows" if args.rows else "InstEval (all 73,421 rows)",
         "formula": FORMULA,
         "processes": args.processes,
+        "files": len(shards),
+        "dtype": args.dtype,
         "devices": job[0]["devices"],
         "rows_per_process": [r["rows"] for r in job],
         "q": job[0]["q"],
@@ -248,8 +267,8 @@ def report(out: dict) -> str:
         "# A multi-process fit against one process",
         "",
         f"{out['data']}, `{out['formula']}`, q = {out['q']}: {out['processes']} processes "
-        f"({out['devices']} CPU devices in all), each reading its own Parquet file "
-        f"({', '.join(f'{r:,}' for r in out['rows_per_process'])} rows), collectives through gloo.",
+        f"({out['devices']} CPU devices in all), each reading its own of {out['files']} Parquet files "
+        f"({', '.join(f'{r:,}' for r in out['rows_per_process'])} rows), collectives through gloo, {out['dtype']}.",
         "",
         "| largest difference from the one-process fit | |",
         "|---|---|",
@@ -277,8 +296,8 @@ def report_alone(out: dict) -> str:
         f"# A multi-process fit: {out['data']}",
         "",
         f"`{out['formula']}`, q = {out['q']}: {out['processes']} processes ({out['devices']} CPU devices in all), "
-        f"each reading its own Parquet file ({', '.join(f'{r:,}' for r in out['rows_per_process'])} rows), "
-        "collectives through gloo; no one-process fit to compare with (`--no-single`).",
+        f"reading {out['files']} Parquet files ({', '.join(f'{r:,}' for r in out['rows_per_process'])} rows per "
+        f"process), {out['dtype']}; no one-process fit of the same rows to compare with (`--no-single`).",
         "",
         f"- fit (the slowest process; the last of {out['fits_per_process']} fits in each): "
         f"{max(out['fit_seconds_per_process']):.1f} s; first call {max(out['fit_seconds_first_call_per_process']):.1f} s "
