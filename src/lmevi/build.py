@@ -21,7 +21,6 @@ import pandas as pd
 from lmevi import collective as collective_lib
 from lmevi import likelihood as likelihood_lib
 from lmevi import scaling, variational
-from lmevi.collective import LOCAL
 from lmevi.design import Design, DesignInfo, TermData, build_design
 from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
@@ -172,7 +171,7 @@ def build_model(
     missing = check_choice("missing", missing, ("raise", "drop"))
     pad = check_bool("pad", pad)
     distributed = check_bool("distributed", distributed)
-    collective = LOCAL
+    collective = collective_lib.LOCAL
     if distributed:
         if devices is not None:
             raise ValueError("distributed=True shards the rows over every process's devices: leave devices=None")
@@ -199,7 +198,7 @@ def build_model(
     n_rows = None
     if pad:
         local_devices = 1 if sharding is None else len(sharding.addressable_devices)
-        n_rows = padded_rows(int(collective.max(raw_design.y.shape[0])), local_devices=local_devices)
+        n_rows = padded_rows(int(collective.max(raw_design.y.shape[0])), local_devices)
     design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
@@ -241,10 +240,8 @@ def bucket(n: int, minimum: int) -> int:
     return next(m << k for m in (5, 6, 7, 8) if (m << k) >= n)
 
 
-def padded_rows(n: int, sharding=None, local_devices: int | None = None) -> int:
-    """The row count ``n`` rows are padded to: its :func:`bucket`, rounded up to a multiple of the devices of
-    ``sharding`` (or of ``local_devices``)."""
-    n_devices = local_devices or (1 if sharding is None else len(sharding.device_set))
+def padded_rows(n: int, n_devices: int = 1) -> int:
+    """The row count ``n`` rows are padded to: its :func:`bucket`, rounded up to a multiple of ``n_devices``."""
     return -(-bucket(n, ROW_MIN) // n_devices) * n_devices
 
 
@@ -339,7 +336,8 @@ def make_problem(
     if pad:
         levels = tuple(bucket(J, LEVEL_MIN) for J in spec.n_levels)
         level_mask = tuple(on_device(np.arange(P) < J, design.y.dtype) for P, J in zip(levels, spec.n_levels))
-        rows = padded_rows(n, sharding) if n_obs is None else design.y.shape[0]
+        n_devices = 1 if sharding is None else len(sharding.device_set)
+        rows = padded_rows(n, n_devices) if n_obs is None else design.y.shape[0]
         design = pad_design(design, rows, levels)
         spec = dataclasses.replace(spec, n_levels=levels)
     elif sharding is not None:

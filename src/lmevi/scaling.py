@@ -50,24 +50,21 @@ class Scales(NamedTuple):
     z_scale: tuple[np.ndarray, ...]
 
 
-def _column_scale(M: np.ndarray, collective: Local = LOCAL) -> np.ndarray:
-    """SD of each column, or its absolute value where the column is constant (an intercept); over every
-    process's rows in a multi-process fit (the first row's value then is process 0's)."""
-    if M.shape[1] == 0:
-        return np.ones(0)
-    if collective.distributed:
-        lo, hi = collective.min(M.min(axis=0)), collective.max(M.max(axis=0))
-        const = np.abs(collective.gather(M[0])[0])
-        if np.all(lo == hi):
-            return np.where(const > 0, const, 1.0)
-        sd, big = column_sd(M, collective), np.maximum(np.abs(lo), np.abs(hi))
-    else:
-        if M.shape[0] == 0:
-            return np.ones(M.shape[1])
-        const = np.abs(M[0])
-        if (M == M[0]).all():  # every column constant (an intercept-only term): no variance to compute
-            return np.where(const > 0, const, 1.0)
-        sd, big = M.std(axis=0), np.abs(M).max(axis=0)
+def _ranges(M: np.ndarray, collective: Local = LOCAL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(min, max, first row)`` of the columns of ``M`` ``(n, p)``, over every process's rows in a
+    multi-process fit (the first row is then process 0's)."""
+    lo, hi = collective.min(M.min(axis=0)), collective.max(M.max(axis=0))
+    return lo, hi, collective.gather(M[0])[0]
+
+
+def _column_scale(M: np.ndarray, ranges, collective: Local = LOCAL) -> np.ndarray:
+    """SD of each column, or its absolute value where the column is constant (an intercept); ``ranges`` is
+    :func:`_ranges` of ``M``."""
+    lo, hi, first = ranges
+    const = np.abs(first)
+    if np.all(lo == hi):  # every column constant (an intercept-only term): no variance to compute
+        return np.where(const > 0, const, 1.0)
+    sd, big = column_sd(M, collective), np.maximum(np.abs(lo), np.abs(hi))
     scale = np.where(sd > 1e-12 * np.maximum(big, 1e-300), sd, const)
     return np.where(scale > 0, scale, 1.0)
 
@@ -109,26 +106,23 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     n_rows = n if n_rows is None else int(n_rows)
     if n_rows < n:
         raise ValueError(f"n_rows={n_rows} is below the design's {n} rows")
-    x_scale = _column_scale(X, collective)
+    x_ranges = _ranges(X, collective)
+    x_scale = _column_scale(X, x_ranges, collective)
+    lo, hi, first = x_ranges
+    const = [j for j in range(X.shape[1]) if lo[j] == hi[j] and first[j] != 0]
     shift_coef = np.zeros(X.shape[1])
     y_shift = 0.0
-    if collective.distributed:
-        lo, hi, first = collective.min(X.min(axis=0)), collective.max(X.max(axis=0)), collective.gather(X[0])[0]
-        const = [j for j in range(X.shape[1]) if lo[j] == hi[j] and first[j] != 0]
-    else:
-        first = X[0] if X.shape[0] else None
-        const = [j for j in range(X.shape[1]) if X.shape[0] and np.ptp(X[:, j]) == 0 and X[0, j] != 0]
     if const:
         j = const[0]
         shift_coef[j] = 1.0 / first[j]
-        y_shift = float(collective.sum(y.sum()) / collective.sum(n)) if collective.distributed else float(np.mean(y))
-    if collective.distributed:
-        y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
-    else:
-        y_scale = float(np.std(y - y_shift))
+        y_shift = float(collective.sum(y.sum()) / collective.sum(n))
+    y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
     if not y_scale > 0:
         y_scale = 1.0
-    z_scale = tuple(_column_scale(np.asarray(t.covariates, dtype=np.float64), collective) for t in design.terms)
+    z_scale = tuple(
+        _column_scale(z, _ranges(z, collective), collective)
+        for z in (np.asarray(t.covariates, dtype=np.float64) for t in design.terms)
+    )
     dtype = design.y.dtype
     y_out = np.zeros(n_rows, dtype=np.float64)
     np.subtract(y, y_shift, out=y_out[:n])
