@@ -214,6 +214,21 @@ def test_fit_reaches_a_stationary_point_of_the_dense_criterion():
                 assert Dense(design, theta, True).objective >= best - 1e-8
 
 
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+def test_both_backends_reach_the_same_optimum(reml):
+    """BOBYQA on NumPy (derivative-free, small dense blocks) and L-BFGS-B on JAX (exact gradient) minimise the
+    same criterion to the same point: the criterion to 1e-10 relative (both stop within about 1e-10), theta
+    to 1e-4 (the criterion is flat to second order at the optimum, so theta is resolved to about the square
+    root of the criterion's precision), and each reports its own optimiser."""
+    design, _ = build_design(parse_formula(DESIGNS["slope-largest"]), _simulated(3))
+    fits = {b: exact.fit_exact(design, reml=reml, backend=b) for b in exact.BACKENDS}
+    assert fits["numpy"].optimizer == "BOBYQA" and fits["jax"].optimizer == "L-BFGS-B"
+    assert fits["numpy"].converged and fits["jax"].converged
+    assert float(fits["numpy"].objective) == pytest.approx(float(fits["jax"].objective), rel=1e-10)
+    np.testing.assert_allclose(fits["numpy"].theta, fits["jax"].theta, atol=1e-4)
+    assert fits["numpy"].grad_norm < 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tier 3: against lme4
 

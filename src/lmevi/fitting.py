@@ -204,7 +204,7 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     mean-field layout of ``model.spec``: per term the conditional modes and ``condVar`` per level, beta's
     ``vcov`` as its block under REML (and in ``RunInfo.beta_cov`` under both). The run's "ELBO" is the
     (restricted) log-likelihood; the stop rule's ``num_steps`` bounds the criterion evaluations and its ``tol``
-    is L-BFGS-B's."""
+    is the optimiser's relative tolerance (see :func:`lmevi.exact.fit_exact`)."""
     from lmevi import exact
 
     fit = exact.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
@@ -219,7 +219,7 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     beta = None if model.reml else fit.beta
     params = VIParams(ModelParams(beta=beta, chol=fit.chol, sigma=fit.sigma), tuple(blocks))
     run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, fit.grad_norm, {},
-                  beta_cov=fit.beta_cov)
+                  beta_cov=fit.beta_cov, optimizer=fit.optimizer)
     return params, run
 
 

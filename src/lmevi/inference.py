@@ -55,6 +55,7 @@ class RunInfo(NamedTuple):
         snapshots: parameters after each requested snapshot step, ``{step: VIParams}``.
         beta_cov: ``(p, p)`` the fixed effects' covariance when the fit estimates one outside q (lme4's
             ``vcov`` of an exact fit, also under ML); ``None`` otherwise.
+        optimizer: the optimiser of an exact fit (``"BOBYQA"`` or ``"L-BFGS-B"``); ``None`` otherwise.
     """
 
     elbo_trace: np.ndarray
@@ -64,6 +65,7 @@ class RunInfo(NamedTuple):
     grad_norm: float
     snapshots: dict
     beta_cov: np.ndarray | None = None
+    optimizer: str | None = None
 
 
 def _converged(trace: jax.Array, t: jax.Array, tol: jax.Array, w: int) -> jax.Array:

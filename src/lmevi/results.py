@@ -376,7 +376,7 @@ class FitResult:
         o = self.options
         if o.q == "exact":
             head = (f"Linear mixed model fit by {'REML' if o.reml else 'maximum likelihood'} (exact: lme4's "
-                    "profiled criterion, L-BFGS-B)")
+                    f"profiled criterion, {self.run.optimizer})")
             crit = (f"REML criterion at convergence: {self.reml_criterion:.4f}" if o.reml else
                     f"     AIC      BIC   logLik deviance\n{self.aic:8.1f} {self.bic:8.1f} {self.loglik:8.1f} "
                     f"{self.deviance:8.1f}")
