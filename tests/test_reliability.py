@@ -22,8 +22,10 @@ from lmevi.design import build_design
 from lmevi.formula import parse_formula
 
 FORMULA = "y ~ x + (1 + x | g)"
-# A converged coordinate-ascent fit stops at a relative ELBO change of 1e-10, which leaves the estimates
-# within about 1e-6 relative of the optimum: the tolerance of comparisons between two fits.
+# A converged coordinate-ascent fit stops at a relative ELBO change of 1e-10, and an exact fit at a trust region
+# of 1e-11 in theta, which leaves the estimates within about 1e-6 relative of the optimum: the tolerance of
+# comparisons between two fits. Fitted values are compared in residual SDs besides (a fitted value near zero
+# has no relative precision).
 FIT_RTOL = 1e-6
 
 
@@ -75,7 +77,8 @@ def test_units_of_a_random_slope_covariate_do_not_change_the_fit(frame, referenc
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=FIT_RTOL), key
     np.testing.assert_allclose(result.fixef().to_numpy() * [1.0, kx], reference.fixef().to_numpy(), rtol=FIT_RTOL)
-    np.testing.assert_allclose(result.fitted, reference.fitted, rtol=FIT_RTOL)
+    np.testing.assert_allclose(result.fitted, reference.fitted, rtol=FIT_RTOL,
+                               atol=FIT_RTOL * reference.sd()["Residual"])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
