@@ -468,12 +468,16 @@ def global_levels(data: pd.DataFrame, columns: tuple[str, ...], collective: Loca
 
 def column_sd(M: np.ndarray, collective: Local = LOCAL) -> np.ndarray:
     """``(p,)`` the SD of each column of ``M`` ``(n, p)`` over all processes' rows: NumPy's own for one
-    process, else from summed sums (the mean first, then the squared deviations from it)."""
+    process, else from summed sums (the mean first, then the squared deviations from it).
+
+    Column by column: NumPy reduces a 1-D column pairwise and several times faster than it reduces an
+    ``(n, p)`` array with few columns along its rows (1e7 x 2: 0.08 s against 0.5 s)."""
+    cols = [M[:, j] for j in range(M.shape[1])]
     if not collective.distributed:
-        return M.std(axis=0)
+        return np.array([c.std() for c in cols], dtype=M.dtype)
     n = collective.sum(M.shape[0])
-    mean = collective.sum(M.sum(axis=0)) / n
-    return np.sqrt(collective.sum(((M - mean) ** 2).sum(axis=0)) / n)
+    mean = collective.sum(np.array([c.sum() for c in cols], dtype=M.dtype)) / n
+    return np.sqrt(collective.sum(np.array([((c - m) ** 2).sum() for c, m in zip(cols, mean)], dtype=M.dtype)) / n)
 
 
 def _label_clashes(levels: Levels) -> list[str]:

@@ -52,8 +52,11 @@ class Scales(NamedTuple):
 
 def _ranges(M: np.ndarray, collective: Local = LOCAL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(min, max, first row)`` of the columns of ``M`` ``(n, p)``, over every process's rows in a
-    multi-process fit (the first row is then process 0's)."""
-    lo, hi = collective.min(M.min(axis=0)), collective.max(M.max(axis=0))
+    multi-process fit (the first row is then process 0's). Column by column, as :func:`column_sd`: NumPy's
+    ``min(axis=0)`` of an ``(n, p)`` array with few columns is over ten times slower than of each column."""
+    cols = [M[:, j] for j in range(M.shape[1])]
+    lo = collective.min(np.array([c.min() for c in cols], dtype=M.dtype))
+    hi = collective.max(np.array([c.max() for c in cols], dtype=M.dtype))
     return lo, hi, collective.gather(M[0])[0]
 
 
