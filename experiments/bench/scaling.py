@@ -272,8 +272,7 @@ def worker_scale(args) -> dict:
         acc[g] = float(np.corrcoef(est, truth[g])[0, 1])
     sd = m.sd()
 
-    problem = structured_problem(df)
-    params = m.params
+    problem, params = structured_problem(df)
     sweep = jitted_sweep()
     value_and_grad = jitted_elbo_and_grad()
     per_sweep = time_call(sweep, problem, params, repeats=max(5, args.repeats))

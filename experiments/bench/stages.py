@@ -2,8 +2,9 @@
 
 ``lmevi.fit`` runs its stages inside one compiled loop; the scaling and profile parts time them apart.
 :func:`structured_problem` builds what the compiled kernels of a fit of :data:`bench.accuracy.FORMULA`
-take (the design in float64 in the data's units, the structured variational family with REML, the
-per-block cross-products, sigma estimated), and the ``jitted_*`` functions compile one stage each. Every
+take, as ``lmevi.fit`` builds it (the design in float64 in standardised units, rows and levels padded to
+their buckets, the structured variational family with REML, the per-block cross-products, sigma estimated),
+with the fitted parameters, and the ``jitted_*`` functions compile one stage each. Every
 compiled stage takes ``(problem, params)``: the arrays go in as arguments (captured in a closure an array
 would become a constant of the compiled program), the problem's structure is static.
 """
@@ -14,17 +15,13 @@ from bench.accuracy import FORMULA
 
 
 def structured_problem(frame):
-    """The kernels' ``Problem`` for the structured q (REML) of :data:`FORMULA` on ``frame``."""
-    import jax.numpy as jnp
+    """``(problem, params)``: the kernels' ``Problem`` of ``lmevi.fit(FORMULA, frame, q="structured")`` and
+    the parameters that fit reaches (in the problem's units)."""
+    import lmevi
 
-    from lmevi import variational
-    from lmevi.build import make_problem
-    from lmevi.design import build_design
-    from lmevi.formula import parse_formula
-
-    design, info = build_design(parse_formula(FORMULA), frame, jnp.float64)
-    spec = variational.structured_spec(design, info, True)
-    return make_problem(design, spec)
+    model = lmevi.build_model(FORMULA, frame, q="structured")
+    params, _ = lmevi.fit_model(model, lmevi.fitting.settings(method="cavi"))
+    return model.problem, params
 
 
 def jitted_sweep():

@@ -259,7 +259,7 @@ def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design
         y=rows(design.y),
         X=rows(design.X),
         terms=tuple(
-            TermData(index=rows(t.index), covariates=rows(t.covariates), n_levels=J)
+            TermData(index=rows(t.index), covariates=rows(t.covariates), n_levels=J, unit=t.unit)
             for t, J in zip(design.terms, n_levels)
         ),
     )
@@ -298,7 +298,7 @@ def place_rows(design: Design, sharding=None) -> Design:
     return Design(
         y=put(design.y),
         X=put(design.X),
-        terms=tuple(TermData(index=put(t.index), covariates=put(t.covariates), n_levels=t.n_levels)
+        terms=tuple(TermData(index=put(t.index), covariates=put(t.covariates), n_levels=t.n_levels, unit=t.unit)
                     for t in design.terms),
     )
 

@@ -120,7 +120,7 @@ def update_block(
     if block.large is not None:
         term = design.terms[block.large]
         D = bd.ZtZ / s2 + _prior_precision(model.chol[block.large])
-        h_l = variational.weighted_level_sums(term.covariates, resid, term.index, term.n_levels) / s2
+        h_l = variational.weighted_level_sums(term.covariates, resid, term.index, term.n_levels, term.unit) / s2
         cD = _batched_cholesky(D)
         d_h = _batched_cho_solve(cD, h_l)
     if bd.WtW is not None:

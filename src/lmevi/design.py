@@ -31,7 +31,7 @@ from lmevi.labels import Levels, levels_of
 from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels"])
+@partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels", "unit"])
 @dataclass(frozen=True)
 class TermData:
     """Arrays of one random term.
@@ -40,11 +40,17 @@ class TermData:
         index: ``(n_obs,)`` int32 level code ``g_k(i)`` of every row.
         covariates: ``(n_obs, p_k)`` per-row covariates ``z_ik`` of the term's coefficients.
         n_levels: ``J_k``, the number of levels (static).
+        unit: (static) the covariates are one column that is 1 on every observed row and 0 on every padding
+            row, i.e. the row weight: an intercept-only term ``(1 | g)`` in standardised units. The sweeps then
+            skip reading them where the other factor is already 0 on padding rows
+            (:func:`lmevi.variational.weighted_level_sums`) or share one read among such terms
+            (:func:`lmevi.variational.block_mean`). ``False`` is always correct.
     """
 
     index: jax.Array
     covariates: jax.Array
     n_levels: int
+    unit: bool = False
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["y", "X", "terms"], meta_fields=[])

@@ -122,10 +122,13 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
     if not y_scale > 0:
         y_scale = 1.0
+    z_ranges = [_ranges(np.asarray(t.covariates, dtype=np.float64), collective) for t in design.terms]
     z_scale = tuple(
-        _column_scale(z, _ranges(z, collective), collective)
-        for z in (np.asarray(t.covariates, dtype=np.float64) for t in design.terms)
+        _column_scale(np.asarray(t.covariates, dtype=np.float64), r, collective) for t, r in zip(design.terms, z_ranges)
     )
+    # one constant column, scaled to exactly 1 (padding rows 0): the row weight (TermData.unit)
+    unit = [bool(lo.shape == (1,) and lo[0] == hi[0] != 0 and lo[0] / s[0] == 1.0)
+            for (lo, hi, _), s in zip(z_ranges, z_scale)]
     dtype = design.y.dtype
     y_out = np.zeros(n_rows, dtype=np.float64)
     np.subtract(y, y_shift, out=y_out[:n])
@@ -135,8 +138,8 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
         X=_padded(X, n_rows, dtype, x_scale),
         terms=tuple(
             TermData(index=_padded(t.index, n_rows, np.asarray(t.index).dtype),
-                     covariates=_padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels)
-            for t, s in zip(design.terms, z_scale)
+                     covariates=_padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels, unit=u)
+            for t, s, u in zip(design.terms, z_scale, unit)
         ),
     )
     return scaled, Scales(y_shift, y_scale, shift_coef, x_scale, z_scale)

@@ -317,12 +317,14 @@ class _Piece(NamedTuple):
         covariates: ``(n_obs, p)`` covariates ``z_ik`` (``X`` for beta).
         n_levels: ``J`` (1 for beta).
         offset: where the piece starts in ``w``; it takes ``J p`` slots, level-major.
+        unit: the covariates are the row weight (:attr:`lmevi.design.TermData.unit`).
     """
 
     index: jax.Array | None
     covariates: jax.Array
     n_levels: int
     offset: int
+    unit: bool = False
 
     @property
     def size(self) -> int:
@@ -333,7 +335,7 @@ def _pieces(design: Design, spec: QSpec, block: Block) -> list[_Piece]:
     """The pieces of the block's small part ``w``, in their order in ``w`` (empty when ``p_w = 0``)."""
     offsets, at, _ = spec.small_offsets(block)
     terms = design.terms
-    out = [_Piece(terms[k].index, terms[k].covariates, spec.n_levels[k], offsets[k]) for k in block.small]
+    out = [_Piece(terms[k].index, terms[k].covariates, spec.n_levels[k], offsets[k], terms[k].unit) for k in block.small]
     if block.fixed:
         out.append(_Piece(None, design.X, 1, at))
     return out
@@ -417,30 +419,47 @@ def _gathered_dot(z: jax.Array, table: jax.Array, index) -> jax.Array:
 
 def small_mean(design: Design, spec: QSpec, block: Block, loc_small: jax.Array) -> jax.Array:
     """``W m_w``: one gather per small term plus ``X beta_part``; ``(n_obs,)``."""
+    return _gathered_sum(design, [(a.covariates, loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1),
+                                   a.index, a.unit) for a in _pieces(design, spec, block)])
+
+
+def _gathered_sum(design: Design, parts) -> jax.Array:
+    """``sum over parts of z_i . table[g(i)]``, ``(n_obs,)``, for parts ``(z, table, index, unit)``: the unit
+    parts (``z`` the row weight) are summed first and multiplied by one of their ``z`` once, so a pass over
+    the rows reads one weight column however many intercept-only terms it gathers."""
     mean = jnp.zeros_like(design.y)
-    for a in _pieces(design, spec, block):
-        m = loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1)
-        mean = mean + _gathered_dot(a.covariates, m, a.index)
-    return mean
+    weight, units = None, 0.0
+    for z, table, index, unit in parts:
+        if unit:
+            weight = z if weight is None else weight
+            units = units + table[:, 0][index]
+        else:
+            mean = mean + _gathered_dot(z, table, index)
+    return mean if weight is None else mean + weight[:, 0] * units
 
 
-def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: int) -> jax.Array:
+def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: int, unit: bool = False) -> jax.Array:
     """``sum_{i: g(i) = j} z_i r_i`` for every level j, ``(J, p)``, from ``z`` ``(n_obs, p)`` and ``r`` ``(n_obs,)``.
 
     One 1-D segment sum per column: on XLA's CPU backend a segment sum of ``(n_obs, 1)`` rows ran 3x slower
-    than of ``(n_obs,)`` at 1e6 rows.
+    than of ``(n_obs,)`` at 1e6 rows. ``unit``: ``z`` is the row weight (:attr:`lmevi.design.TermData.unit`)
+    and ``r`` is already 0 on padding rows, so ``z`` is not read (a residual of the sweeps always is: the
+    response, the covariates and therefore every mean are 0 there).
     """
+    if unit:
+        return jax.ops.segment_sum(r, index, n_levels)[:, None]
     return jnp.stack([jax.ops.segment_sum(z[:, c] * r, index, n_levels) for c in range(z.shape[1])], axis=1)
 
 
 def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array) -> jax.Array:
-    """``W^T r``: one segment sum per small term plus ``X^T r``; ``(p_w,)``."""
+    """``W^T r``: one segment sum per small term plus ``X^T r``; ``(p_w,)``. ``r`` must be 0 on padding rows
+    (see :func:`weighted_level_sums`)."""
     parts = []
     for a in _pieces(design, spec, block):
         if a.index is None:
             parts.append(r @ a.covariates)  # as (n_obs,) @ (n_obs, p): XLA then does not copy X transposed
         else:
-            parts.append(weighted_level_sums(a.covariates, r, a.index, a.n_levels).reshape(-1))
+            parts.append(weighted_level_sums(a.covariates, r, a.index, a.n_levels, a.unit).reshape(-1))
     return jnp.concatenate(parts)
 
 
@@ -541,13 +560,14 @@ def block_mean(design: Design, block: Block, bp: BlockParams, bd: BlockData) -> 
 
 
 def _block_mean(design: Design, spec: QSpec, block: Block, bp: BlockParams) -> jax.Array:
-    mean = jnp.zeros_like(design.y)
+    parts = []
     if block.large is not None:
         term = design.terms[block.large]
-        mean = mean + _gathered_dot(term.covariates, bp.loc_large, term.index)
+        parts.append((term.covariates, bp.loc_large, term.index, term.unit))
     if bp.loc_small is not None:
-        mean = mean + small_mean(design, spec, block, bp.loc_small)
-    return mean
+        parts += [(a.covariates, bp.loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1), a.index, a.unit)
+                  for a in _pieces(design, spec, block)]
+    return _gathered_sum(design, parts)
 
 
 def _spec_of(design: Design, block: Block) -> QSpec:
