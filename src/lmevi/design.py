@@ -487,6 +487,8 @@ def column_sd(M: np.ndarray, collective: Local = LOCAL) -> np.ndarray:
 
 
 def _label_clashes(levels: Levels) -> list[str]:
+    if len(set(levels.labels)) == len(levels.labels):  # the usual case, without counting every label
+        return []
     return [label for label, n in collections.Counter(levels.labels).items() if n > 1]
 
 
