@@ -287,13 +287,20 @@ def row_sharding(devices):
 
 def place_rows(design: Design, sharding=None) -> Design:
     """Every per-row array of ``design`` copied to the device once: with ``sharding`` (rows split over its
-    devices), or on the default device."""
+    devices), or on the default device. An array that several fields share (the row weight of every
+    intercept-only term, :func:`lmevi.scaling.standardise`) is copied once and shared on the device too."""
+    placed: dict[int, Any] = {}  # id of a host array (alive in ``design`` meanwhile) -> its device copy
 
     def put(a):
+        if id(a) in placed:
+            return placed[id(a)]
         if sharding is not None and not sharding.is_fully_addressable:
             # a multi-process job: these are this process's rows of the global array
-            return jax.make_array_from_process_local_data(sharding, a)
-        return jax.device_put(a, sharding)
+            out = jax.make_array_from_process_local_data(sharding, a)
+        else:
+            out = jax.device_put(a, sharding)
+        placed[id(a)] = out
+        return out
 
     return Design(
         y=put(design.y),

@@ -130,6 +130,9 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     unit = [bool(lo.shape == (1,) and lo[0] == hi[0] != 0 and lo[0] / s[0] == 1.0)
             for (lo, hi, _), s in zip(z_ranges, z_scale)]
     dtype = design.y.dtype
+    # every intercept-only term's covariates are the same row weight (ones, then zeros on padding rows): one
+    # array for all of them (and one device copy, build.place_rows), not one of n_rows each
+    weight = next((_padded(t.covariates, n_rows, dtype, s) for t, s, u in zip(design.terms, z_scale, unit) if u), None)
     y_out = np.zeros(n_rows, dtype=np.float64)
     np.subtract(y, y_shift, out=y_out[:n])
     y_out[:n] /= y_scale
@@ -138,7 +141,8 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
         X=_padded(X, n_rows, dtype, x_scale),
         terms=tuple(
             TermData(index=_padded(t.index, n_rows, np.asarray(t.index).dtype),
-                     covariates=_padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels, unit=u)
+                     covariates=weight if u else _padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels,
+                     unit=u)
             for t, s, u in zip(design.terms, z_scale, unit)
         ),
     )
