@@ -419,8 +419,14 @@ def _gathered_dot(z: jax.Array, table: jax.Array, index) -> jax.Array:
 
 def small_mean(design: Design, spec: QSpec, block: Block, loc_small: jax.Array) -> jax.Array:
     """``W m_w``: one gather per small term plus ``X beta_part``; ``(n_obs,)``."""
-    return _gathered_sum(design, [(a.covariates, loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1),
-                                   a.index, a.unit) for a in _pieces(design, spec, block)])
+    return _gathered_sum(design, _small_parts(design, spec, block, loc_small))
+
+
+def _small_parts(design: Design, spec: QSpec, block: Block, loc_small: jax.Array) -> list[tuple]:
+    """``(z, table, index, unit)`` of each piece of the block's small part (:func:`_gathered_sum`), its
+    ``(J, p)`` table cut from ``loc_small`` ``(p_w,)``."""
+    return [(a.covariates, loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1), a.index, a.unit)
+            for a in _pieces(design, spec, block)]
 
 
 def _gathered_sum(design: Design, parts) -> jax.Array:
@@ -565,8 +571,7 @@ def _block_mean(design: Design, spec: QSpec, block: Block, bp: BlockParams) -> j
         term = design.terms[block.large]
         parts.append((term.covariates, bp.loc_large, term.index, term.unit))
     if bp.loc_small is not None:
-        parts += [(a.covariates, bp.loc_small[a.offset : a.offset + a.size].reshape(a.n_levels, -1), a.index, a.unit)
-                  for a in _pieces(design, spec, block)]
+        parts += _small_parts(design, spec, block, bp.loc_small)
     return _gathered_sum(design, parts)
 
 
