@@ -263,7 +263,7 @@ def worker_scale(args) -> dict:
         fits.append(time.perf_counter() - t0)
     rss_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     t0 = time.perf_counter()
-    lmevi.build_model(FORMULA, df, q="structured")  # the design stage alone (its programs compiled above)
+    model = lmevi.build_model(FORMULA, df, q="structured")  # the design stage alone (programs compiled above)
     design = time.perf_counter() - t0
     re = m.ranef()
     acc = {}
@@ -272,7 +272,7 @@ def worker_scale(args) -> dict:
         acc[g] = float(np.corrcoef(est, truth[g])[0, 1])
     sd = m.sd()
 
-    problem, params = structured_problem(df)
+    problem, params = structured_problem(df, model)
     sweep = jitted_sweep()
     value_and_grad = jitted_elbo_and_grad()
     per_sweep = time_call(sweep, problem, params, repeats=max(5, args.repeats))

@@ -14,12 +14,14 @@ from __future__ import annotations
 from bench.accuracy import FORMULA
 
 
-def structured_problem(frame):
+def structured_problem(frame, model=None):
     """``(problem, params)``: the kernels' ``Problem`` of ``lmevi.fit(FORMULA, frame, q="structured")`` and
-    the parameters that fit reaches (in the problem's units)."""
+    the parameters that fit reaches (in the problem's units); ``model``: that fit's ``lmevi.build_model``,
+    when the caller has built it already."""
     import lmevi
 
-    model = lmevi.build_model(FORMULA, frame, q="structured")
+    if model is None:
+        model = lmevi.build_model(FORMULA, frame, q="structured")
     params, _ = lmevi.fit_model(model, lmevi.fitting.settings(method="cavi"))
     return model.problem, params
 

@@ -122,10 +122,12 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
     if not y_scale > 0:
         y_scale = 1.0
-    z_ranges = [_ranges(np.asarray(t.covariates, dtype=np.float64), collective) for t in design.terms]
-    z_scale = tuple(
-        _column_scale(np.asarray(t.covariates, dtype=np.float64), r, collective) for t, r in zip(design.terms, z_ranges)
-    )
+    z_ranges, z_scale = [], []
+    for t in design.terms:  # one float64 view (a copy for float32 designs) of each term's covariates at a time
+        z = np.asarray(t.covariates, dtype=np.float64)
+        z_ranges.append(_ranges(z, collective))
+        z_scale.append(_column_scale(z, z_ranges[-1], collective))
+    z_scale = tuple(z_scale)
     # one constant column, scaled to exactly 1 (padding rows 0): the row weight (TermData.unit)
     unit = [bool(lo.shape == (1,) and lo[0] == hi[0] != 0 and lo[0] / s[0] == 1.0)
             for (lo, hi, _), s in zip(z_ranges, z_scale)]
