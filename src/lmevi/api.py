@@ -17,6 +17,7 @@ import pandas as pd
 from lmevi import checks, fitting, runtime, variational
 from lmevi.build import build_model
 from lmevi.precision import x64
+from lmevi.runtime import small_pages
 from lmevi.results import FitResult, make_result
 
 if TYPE_CHECKING:  # optax is imported when a fit takes the gradient path (0.1 s that exact fits do not pay)
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # optax is imported when a fit takes the gradient path (0.1 s
 
 
 @x64
+@small_pages
 def fit(
     formula: str,
     data: pd.DataFrame,

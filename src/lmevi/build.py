@@ -26,7 +26,7 @@ from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
 from lmevi.options import check_bool, check_choice, check_int, check_real
 from lmevi.precision import on_device, x64
-from lmevi.runtime import sized_jit
+from lmevi.runtime import sized_jit, small_pages
 from lmevi.scaling import Scales
 from lmevi.variational import BlockData, QSpec
 
@@ -121,6 +121,7 @@ class Model(NamedTuple):
 
 
 @x64
+@small_pages
 def build_model(
     formula: str,
     data: pd.DataFrame,
