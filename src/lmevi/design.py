@@ -166,8 +166,9 @@ def build_design(
     y = _response(formula.response, data, collective)
     X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective)
     terms, infos = [], []
+    ones: dict = {}  # the intercept column, built once for every intercept-only term
     for term in formula.random:
-        td, ti = _random_term(term, data, dtype, collective, n_obs)
+        td, ti = _random_term(term, data, dtype, collective, n_obs, ones)
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms, collective)
@@ -401,16 +402,20 @@ def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) ->
 
 
 def _random_term(
-    term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None
+    term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None,
+    ones: dict | None = None,
 ) -> tuple[TermData, TermInfo]:
+    """The arrays and labels of one random term. ``ones``: a dict shared by the terms of one design, where the
+    covariates of intercept-only terms are kept, so that they share one array (at 1e7 rows each copy is 80 MB of
+    fresh memory)."""
     n_obs = len(data) if n_obs is None else n_obs
     if collective.distributed:
         levels = global_levels(data, term.group, collective)
         codes = levels.codes(data, term.group)
+        counts = collective.sum(np.bincount(codes, minlength=len(levels)))
     else:
-        levels, codes = levels_of(data, term.group)
+        levels, codes, counts = levels_of(data, term.group)
     used = len(levels)
-    counts = collective.sum(np.bincount(codes, minlength=used))
     if used < 2:
         raise ValueError(
             f"the grouping factor {term.group_name!r} of {term.text} has {used} level "
@@ -428,14 +433,22 @@ def _random_term(
             "they are fitted as different levels, but tables will show the same label more than once",
             stacklevel=5,
         )
-    try:
-        cov, columns, coef_spec = _design_matrix(term.coefs, data, collective)
-    except Exception as err:
-        raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
+    intercept_only = plain_terms(term.coefs) == (True, ())
+    if intercept_only and ones is not None and "cov" in ones:
+        cov, columns, coef_spec = ones["cov"]
+    else:
+        try:
+            cov, columns, coef_spec = _design_matrix(term.coefs, data, collective)
+        except Exception as err:
+            raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
+        if intercept_only and ones is not None:
+            cov = host_array(cov, dtype)
+            ones["cov"] = (cov, columns, coef_spec)
     if cov.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
     coef_names = tuple(lme4_name(c) for c in columns)
-    keep, aliased = _independent_columns(cov, collective=collective)
+    # a column of ones is never aliased
+    keep, aliased = ([0], []) if intercept_only else _independent_columns(cov, collective=collective)
     if aliased:
         bad = [coef_names[j] for j in aliased]
         raise ValueError(
@@ -468,7 +481,7 @@ def global_levels(data: pd.DataFrame, columns: tuple[str, ...], collective: Loca
     process contributes its distinct combinations (one row per level it holds), and the union is ordered
     as one frame of all rows would be."""
     parts = collective.gather(data[list(columns)].drop_duplicates())
-    levels, _ = levels_of(pd.concat(parts, ignore_index=True), columns)
+    levels, _, _ = levels_of(pd.concat(parts, ignore_index=True), columns)
     return levels
 
 

@@ -105,20 +105,21 @@ class Levels:
         """``(n,)`` the code of each row's level, ``-1`` for a level not among these (or a missing value)."""
         lookup = {key: j for j, key in enumerate(self.keys)}
         parts = [_factorize(data[c]) for c in columns]
-        combined, uniques = _combine(parts)
+        combined, uniques, _ = _combine(parts)
         per_unique = np.asarray([lookup.get(key, -1) for key in uniques], dtype=np.int64)
         return np.where(combined >= 0, per_unique[np.maximum(combined, 0)] if len(uniques) else -1, -1)
 
     def row_labels(self, data: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
         """``(n,)`` every row's label as lme4 prints it (for messages about levels not seen)."""
         parts = [_factorize(data[c]) for c in columns]
-        combined, uniques = _combine(parts)
+        combined, uniques, _ = _combine(parts)
         text = np.asarray([":".join(u) for u in uniques] + ["NA"], dtype=object)
         return text[np.where(combined >= 0, combined, len(uniques))]
 
 
-def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Row codes into the distinct label tuples that occur, in the parents' level order (R's ``a:b``)."""
+def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]], np.ndarray]:
+    """Row codes into the distinct label tuples that occur, in the parents' level order (R's ``a:b``), and
+    ``(J,)`` the number of rows at each."""
     n = len(parts[0][0])
     missing = np.zeros(n, dtype=bool)
     for codes, _ in parts:
@@ -126,7 +127,8 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     if len(parts) == 1:
         codes, labels = parts[0]
         has_missing = bool(missing.any())
-        used = np.flatnonzero(np.bincount(codes[~missing] if has_missing else codes, minlength=len(labels)))
+        per_label = np.bincount(codes[~missing] if has_missing else codes, minlength=len(labels))
+        used = np.flatnonzero(per_label)
         if len(used) == len(labels):  # every level occurs: the codes are already the answer
             out = codes
         else:
@@ -134,14 +136,14 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
             remap[used] = np.arange(len(used))
             out = np.where(missing, -1, remap[np.maximum(codes, 0)]) if len(labels) else np.full(n, -1, codes.dtype)
         kept = labels if len(used) == len(labels) else [labels[u] for u in used]
-        return out, list(zip(kept))
+        return out, list(zip(kept)), per_label[used]
     sizes = [max(len(labels), 1) for _, labels in parts]
     if float(np.prod([float(z) for z in sizes])) < 2.0**62:
         # one mixed-radix number per row (first column slowest): sorting it is the lexicographic order
         key = np.zeros(n, dtype=np.int64)
         for (codes, _), size in zip(parts, sizes):
             key = key * size + np.where(missing, 0, codes)
-        uniq_key, inverse = np.unique(key[~missing], return_inverse=True)
+        uniq_key, inverse, counts = np.unique(key[~missing], return_inverse=True, return_counts=True)
         digits = []
         for size in reversed(sizes):
             digits.append(uniq_key % size)
@@ -149,14 +151,15 @@ def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]]]:
         uniq = np.stack(digits[::-1], axis=1)
     else:
         stacked = np.stack([np.where(missing, 0, c) for c, _ in parts], axis=1)
-        uniq, inverse = np.unique(stacked[~missing], axis=0, return_inverse=True)  # lexicographic: a slowest
+        # lexicographic: a slowest
+        uniq, inverse, counts = np.unique(stacked[~missing], axis=0, return_inverse=True, return_counts=True)
     out = np.full(n, -1, dtype=np.int64)
     out[~missing] = inverse.reshape(-1)
     keys = [tuple(parts[c][1][int(v)] for c, v in enumerate(row)) for row in uniq]
-    return out, keys
+    return out, keys, counts
 
 
-def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.ndarray]:
+def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.ndarray, np.ndarray]:
     """The levels that occur in ``data`` and every row's code.
 
     Unused categories of a Categorical are dropped, as lme4's ``factor(..., drop = TRUE)`` does. Levels are
@@ -164,11 +167,11 @@ def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.
     interaction by its first column's order, then the next.
 
     Returns:
-        ``(levels, codes (n,))``; a row with a missing value has code ``-1``.
+        ``(levels, codes (n,), counts (J,))``; a row with a missing value has code ``-1`` and is not counted.
     """
-    combined, keys = _combine([_factorize(data[c]) for c in columns])
+    combined, keys, counts = _combine([_factorize(data[c]) for c in columns])
     labels = tuple(k[0] for k in keys) if len(columns) == 1 else tuple(":".join(k) for k in keys)
-    return Levels(keys=tuple(keys), labels=labels), combined
+    return Levels(keys=tuple(keys), labels=labels), combined, counts
 
 
 def as_factor(values) -> pd.Categorical:

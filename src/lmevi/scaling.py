@@ -122,11 +122,14 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
     if not y_scale > 0:
         y_scale = 1.0
-    z_ranges, z_scale = [], []
+    z_ranges, z_scale, seen = [], [], {}
     for t in design.terms:  # one float64 view (a copy for float32 designs) of each term's covariates at a time
-        z = np.asarray(t.covariates, dtype=np.float64)
-        z_ranges.append(_ranges(z, collective))
-        z_scale.append(_column_scale(z, z_ranges[-1], collective))
+        if id(t.covariates) not in seen:  # terms that share one array (intercepts: build_design) share its scale
+            z = np.asarray(t.covariates, dtype=np.float64)
+            ranges = _ranges(z, collective)
+            seen[id(t.covariates)] = (ranges, _column_scale(z, ranges, collective))
+        z_ranges.append(seen[id(t.covariates)][0])
+        z_scale.append(seen[id(t.covariates)][1])
     z_scale = tuple(z_scale)
     # one constant column, scaled to exactly 1 (padding rows 0): the row weight (TermData.unit)
     unit = [bool(lo.shape == (1,) and lo[0] == hi[0] != 0 and lo[0] / s[0] == 1.0)
