@@ -120,6 +120,10 @@ def insteval_rows(ins: dict) -> list[dict]:
         add("lmevi", f"exact q (default q='auto' here), {ex['evaluations']} evaluations, warm", ex["warm_seconds"],
             None, note)
         add("lmevi", "exact q, cold", ex["cold_seconds"], None, COLD_NOTE)
+        for o in ex.get("optimisers", {}).values():
+            sec = {"median": o["seconds"], "min": o["seconds"], "max": o["seconds"], "n": 1}
+            add("lmevi", f"exact q, optimisation alone from the structured start: {o['optimizer']}, "
+                f"{o['evaluations']} evaluations, warm", sec, None, f"REML criterion {o['criterion']:.6f}")
     fc = ins.get("family_cost")
     if fc:
         for family in ("structured", "meanfield"):

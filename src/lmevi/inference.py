@@ -57,7 +57,8 @@ class RunInfo(NamedTuple):
         snapshots: parameters after each requested snapshot step, ``{step: VIParams}``.
         beta_cov: ``(p, p)`` the fixed effects' covariance when the fit estimates one outside q (lme4's
             ``vcov`` of an exact fit, also under ML); ``None`` otherwise.
-        optimizer: the optimiser of an exact fit (``"BOBYQA"`` or ``"L-BFGS-B"``); ``None`` otherwise.
+        optimizer: the optimiser of an exact fit (``"BOBYQA"``, ``"Newton"``, ``"Newton, then L-BFGS-B"`` or
+            ``"L-BFGS-B"``: :func:`lmevi.exact.fit_exact`); ``None`` otherwise.
     """
 
     elbo_trace: np.ndarray
