@@ -208,8 +208,8 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     keys, values = keys[keep], values[keep]
     level, coef, rest_coord = keys // (p1 * P), (keys // P) % p1, keys % P
 
-    # Each unordered pair of entries within a level once (an entry with itself included), oriented so that
-    # the target (r, r') has r >= r'; W_j is symmetric, so either entry's coefficient may come first.
+    # Each unordered pair of entries within a level once (an entry with itself included), its target (r, r')
+    # oriented so that r >= r'; W_j is symmetric, so either entry's coefficient may come first in the block.
     ientry = _index_dtype(len(keys))
     level = level.astype(ientry)
     count = np.bincount(level, minlength=J1)
@@ -217,15 +217,14 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     position = np.arange(len(keys), dtype=ientry)
     reps = position - start[level] + 1  # entry i pairs with the entries of its level up to itself
     left = np.repeat(position, reps)
-    right = start[level[left]] + (np.arange(len(left), dtype=ientry) - np.repeat(np.cumsum(reps) - reps, reps))
-    swap = rest_coord[left] < rest_coord[right]
-    left, right = np.where(swap, right, left), np.where(swap, left, right)
+    pair_level = np.repeat(level, reps)
+    right = start[pair_level] + (np.arange(len(left), dtype=ientry) - np.repeat(np.cumsum(reps) - reps, reps))
+    itarget = _index_dtype(P * P)
+    r_left, r_right = rest_coord[left].astype(itarget), rest_coord[right].astype(itarget)
     weight = np.where(left == right, 0.5, 1.0)
     # Left in the order made (by level): sorting by target made the segment sum no faster (measured on
     # InstEval's 2 million pairs) and cost 0.25 s on the host.
-    target = rest_coord[left].astype(_index_dtype(P * P)) * P + rest_coord[right]
-
-    itarget = _index_dtype(P * P)
+    target = np.maximum(r_left, r_right) * P + np.minimum(r_left, r_right)
     iblock = _index_dtype(J1 * p1 * p1)
     return Structure(
         zz1=zz1,
@@ -237,7 +236,7 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
         rr=rr,
         ry=ry,
         yy=np.asarray(y @ y),
-        pair_block=(level[left] * p1 * p1 + coef[left] * p1 + coef[right]).astype(iblock),
+        pair_block=(pair_level.astype(iblock) * (p1 * p1) + coef[left] * p1 + coef[right]).astype(iblock),
         pair_value=weight * values[left] * values[right],
         pair_target=target.astype(itarget),
         order=order,
