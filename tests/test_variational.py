@@ -407,3 +407,32 @@ def test_nesting_is_never_split_between_blocks():
     big = _schools(n_schools=variational.NESTED_MAX + 10, teachers_per_school=2, rows_per_teacher=4)
     spec = lmevi.build_model("y ~ 1 + (1 | tch) + (1 | sch)", big, q="structured").spec
     assert sorted(b.large for b in spec.blocks if b.large is not None) == [0, 1]
+
+
+def _cancelling_rows(n: int = 1 << 21, seed: int = 0):
+    """float32 residual-like rows whose sum cancels (large terms of both signs, a small true total), a
+    two-column design and 14 levels: what a float32 fit's sums over 10^7 rows look like."""
+    rng = np.random.default_rng(seed)
+    signs = rng.permutation(np.repeat([-1.0, 1.0], n // 2))  # as many of each: the 100s cancel exactly
+    r = (signs * 100.0 + rng.normal(size=n)).astype(np.float32)
+    X = np.stack([np.ones(n), rng.random(n)], axis=1).astype(np.float32)
+    index = rng.integers(0, 14, n).astype(np.int32)
+    return r, X, index
+
+
+def test_float32_sums_over_rows_accumulate_in_float64():
+    """X^T r and per-level sums of float32 rows equal the float64 sums of the same float32 numbers to 1e-6
+    relative (float32's own rounding of the result), returned as float32. Accumulated in float32, as XLA's
+    CPU dot and segment sum do, they are off by more than 1e-4 here (checked below, so the data do cancel)."""
+    r, X, index = _cancelling_rows()
+    exact_dot = r.astype(np.float64) @ X.astype(np.float64)
+    exact_levels = np.bincount(index, r.astype(np.float64), minlength=14)
+    with jax.enable_x64(True):
+        rj, Xj, ij = jnp.asarray(r), jnp.asarray(X), jnp.asarray(index)
+        dot = jax.jit(lmevi.precision.row_dot)(rj, Xj)
+        levels = jax.jit(variational.weighted_level_sums, static_argnums=(3, 4))(Xj[:, :1], rj, ij, 14, True)
+        naive = np.asarray(jax.jit(lambda a, b: a @ b)(rj, Xj))
+    assert dot.dtype == jnp.float32 and levels.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dot), exact_dot, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(levels)[:, 0], exact_levels, rtol=1e-6)
+    assert np.max(np.abs(naive / exact_dot - 1)) > 1e-4

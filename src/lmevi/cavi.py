@@ -33,6 +33,7 @@ from lmevi import variational
 from lmevi.design import Design
 from lmevi.variational import Block, BlockData, BlockParams, QSpec, VIParams
 from lmevi.model import ModelParams
+from lmevi.precision import row_dot, row_gram
 
 
 def _prior_precision(L: jax.Array) -> jax.Array:
@@ -206,7 +207,7 @@ def _m_step(problem, params: VIParams, mean: jax.Array):
     model = params.model
     beta = model.beta
     if beta is not None:
-        beta = jnp.linalg.solve(design.X.T @ design.X, design.X.T @ (design.y - mean))
+        beta = jnp.linalg.solve(row_gram(design.X), row_dot(design.y - mean, design.X))
         resid = design.y - design.X @ beta - mean
     else:
         resid = design.y - mean

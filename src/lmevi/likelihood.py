@@ -26,6 +26,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from lmevi.precision import wide
+
 LOG_2PI = 1.8378770664093453
 
 
@@ -76,8 +78,8 @@ class Gaussian:
     def start(self, X, y, n_obs):
         """Least squares: ``beta (p,)`` and the residual SD ``()`` over ``n_obs`` rows (zero padding rows
         after them change neither)."""
-        beta, *_ = jnp.linalg.lstsq(X, y)
-        return beta, jnp.sqrt(jnp.sum((y - X @ beta) ** 2) / n_obs)
+        beta, *_ = jnp.linalg.lstsq(wide(X), wide(y))
+        return beta.astype(y.dtype), jnp.sqrt(jnp.sum(wide(y - X @ beta.astype(y.dtype)) ** 2) / n_obs).astype(y.dtype)
 
 
 GAUSSIAN = Gaussian()

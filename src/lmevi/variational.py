@@ -55,6 +55,7 @@ import numpy as np
 from lmevi.collective import LOCAL, Local
 from lmevi.design import Design, DesignInfo
 from lmevi.model import LOG_2PI, ModelParams, log_abs_diag
+from lmevi.precision import row_dot, row_segment_sum, wide
 
 
 @dataclass(frozen=True)
@@ -352,21 +353,22 @@ def _pair_index(a_index, b_index, n_b: int):
 
 def _pair_sum(za, a_index, n_a: int, zb, b_index, n_b: int) -> jax.Array:
     """``sum_i z_ia z_ib^T`` per pair of levels, by one segment sum; ``(J_a, p_a, J_b, p_b)``."""
-    outer = za[:, :, None] * zb[:, None, :]
+    outer = wide(za)[:, :, None] * zb[:, None, :]
     idx = _pair_index(a_index, b_index, n_b)
     if idx is None:
         sums = jnp.sum(outer, axis=0)[None]
     else:
         sums = jax.ops.segment_sum(outer, idx, n_a * n_b)
+    sums = sums.astype(za.dtype)
     return jnp.transpose(sums.reshape(n_a, n_b, za.shape[1], zb.shape[1]), (0, 2, 1, 3))
 
 
 def _level_sum(z, index, n_levels: int) -> jax.Array:
     """``sum_i z_i z_i^T`` per level; ``(J, p, p)``."""
-    outer = z[:, :, None] * z[:, None, :]
+    outer = wide(z)[:, :, None] * z[:, None, :]
     if index is None:
-        return jnp.sum(outer, axis=0)[None]
-    return jax.ops.segment_sum(outer, index, n_levels)
+        return jnp.sum(outer, axis=0)[None].astype(z.dtype)
+    return jax.ops.segment_sum(outer, index, n_levels).astype(z.dtype)
 
 
 def _gram(pieces: list[_Piece], pw: int, dtype) -> jax.Array:
@@ -453,8 +455,8 @@ def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: 
     response, the covariates and therefore every mean are 0 there).
     """
     if unit:
-        return jax.ops.segment_sum(r, index, n_levels)[:, None]
-    return jnp.stack([jax.ops.segment_sum(z[:, c] * r, index, n_levels) for c in range(z.shape[1])], axis=1)
+        return row_segment_sum(r, index, n_levels)[:, None]
+    return jnp.stack([row_segment_sum(z[:, c] * r, index, n_levels) for c in range(z.shape[1])], axis=1)
 
 
 def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array) -> jax.Array:
@@ -463,7 +465,7 @@ def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array) -> 
     parts = []
     for a in _pieces(design, spec, block):
         if a.index is None:
-            parts.append(r @ a.covariates)  # as (n_obs,) @ (n_obs, p): XLA then does not copy X transposed
+            parts.append(row_dot(r, a.covariates))  # as (n_obs,) @ (n_obs, p): XLA then does not copy X transposed
         else:
             parts.append(weighted_level_sums(a.covariates, r, a.index, a.n_levels, a.unit).reshape(-1))
     return jnp.concatenate(parts)
@@ -794,8 +796,8 @@ def init_params(
     chol = []
     for term in design.terms:
         # padding rows are zero: the sums are the data's
-        mean = jnp.sum(term.covariates, axis=0) / n
-        sd = jnp.sqrt(jnp.maximum(jnp.sum(term.covariates**2, axis=0) / n - mean**2, 0.0))
+        mean = jnp.sum(wide(term.covariates), axis=0).astype(y.dtype) / n
+        sd = jnp.sqrt(jnp.maximum(jnp.sum(wide(term.covariates) ** 2, axis=0).astype(y.dtype) / n - mean**2, 0.0))
         spread = jnp.maximum(sd, 1.0)
         chol.append(jnp.diag(0.5 * resid_sd / spread))
     sigma = resid_sd if fixed_sigma is None else jnp.asarray(fixed_sigma, y.dtype)
