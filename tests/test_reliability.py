@@ -490,3 +490,13 @@ def test_cli_bad_option_and_bad_file_exit_2(tmp_path, capsys):
 def test_optax_optimizer_object_is_accepted(frame, reference):
     result, _ = fit_quietly(FORMULA, frame, optimizer=optax.lbfgs(), num_steps=500)
     np.testing.assert_allclose(result.sd().to_numpy(), reference.sd().to_numpy(), rtol=1e-4)
+
+
+def test_float32_default_tolerance_is_one_float32_can_see(frame):
+    """A float32 fit's default stop tolerance is FLOAT32_TOL (a relative ELBO change of 1e-10 is below what
+    float32 resolves, and such a fit may run to its step budget); an explicit tol is kept; float64 keeps 1e-10."""
+    assert lmevi.fitting.settings(dtype="float32").rule.tol == lmevi.fitting.FLOAT32_TOL == 1e-6
+    assert lmevi.fitting.settings(dtype="float32", tol=1e-9).rule.tol == 1e-9
+    assert lmevi.fitting.settings().rule.tol == 1e-10
+    result, _ = fit_quietly(FORMULA, frame, dtype="float32")
+    assert result.converged and result.options.stop_rule.tol == 1e-6

@@ -77,7 +77,8 @@ def fit(
             and :func:`edward_adam` for ``elbo="mc"``.
         num_samples: draws per Monte Carlo ELBO estimate.
         residual_scale: fix sigma at this value (the tutorial's 1.0); ``None`` estimates it.
-        num_steps, tol, window: the stop rule (see :mod:`lmevi.inference`); defaults depend on the method.
+        num_steps, tol, window: the stop rule (see :mod:`lmevi.inference`); defaults depend on the method, and
+            the default ``tol`` is at least 1e-6 under ``dtype="float32"`` (:data:`lmevi.fitting.FLOAT32_TOL`).
         seed: seed of the Monte Carlo draws; the same seed gives the same fit.
         progress: show a progress bar (``None``: when writing to a terminal).
         blocks: ``q="structured"`` only, blocks named by grouping factor (``[("d", "dept", "fixed"), ("s",)]``).
@@ -111,7 +112,7 @@ def fit(
     how = fitting.settings(
         method=method, elbo=elbo, optimizer=optimizer, num_samples=num_samples, num_steps=num_steps, tol=tol,
         window=window, seed=seed, progress=progress, accelerate=accelerate, init_scale=init_scale,
-        snapshot_steps=snapshot_steps,
+        snapshot_steps=snapshot_steps, dtype=dtype,
     )
     if q == "auto" and (how.method != "cavi" or how.snapshot_steps or not how.accelerate):
         # options of the variational loop (optax, snapshots during training, plain coordinate ascent) ask

@@ -102,6 +102,12 @@ def _defaults(method: str, elbo: str) -> tuple[int, float, int]:
     return 5000, 1e-10, 1
 
 
+# The default tolerance of a float32 fit: its ELBO is rounded to about 6e-8 relative and its parameters move in
+# their last bits, so a relative change of 1e-10 may never be seen (a 1e8-row float32 fit ran past 15 minutes
+# where it had converged); 1e-6 is about 17 float32 roundings. An explicit ``tol`` is taken as given.
+FLOAT32_TOL = 1e-6
+
+
 def settings(
     *,
     method: str | None = None,
@@ -116,8 +122,11 @@ def settings(
     accelerate: bool = True,
     init_scale: float = 0.1,
     snapshot_steps=(),
+    dtype: str = "float64",
 ) -> FitSettings:
-    """Check the fitting options (see :func:`lmevi.fit`) and fill in the defaults of the chosen path."""
+    """Check the fitting options (see :func:`lmevi.fit`) and fill in the defaults of the chosen path; ``dtype``
+    (the fit's, as :func:`lmevi.build_model` takes it) sets the floor of the default tolerance
+    (:data:`FLOAT32_TOL`)."""
     elbo = check_choice("elbo", elbo, ELBOS)
     if optimizer is not None and not _is_optax(optimizer):
         raise TypeError(
@@ -141,6 +150,8 @@ def settings(
         raise TypeError(f"snapshot_steps must be a sequence of step numbers, got {snapshot_steps!r}")
     snapshot_steps = tuple(check_int("snapshot_steps entry", t, minimum=1) for t in snapshot_steps)
     steps0, tol0, window0 = _defaults(method, elbo)
+    if dtype == "float32":
+        tol0 = max(tol0, FLOAT32_TOL)
     budget = steps0 if num_steps is None else check_int("num_steps", num_steps, minimum=1)
     rule = StopRule(
         num_steps=budget,
