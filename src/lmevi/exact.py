@@ -719,7 +719,6 @@ _STALL_GRAD = 1e-6
 # on the criterion's change: on the corpus a relative 1e-10 there stopped up to 5e-6 short in log-likelihood.
 _BOBYQA_XTOL = 0.1
 _value_and_grad = jax.jit(jax.value_and_grad(profiled_deviance), static_argnames=("reml",))
-_value = jax.jit(profiled_deviance, static_argnames=("reml",))
 _conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal"))
 
 # Dense blocks up to this size are fitted in NumPy: an evaluation there takes well under a millisecond,
@@ -758,7 +757,7 @@ def _evaluator(s: Structure, reml: bool, backend: str) -> _Evaluator:
         value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
         return float(value), np.asarray(grad, np.float64)
 
-    return _Evaluator(lambda th: float(_value(jnp.asarray(th, jnp.float64), sj, reml=reml)), value_and_grad,
+    return _Evaluator(lambda th: value_and_grad(th)[0], value_and_grad,
                       lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml)))
 
 
@@ -811,45 +810,39 @@ def _bobyqa(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     return _Optimum(best[1], float(best[0]), None, done, code == nlopt.ROUNDOFF_LIMITED, "BOBYQA")
 
 
-# Newton's method runs for at most this many parameters: its Hessian costs n (n + 1) / 2 criterion values.
+# Newton's method runs for at most this many parameters: its Hessian costs n values-and-gradients.
 NEWTON_MAX = 4
-# Forward-difference step of the Hessian, relative to theta (at least absolute): the criterion changes by
-# about 1e-8 H there, far above its rounding, and the Hessian is good to about 1e-4, which Newton's steps
-# need only roughly (each step then cuts the distance to the optimum about 1e4-fold).
+# Forward-difference step of the Hessian, times max(|theta|, 1). On InstEval the Hessian came out within about
+# 1e-3 of central differences, well inside what Newton's steps need (the start's Hessian differs from the
+# optimum's by more, which the BFGS updates correct).
 _HESSIAN_STEP = 1e-4
 # Below this, Newton's stop measures steps in theta absolutely (a relative SD near its bound 0).
 _NEWTON_SCALE = 1e-2
 
 
-def _fd_hessian(value, x, f, g) -> np.ndarray:
-    """``(n, n)`` Hessian of ``value`` at ``x`` (where it is ``f`` with gradient ``g``) from ``n (n + 1) / 2``
-    values at forward steps: ``H_ii`` from the second-order Taylor remainder along ``e_i``, ``H_ij`` from the
-    four corners ``x, x + h_i e_i, x + h_j e_j, x + h_i e_i + h_j e_j``."""
+def _fd_hessian(value_and_grad, x, g) -> np.ndarray:
+    """``(n, n)`` Hessian at ``x`` (where the gradient is ``g``) from the gradients at ``n`` forward steps,
+    symmetrised. Gradients rather than values: a criterion value alone would be a second compiled program,
+    whose tracing and loading cost a fresh process more (about 0.5 s on InstEval) than the values save."""
     n = len(x)
     h = _HESSIAN_STEP * np.maximum(np.abs(x), 1.0)
-    E = np.eye(n) * h
-    fi = np.array([value(x + E[i]) for i in range(n)])
-    H = np.zeros((n, n))
-    for i in range(n):
-        H[i, i] = 2.0 * (fi[i] - f - h[i] * g[i]) / h[i] ** 2
-        for j in range(i):
-            H[i, j] = H[j, i] = (value(x + E[i] + E[j]) - fi[i] - fi[j] + f) / (h[i] * h[j])
-    return H
+    H = np.stack([(value_and_grad(x + h[i] * np.eye(n)[i])[1] - g) / h[i] for i in range(n)], axis=1)
+    return 0.5 * (H + H.T)
 
 
 def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
-    """Newton's method from a start near the optimum (the structured fit's): a Hessian from criterion values
-    (:func:`_fd_hessian`, cheaper than gradients: on InstEval a value costs a quarter of a value and gradient),
-    then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step below ``sqrt(tol)`` relative to
+    """Newton's method from a start near the optimum (the structured fit's): a Hessian from gradient
+    differences (:func:`_fd_hessian`), then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step below ``sqrt(tol)`` relative to
     theta (absolute below :data:`_NEWTON_SCALE`): the steps shrink 30- to 80-fold each on InstEval (the
     Hessian of the start, updated, is a few percent off the optimum's), so the point returned is within about
-    ``sqrt(tol) / 30`` of the optimum (``3e-7`` relative at the default ``tol``). Any step that is not a descent, leaves the bounds, or meets a Hessian that is not positive
-    definite hands over to :func:`_lbfgsb` from the best point so far (``method`` then names both)."""
+    ``sqrt(tol) / 30`` of the optimum (``3e-7`` relative at the default ``tol``). Any step that is not a
+    descent, leaves the bounds, or meets a Hessian that is not positive definite hands over to
+    :func:`_lbfgsb` from the best point so far (``method`` then names both)."""
     x = np.asarray(x0, np.float64)
     f, g = ev.value_and_grad(x)
     n = len(x)
-    H = _fd_hessian(ev.value, x, f, g)
-    used = 1 + n * (n + 1) // 2
+    H = _fd_hessian(ev.value_and_grad, x, g)
+    used = 1 + n
     while used < max_evals:
         try:
             L = np.linalg.cholesky(H)
@@ -903,19 +896,19 @@ def fit_exact(
     """Maximise the (restricted) likelihood exactly: lme4's profiled criterion, minimised over theta.
 
     lme4 runs derivative-free BOBYQA (nloptwrap). Here small dense blocks (NumPy) run the same BOBYQA from
-    NLopt with tighter tolerances; larger ones (JAX) run Newton's method on a finite-difference Hessian with
-    the criterion's exact gradient for up to :data:`NEWTON_MAX` parameters (:func:`_newton`), else L-BFGS-B;
-    the jit-compiled value and ``value_and_grad`` are shared by fits of the same shapes, so only a fit of a
-    new shape compiles. Bounds and start are lme4's: ``theta >= 0`` on the diagonal of every ``Lambda_k``, start at
-    ``Lambda_k = I``.
+    NLopt with tighter tolerances; larger ones (JAX) use the criterion's exact gradient: Newton's method on a
+    finite-difference Hessian from a given start (``theta0``) with up to :data:`NEWTON_MAX` parameters
+    (:func:`_newton`), else L-BFGS-B. The jit-compiled value and ``value_and_grad`` are shared by fits of the
+    same shapes, so only a fit of a new shape compiles. Bounds and default start are lme4's: ``theta >= 0`` on
+    the diagonal of every ``Lambda_k``, start at ``Lambda_k = I``.
 
     Args:
         design: the model's arrays.
         reml: REML criterion (lme4's default) or maximum likelihood.
         theta0: ``(n_theta,)`` start; lme4's default when ``None``.
         tol: L-BFGS-B's ``ftol`` (relative change of the criterion) and ``gtol`` (projected gradient);
-            Newton's method stops one step after its predicted decrease is below ``tol`` relative; BOBYQA
-            stops when its trust region in theta is below ``tol / 10``.
+            Newton's method stops after a step below ``sqrt(tol)`` relative to theta; BOBYQA stops when its
+            trust region in theta is below ``tol / 10``.
         max_evals: the most criterion evaluations.
         structure: a :func:`build_structure` of ``design`` to reuse; built here when ``None``.
         backend: ``"jax"`` or ``"numpy"``; ``None`` takes NumPy when the dense block has at most
