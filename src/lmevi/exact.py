@@ -812,9 +812,8 @@ def _bobyqa(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
 
 # Newton's method runs for at most this many parameters: its Hessian costs n values-and-gradients.
 NEWTON_MAX = 4
-# Forward-difference step of the Hessian, times max(|theta|, 1). On InstEval the Hessian came out within about
-# 1e-3 of central differences, well inside what Newton's steps need (the start's Hessian differs from the
-# optimum's by more, which the BFGS updates correct).
+# Forward-difference step of the Hessian, times max(|theta|, 1). Newton's steps need the Hessian only roughly:
+# the start's Hessian differs from the optimum's by a few percent anyway, which the BFGS updates correct.
 _HESSIAN_STEP = 1e-4
 # Below this, Newton's stop measures steps in theta absolutely (a relative SD near its bound 0).
 _NEWTON_SCALE = 1e-2
@@ -832,9 +831,10 @@ def _fd_hessian(value_and_grad, x, g) -> np.ndarray:
 
 def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     """Newton's method from a start near the optimum (the structured fit's): a Hessian from gradient
-    differences (:func:`_fd_hessian`), then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step below ``sqrt(tol)`` relative to
-    theta (absolute below :data:`_NEWTON_SCALE`): the steps shrink 30- to 80-fold each on InstEval (the
-    Hessian of the start, updated, is a few percent off the optimum's), so the point returned is within about
+    differences (:func:`_fd_hessian`), then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step
+    below ``sqrt(tol)`` relative to theta (absolute below :data:`_NEWTON_SCALE`): the steps shrink 30- to
+    80-fold each on InstEval (the Hessian of the start, updated, is a few percent off the optimum's), so the
+    point returned is within about
     ``sqrt(tol) / 30`` of the optimum (``3e-7`` relative at the default ``tol``). Any step that is not a
     descent, leaves the bounds, or meets a Hessian that is not positive definite hands over to
     :func:`_lbfgsb` from the best point so far (``method`` then names both)."""

@@ -103,8 +103,8 @@ def _defaults(method: str, elbo: str) -> tuple[int, float, int]:
 
 
 # The default tolerance of a float32 fit: its ELBO is rounded to about 6e-8 relative and its parameters move in
-# their last bits, so a relative change of 1e-10 may never be seen (a 1e8-row float32 fit ran past 15 minutes
-# where it had converged); 1e-6 is about 17 float32 roundings. An explicit ``tol`` is taken as given.
+# their last bits, so a relative change of 1e-10 may never be seen and the fit would run to its step budget;
+# 1e-6 is about 17 float32 roundings. An explicit ``tol`` is taken as given.
 FLOAT32_TOL = 1e-6
 
 

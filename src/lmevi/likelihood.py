@@ -79,7 +79,8 @@ class Gaussian:
         """Least squares: ``beta (p,)`` and the residual SD ``()`` over ``n_obs`` rows (zero padding rows
         after them change neither)."""
         beta, *_ = jnp.linalg.lstsq(wide(X), wide(y))
-        return beta.astype(y.dtype), jnp.sqrt(jnp.sum(wide(y - X @ beta.astype(y.dtype)) ** 2) / n_obs).astype(y.dtype)
+        beta = beta.astype(y.dtype)
+        return beta, jnp.sqrt(jnp.sum(wide(y - X @ beta) ** 2) / n_obs).astype(y.dtype)
 
 
 GAUSSIAN = Gaussian()
