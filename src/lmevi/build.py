@@ -26,6 +26,7 @@ from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
 from lmevi.options import check_bool, check_choice, check_int, check_real
 from lmevi.precision import on_device, x64
+from lmevi.qfamily import Family
 from lmevi.runtime import sized_jit, small_pages
 from lmevi.scaling import Scales
 from lmevi.variational import BlockData, QSpec
@@ -55,7 +56,8 @@ class Problem:
         level_mask: ``None``, or per term a ``(J_k,)`` 0/1 array: 1 for the data's levels, 0 for padding.
         spec: the blocks of q (static).
         likelihood: the response distribution (static, :mod:`lmevi.likelihood`).
-        q: the module implementing the variational family (static; :mod:`lmevi.variational`).
+        q: the module implementing the variational family (static; a :class:`~lmevi.qfamily.Family` naming
+            :mod:`lmevi.variational`).
         estimate_sigma: whether sigma is estimated (static).
 
     Compiled code depends on the static fields and on the arrays' shapes only, so a fixed sigma of another
@@ -359,7 +361,7 @@ def make_problem(
         level_mask=level_mask,
         spec=spec,
         likelihood=likelihood,
-        q=variational,
+        q=Family(variational.__name__),
         estimate_sigma=fixed_sigma is None,
     )
 

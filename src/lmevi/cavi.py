@@ -153,7 +153,7 @@ def supports(problem) -> bool:
     """Whether coordinate ascent's closed-form updates hold: the block-Gaussian q of :mod:`lmevi.variational`
     under a likelihood whose expected log-density is a function of the rows' mean and variance sums (the
     Gaussian one; :mod:`lmevi.likelihood`)."""
-    return problem.q is variational and problem.likelihood.moment_form
+    return problem.q.implementation is variational and problem.likelihood.moment_form
 
 
 def update_blocks(problem, params: VIParams) -> VIParams:

@@ -55,6 +55,7 @@ import numpy as np
 
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
+from lmevi.runtime import sized_jit
 
 
 
@@ -718,8 +719,9 @@ _STALL_GRAD = 1e-6
 # 1e-11 at the default tol 1e-10, where lme4's nloptwrap stops at 1e-8 in theta (or in the criterion). No stop
 # on the criterion's change: on the corpus a relative 1e-10 there stopped up to 5e-6 short in log-likelihood.
 _BOBYQA_XTOL = 0.1
-_value_and_grad = jax.jit(jax.value_and_grad(profiled_deviance), static_argnames=("reml",))
-_conditional = jax.jit(conditional_estimates, static_argnames=("reml", "marginal"))
+_value_and_grad = sized_jit(jax.value_and_grad(profiled_deviance), sized=False, static_argnames=("reml",),
+                            name="lmevi.exact.value_and_grad(profiled_deviance)")
+_conditional = sized_jit(conditional_estimates, sized=False, static_argnames=("reml", "marginal"))
 
 # Dense blocks up to this size are fitted in NumPy: an evaluation there takes well under a millisecond,
 # where compiling the JAX criterion for a new shape takes 1-2 s (experiments/families.py measures both).

@@ -1,6 +1,7 @@
 """q seam: what a variational family provides, so that a new family is one new module.
 
-A family is a module (``Problem.q``, see :mod:`lmevi.build`) with these functions. Shapes:
+A family is a module with these functions, which ``Problem.q`` refers to by name (a :class:`Family`, see
+:mod:`lmevi.build`). Shapes:
 ``n_obs`` rows, ``J_k`` levels and ``p_k`` coefficients of term ``k``, ``p`` fixed effects. ``spec`` is
 the family's static description (for :mod:`lmevi.variational`, a :class:`~lmevi.variational.QSpec`),
 ``blocks`` its parameters (a pytree) and ``data`` its design-only arrays, computed once per fit.
@@ -14,9 +15,30 @@ likelihood with ``moment_form`` and says so (``cavi.supports``).
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Protocol
 
 import jax
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family module by its import name, as ``Problem.q`` holds it: attribute access reaches the module's
+    functions (``problem.q.init_params``), and unlike a module object it can be pickled, so that a compiled
+    program whose static metadata holds it can be kept on disk (:mod:`lmevi.runtime`)."""
+
+    module: str
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(importlib.import_module(self.module), name)
+
+    @property
+    def implementation(self):
+        """The module itself."""
+        return importlib.import_module(self.module)
 
 
 class QFamily(Protocol):

@@ -9,15 +9,18 @@ user has not set the flag, lmevi adds ``--xla_cpu_enable_concurrency_optimized_s
 the flag yourself before JAX starts if you fit very large data on CPU. Importing lmevi changes nothing.
 
 Compilation cache: XLA's compile of a fitting program takes seconds on CPU, much longer than a small fit.
-At the first fit, under the same condition (JAX has not started) and only if you have not chosen a JAX cache
-folder yourself, lmevi points JAX's persistent compilation cache at ``<user cache folder>/lmevi/jax-<version>``
-(platformdirs; e.g. ``~/.cache/lmevi/jax-0.10.2`` on Linux) and caches every program however quick its
-compile (each entry is tens of kilobytes; a model shape takes a few hundred). A later process that fits the same
-model shapes loads the programs instead of compiling them (sleepstudy's first fit: 3.2 s -> 0.75 s here).
-JAX has one cache per process, so your own JAX programs compiled after that point are cached there too.
-``LMEVI_CACHE_DIR=/some/folder`` moves it, ``LMEVI_CACHE_DIR=off`` turns it off (or call
-:func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when
-lmevi first fits, JAX has decided for the whole process that there is no cache, and lmevi leaves it so.
+lmevi keeps every program it compiles, as an executable, in ``<user cache folder>/lmevi/executables``
+(platformdirs; e.g. ``~/.cache/lmevi/executables`` on Linux): a later process that fits a model of the same
+shapes loads the executable and runs it without tracing, lowering or compiling (see "Executables kept on
+disk" below; InstEval's default fit in a fresh process: 2.8 s -> 2.0 s). At the first fit, if JAX has not
+started yet and you have not chosen a JAX cache folder yourself, lmevi also points JAX's persistent
+compilation cache at ``<user cache folder>/lmevi/jax-cache-<version>``, where what lmevi does not keep itself (a few
+small array operations, and the programs of fits that cannot be keyed, such as sharded ones) is cached by
+JAX; JAX has one cache per process, so your own JAX programs compiled after that point are cached there too.
+``LMEVI_CACHE_DIR=/some/folder`` moves both, ``LMEVI_CACHE_DIR=off`` turns both off (or call
+:func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when lmevi
+first fits, JAX has decided for the whole process that it has no cache, and lmevi leaves it so (its own
+executables are still kept).
 
 Huge pages: NumPy asks the kernel for transparent huge pages on every large new array. Where the kernel's
 ``defrag`` setting is ``madvise`` (common), a page fault in such an array may first compact memory, and once
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 XLA_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
 
@@ -87,16 +91,16 @@ def set_cache_dir(path: str | os.PathLike | None) -> None:
 
 
 def cache_dir() -> Path | None:
-    """The folder lmevi would use for JAX's compilation cache, or ``None`` when turned off."""
+    """lmevi's cache folder (its executables and JAX's compilation cache live in it), or ``None`` when turned
+    off."""
     if _cache_choice:
         return _cache_choice[0]
     env = os.environ.get(CACHE_ENV)
     if env is not None:
         return None if env.strip().lower() in _OFF else Path(env)
-    import jax
     import platformdirs
 
-    return Path(platformdirs.user_cache_dir("lmevi")) / f"jax-{jax.__version__}"
+    return Path(platformdirs.user_cache_dir("lmevi"))
 
 
 def prepare() -> dict[str, bool]:
@@ -121,6 +125,7 @@ def _compilation_cache() -> bool:
     folder = cache_dir()
     if folder is None or jax.config.jax_compilation_cache_dir:  # turned off, or the user chose a cache
         return False
+    folder = folder / f"jax-cache-{jax.__version__}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # a read-only home: fit without a cache
@@ -143,22 +148,261 @@ def _rows(first) -> int:
     return int(design.y.shape[0])
 
 
-def sized_jit(fn=None, **jit_kwargs):
-    """``jax.jit(fn, **jit_kwargs)``, compiled with :data:`FAST_COMPILE` when the first argument (a
-    :class:`~lmevi.build.Problem` or a :class:`~lmevi.design.Design`) has at most :data:`SMALL_ROWS` rows."""
+def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs)`` whose compiled programs are kept as executables (see :func:`executable`).
+
+    With ``sized`` (the default), programs for a first argument (a :class:`~lmevi.build.Problem` or a
+    :class:`~lmevi.design.Design`) of at most :data:`SMALL_ROWS` rows are compiled with :data:`FAST_COMPILE`.
+    ``name`` (default: the function's module and qualified name) must tell the program apart from every other
+    one: give it where ``fn`` wraps another function (a gradient). ``_cache_size()`` counts the distinct
+    programs the function has compiled or loaded in this process."""
     if fn is None:
-        return lambda f: sized_jit(f, **jit_kwargs)
+        return lambda f: sized_jit(f, sized=sized, name=name, **jit_kwargs)
     import functools
 
     import jax
 
     full = jax.jit(fn, **jit_kwargs)
-    fast = jax.jit(fn, compiler_options=FAST_COMPILE, **jit_kwargs)
+    fast = jax.jit(fn, compiler_options=FAST_COMPILE, **jit_kwargs) if sized else full
+    static = _StaticArgs.of(fn, jit_kwargs)
+    name = f"{fn.__module__}.{fn.__qualname__}" if name is None else name
+    seen: set = set()
 
     @functools.wraps(fn)
-    def call(first, *args, **kwargs):
-        return (fast if _rows(first) <= SMALL_ROWS else full)(first, *args, **kwargs)
+    def call(*args, **kwargs):
+        small = sized and _rows(args[0]) <= SMALL_ROWS
+        return executable(fast if small else full, f"{name}[{'fast' if small else 'full'}]", static, seen,
+                          args, kwargs)
 
     call.full, call.fast = full, fast
-    call._cache_size = lambda: full._cache_size() + fast._cache_size()
+    call._cache_size = lambda: len(seen) + full._cache_size() + (fast._cache_size() if sized else 0)
     return call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Executables kept on disk
+#
+# JAX's persistent compilation cache saves XLA's compile, but a new process still traces every program to a
+# jaxpr and lowers it to StableHLO to compute the cache key: on InstEval's default fit in a fresh process
+# that was about 1.3 s of its 5.5 s (the CAVI start's loop 0.6 s, its starting point 0.4 s, the exact fit's
+# criterion and estimates 0.4 s). lmevi therefore also keeps each compiled program itself
+# (``jax.experimental.serialize_executable``) in ``<cache folder>/executables``, keyed by what determines it:
+# the function, its static arguments, the tree structure (with its static metadata), shapes and dtypes of
+# its array arguments, the compiler options, JAX's configuration, the JAX and jaxlib versions, the devices,
+# and a hash of lmevi's own source files (so an edited or upgraded lmevi never loads an old program). A
+# later call with the same key loads the executable without tracing anything. Calls that cannot be keyed
+# safely (traced arguments, arrays sharded over several devices, a static argument or tree metadata whose
+# text is an object's address) and ``LMEVI_CACHE_DIR=off`` go through ``jax.jit`` as usual. A load that
+# fails (a different CPU, a corrupt file) compiles instead and overwrites the file.
+
+EXECUTABLES = "executables"
+EXECUTABLE_STATS = {"loaded": 0, "compiled": 0, "stored": 0, "failed_loads": 0}
+_MEMORY_LIMIT = 512  # executables kept in memory per process (least recently used dropped)
+_memory: "dict[str, object]" = {}
+# Configuration entries that cannot change a program (logging, caches, dumps, guards) stay out of the key.
+_CONFIG_IGNORED = ("cache", "log", "traceback", "dump", "pprint", "guard", "explain", "debug_leaked",
+                   "distributed_debug", "verbose")
+
+
+class _StaticArgs(NamedTuple):
+    positions: frozenset
+    names: frozenset
+
+    @staticmethod
+    def of(fn, jit_kwargs) -> "_StaticArgs":
+        import inspect
+
+        nums = jit_kwargs.get("static_argnums", ())
+        names = jit_kwargs.get("static_argnames", ())
+        nums = {nums} if isinstance(nums, int) else set(nums)
+        names = {names} if isinstance(names, str) else set(names)
+        params = list(inspect.signature(fn).parameters)
+        nums |= {params.index(n) for n in names if n in params}
+        names |= {params[i] for i in nums if i < len(params)}
+        return _StaticArgs(frozenset(nums), frozenset(names))
+
+
+def executable(jitted, name: str, static: _StaticArgs, seen: set, args: tuple, kwargs: dict):
+    """Call ``jitted(*args, **kwargs)`` through a kept executable when the call can be keyed (see above)."""
+    folder = _executable_dir()
+    key = None if folder is None else _key(name, static, args, kwargs)
+    if key is None:
+        return jitted(*args, **kwargs)
+    digest, treedef = key
+    dynamic_args = tuple(a for i, a in enumerate(args) if i not in static.positions)
+    dynamic_kwargs = {k: v for k, v in kwargs.items() if k not in static.names}
+    compiled = _memory.pop(digest, None)
+    if compiled is None:
+        compiled = _load(folder / f"{digest}.bin", treedef)
+        if compiled is None:
+            compiled, fresh = _compile(jitted, args, kwargs)
+            if fresh:
+                _store(folder, digest, compiled)
+    _memory[digest] = compiled  # most recently used last
+    while len(_memory) > _MEMORY_LIMIT:
+        _memory.pop(next(iter(_memory)))
+    seen.add(digest)
+    return compiled(*dynamic_args, **dynamic_kwargs)
+
+
+_jax_cache_hits: list = []  # one entry per hit of JAX's persistent cache (counted once lmevi first compiles)
+
+
+def _compile(jitted, args: tuple, kwargs: dict):
+    """``(compiled, fresh)``: ``jitted`` compiled for these arguments, and whether XLA compiled it here.
+
+    An executable that JAX's persistent cache loaded must not be kept: written out again it lost part of its
+    code (jaxlib 0.10 on CPU: "Function multiply_bitcast_fusion not found" when the next process ran it). So
+    JAX is kept from writing these programs to its own cache (its write threshold is raised for the length of
+    the compile; the programs are kept here instead), and a program JAX's cache served anyway (an entry that
+    an earlier lmevi or the user's own cache holds) is used but not kept."""
+    import jax
+
+    if not _jax_cache_hits:
+        _jax_cache_hits.append(0)
+        jax.monitoring.register_event_listener(
+            lambda event, **kw: _jax_cache_hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
+    hits = len(_jax_cache_hits)
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+    try:
+        compiled = jitted.lower(*args, **kwargs).compile()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    EXECUTABLE_STATS["compiled"] += 1
+    return compiled, len(_jax_cache_hits) == hits
+
+
+def _executable_dir():
+    folder = cache_dir()
+    if folder is None:
+        return None
+    import jax
+
+    if jax.config.jax_disable_jit:
+        return None
+    return folder / EXECUTABLES
+
+
+def _key(name: str, static: _StaticArgs, args: tuple, kwargs: dict):
+    """``(sha256 hex digest, tree structure of the dynamic arguments)``, or ``None`` when the call cannot be
+    keyed safely."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    statics = [(i, args[i]) for i in sorted(static.positions) if i < len(args)]
+    statics += sorted((k, v) for k, v in kwargs.items() if k in static.names)
+    dynamic = (tuple(a for i, a in enumerate(args) if i not in static.positions),
+               {k: v for k, v in kwargs.items() if k not in static.names})
+    leaves, treedef = jax.tree.flatten(dynamic)
+    signature = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.Array):
+            if isinstance(leaf, jax.core.Tracer) or len(leaf.sharding.device_set) != 1:
+                return None
+            device = next(iter(leaf.sharding.device_set))
+            signature.append((leaf.shape, str(leaf.dtype), bool(leaf.weak_type), device.id))
+        elif isinstance(leaf, (np.ndarray, np.generic)):
+            signature.append((leaf.shape, str(leaf.dtype), False))
+        elif isinstance(leaf, (bool, int, float, complex)):
+            signature.append(((), type(leaf).__name__, True))
+        else:
+            return None
+    text = repr((name, statics, str(treedef), signature, _config()))
+    if " at 0x" in text:  # an object whose text is its address: no key that a later process could match
+        return None
+    return hashlib.sha256((_fingerprint() + text).encode()).hexdigest(), treedef
+
+
+def _config() -> tuple:
+    """JAX's configuration as a program sees it (64-bit types follow ``jax.enable_x64`` contexts)."""
+    import jax
+    import numpy as np
+
+    values = jax.config.values
+    kept = tuple((k, repr(values[k])) for k in sorted(values) if not any(w in k for w in _CONFIG_IGNORED))
+    return kept + (("float", str(jax.dtypes.canonicalize_dtype(np.float64))),)
+
+
+_fingerprints: list = []
+
+
+def _fingerprint() -> str:
+    """Versions, devices and lmevi's source: what every key of this process shares (computed once)."""
+    if not _fingerprints:
+        import hashlib
+
+        import jax
+        import jaxlib
+
+        source = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.rglob("*.py")):
+            source.update(path.name.encode() + path.read_bytes())
+        device = jax.devices()[0]
+        _fingerprints.append(repr((
+            source.hexdigest(), jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+            getattr(device.client, "platform_version", ""), jax.device_count(), jax.process_count(),
+            os.environ.get("XLA_FLAGS", ""),
+        )))
+    return _fingerprints[0]
+
+
+def _load(path: Path, treedef):
+    """The executable kept at ``path`` if it exists, loads and takes arguments of ``treedef``; else ``None``."""
+    import pickle
+
+    if not path.exists():
+        return None
+    try:
+        from jax.experimental import serialize_executable
+
+        _link_lapack()
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        if in_tree != treedef:
+            raise ValueError("argument structure differs")
+        compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    except Exception:  # noqa: BLE001 - any failure to load means: compile instead
+        EXECUTABLE_STATS["failed_loads"] += 1
+        return None
+    EXECUTABLE_STATS["loaded"] += 1
+    return compiled
+
+
+_lapack_linked: list = []
+
+
+def _link_lapack() -> None:
+    """Make jaxlib look up its LAPACK kernels, once per process. jaxlib does that when it first lowers a
+    linear-algebra operation; a loaded executable skips lowering, and its LAPACK calls would jump to null
+    pointers (a segmentation fault, seen on InstEval's starting point). Lowering one small Cholesky triggers
+    the lookup through JAX's public API."""
+    if not _lapack_linked:
+        import jax
+        import numpy as np
+
+        jax.jit(jax.numpy.linalg.cholesky).lower(np.eye(1, dtype=np.float32))
+        _lapack_linked.append(True)
+
+
+def _store(folder: Path, digest: str, compiled) -> None:
+    """Write ``compiled`` to ``folder/<digest>.bin`` (atomically); a folder that cannot be written is skipped."""
+    import pickle
+    import tempfile
+
+    try:
+        from jax.experimental import serialize_executable
+
+        data = pickle.dumps(serialize_executable.serialize(compiled))
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            f.write(data)
+        try:
+            os.replace(f.name, folder / f"{digest}.bin")
+        finally:
+            if os.path.exists(f.name):
+                os.unlink(f.name)
+    except Exception:  # noqa: BLE001 - an executable that cannot be kept is compiled again next time
+        return
+    EXECUTABLE_STATS["stored"] += 1
