@@ -58,10 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--rows", type=int, default=0, help="simulated InstEval-shaped rows (0: InstEval itself)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT, help="folder for distributed.json and distributed.md")
-    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
-                   help="glibc malloc settings of the worker processes: 'keep' (default) sets "
-                   "MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_TOP_PAD_ (see WORKER_MALLOC) so that "
-                   "they reuse freed memory; 'default' leaves the environment as it is")
+    p.add_argument("--malloc", choices=sorted(WORKER_MALLOC), default="default",
+                   help="glibc malloc settings of the worker processes (see WORKER_MALLOC): 'default' leaves the "
+                   "environment as it is; 'mmap' raises the mmap threshold, 'keep' also keeps freed memory")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before the worker processes are stopped")
     p.add_argument("--no-single", action="store_true",
                    help="skip the one-process fit of all rows (for data too large for one process)")
@@ -160,19 +159,21 @@ def free_port() -> int:
 # glibc's malloc hands every block above 32 MB back to the kernel when freed (mmap threshold) and trims the
 # heap above 128 kB; a fit of 1e7+ rows frees and re-allocates row-length temporaries every sweep, and each
 # fresh page costs a fault and a zeroing in the kernel. Measured at 1e7 rows (one worker, 8 Parquet files,
-# float32, two fits): repeated fit 10.5 s with glibc's defaults, 6.4 s with the mmap threshold alone, 5.3 s
-# with all three below (first call 12.9 / 10.1 / 8.3 s, peak RSS 2.2 / 2.6 / 3.2 GB). Only the worker
-# processes this script starts get them; lmevi itself changes no process-wide setting.
-WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "20000000000",
-                 "MALLOC_TOP_PAD_": "536870912"}
+# float32, two fits): repeated fit 10.5 s with glibc's defaults, 6.4 s with "mmap", 5.3 s with "keep" (first
+# call 12.9 / 10.1 / 8.3 s, peak RSS 2.2 / 2.6 / 3.2 GB). At 1e8 rows "keep" held on to the Parquet read's
+# and the design's temporaries: 22 GB of RSS within 2 minutes, before the fit began (stopped there). Only the
+# worker processes this script starts get them; lmevi itself changes no process-wide setting.
+WORKER_MALLOC = {
+    "default": {},
+    "mmap": {"MALLOC_MMAP_THRESHOLD_": "2000000000"},
+    "keep": {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "20000000000",
+             "MALLOC_TOP_PAD_": "536870912"},
+}
 
 
 def worker_env(args) -> dict:
     """The environment of the worker processes (``--malloc``)."""
-    env = dict(os.environ)
-    if args.malloc == "keep":
-        env.update(WORKER_MALLOC)
-    return env
+    return dict(os.environ) | WORKER_MALLOC[args.malloc]
 
 
 def run_job(shards: list[Path], folder: Path, args) -> list[dict]:
@@ -258,7 +259,7 @@ def main(argv=None) -> dict:
         "processes": args.processes,
         "files": len(shards),
         "dtype": args.dtype,
-        "worker_malloc": WORKER_MALLOC if args.malloc == "keep" else None,
+        "worker_malloc": WORKER_MALLOC[args.malloc],
         "devices": job[0]["devices"],
         "rows_per_process": [r["rows"] for r in job],
         "q": job[0]["q"],
