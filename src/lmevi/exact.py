@@ -56,6 +56,7 @@ import numpy as np
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
 from lmevi.runtime import sized_jit
+from lmevi.runtime import sized_jit
 
 
 
@@ -217,16 +218,20 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     start = (np.cumsum(count) - count).astype(ientry)
     position = np.arange(len(keys), dtype=ientry)
     reps = position - start[level] + 1  # entry i pairs with the entries of its level up to itself
-    left = np.repeat(position, reps)
+    # right runs over start[level_i] .. i for each left entry i; per-left values are repeated, not gathered
+    right = np.arange(reps.sum(), dtype=ientry) - np.repeat(np.cumsum(reps) - reps - start[level], reps)
     pair_level = np.repeat(level, reps)
-    right = start[pair_level] + (np.arange(len(left), dtype=ientry) - np.repeat(np.cumsum(reps) - reps, reps))
     itarget = _index_dtype(P * P)
-    r_left, r_right = rest_coord[left].astype(itarget), rest_coord[right].astype(itarget)
-    weight = np.where(left == right, 0.5, 1.0)
+    r_left, r_right = np.repeat(rest_coord.astype(itarget), reps), rest_coord[right].astype(itarget)
+    weight = np.where(right == np.repeat(position, reps), 0.5, 1.0)
     # Left in the order made (by level): sorting by target made the segment sum no faster (measured on
     # InstEval's 2 million pairs) and cost 0.25 s on the host.
     target = np.maximum(r_left, r_right) * P + np.minimum(r_left, r_right)
     iblock = _index_dtype(J1 * p1 * p1)
+    if p1 == 1:
+        pair_block = pair_level.astype(iblock)
+    else:
+        pair_block = (pair_level.astype(iblock) * (p1 * p1) + np.repeat(coef, reps) * p1 + coef[right]).astype(iblock)
     return Structure(
         zz1=zz1,
         zy1=zy1,
@@ -237,8 +242,8 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
         rr=rr,
         ry=ry,
         yy=np.asarray(y @ y),
-        pair_block=(pair_level.astype(iblock) * (p1 * p1) + coef[left] * p1 + coef[right]).astype(iblock),
-        pair_value=weight * values[left] * values[right],
+        pair_block=pair_block,
+        pair_value=weight * np.repeat(values, reps) * values[right],
         pair_target=target.astype(itarget),
         order=order,
         n_levels=n_levels,
@@ -722,6 +727,7 @@ _BOBYQA_XTOL = 0.1
 _value_and_grad = sized_jit(jax.value_and_grad(profiled_deviance), sized=False, static_argnames=("reml",),
                             name="lmevi.exact.value_and_grad(profiled_deviance)")
 _conditional = sized_jit(conditional_estimates, sized=False, static_argnames=("reml", "marginal"))
+_value = sized_jit(profiled_deviance, sized=False, static_argnames=("reml",))
 
 # Dense blocks up to this size are fitted in NumPy: an evaluation there takes well under a millisecond,
 # where compiling the JAX criterion for a new shape takes 1-2 s (experiments/families.py measures both).
@@ -759,7 +765,7 @@ def _evaluator(s: Structure, reml: bool, backend: str) -> _Evaluator:
         value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
         return float(value), np.asarray(grad, np.float64)
 
-    return _Evaluator(lambda th: value_and_grad(th)[0], value_and_grad,
+    return _Evaluator(lambda th: float(_value(jnp.asarray(th, jnp.float64), sj, reml=reml)), value_and_grad,
                       lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml)))
 
 
@@ -812,7 +818,7 @@ def _bobyqa(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     return _Optimum(best[1], float(best[0]), None, done, code == nlopt.ROUNDOFF_LIMITED, "BOBYQA")
 
 
-# Newton's method runs for at most this many parameters: its Hessian costs n values-and-gradients.
+# Newton's method runs for at most this many parameters: its Hessian costs n (n + 1) / 2 criterion values.
 NEWTON_MAX = 4
 # Forward-difference step of the Hessian, times max(|theta|, 1). Newton's steps need the Hessian only roughly:
 # the start's Hessian differs from the optimum's by a few percent anyway, which the BFGS updates correct.
@@ -821,19 +827,28 @@ _HESSIAN_STEP = 1e-4
 _NEWTON_SCALE = 1e-2
 
 
-def _fd_hessian(value_and_grad, x, g) -> np.ndarray:
-    """``(n, n)`` Hessian at ``x`` (where the gradient is ``g``) from the gradients at ``n`` forward steps,
-    symmetrised. Gradients rather than values: a criterion value alone would be a second compiled program,
-    whose tracing and loading cost a fresh process more (about 0.5 s on InstEval) than the values save."""
+def _fd_hessian(value, x, f, g) -> np.ndarray:
+    """``(n, n)`` Hessian of ``value`` at ``x`` (where it is ``f`` with gradient ``g``) from ``n (n + 1) / 2``
+    values at forward steps: ``H_ii`` from the second-order Taylor remainder along ``e_i``, ``H_ij`` from the
+    four corners ``x, x + h_i e_i, x + h_j e_j, x + h_i e_i + h_j e_j``. Values rather than gradients: on
+    InstEval a value costs a third of a value and gradient, and since the criterion's programs are kept as
+    executables (:mod:`lmevi.runtime`) a second program costs a fresh process milliseconds to load, not the
+    half second its tracing took."""
     n = len(x)
     h = _HESSIAN_STEP * np.maximum(np.abs(x), 1.0)
-    H = np.stack([(value_and_grad(x + h[i] * np.eye(n)[i])[1] - g) / h[i] for i in range(n)], axis=1)
-    return 0.5 * (H + H.T)
+    E = np.eye(n) * h
+    fi = np.array([value(x + E[i]) for i in range(n)])
+    H = np.zeros((n, n))
+    for i in range(n):
+        H[i, i] = 2.0 * (fi[i] - f - h[i] * g[i]) / h[i] ** 2
+        for j in range(i):
+            H[i, j] = H[j, i] = (value(x + E[i] + E[j]) - fi[i] - fi[j] + f) / (h[i] * h[j])
+    return H
 
 
 def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
-    """Newton's method from a start near the optimum (the structured fit's): a Hessian from gradient
-    differences (:func:`_fd_hessian`), then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step
+    """Newton's method from a start near the optimum (the structured fit's): a Hessian from criterion values
+    (:func:`_fd_hessian`), then steps ``-H^{-1} g`` with BFGS updates of ``H``. Stops after a step
     below ``sqrt(tol)`` relative to theta (absolute below :data:`_NEWTON_SCALE`): the steps shrink 30- to
     80-fold each on InstEval (the Hessian of the start, updated, is a few percent off the optimum's), so the
     point returned is within about
@@ -843,8 +858,8 @@ def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     x = np.asarray(x0, np.float64)
     f, g = ev.value_and_grad(x)
     n = len(x)
-    H = _fd_hessian(ev.value_and_grad, x, g)
-    used = 1 + n
+    H = _fd_hessian(ev.value, x, f, g)
+    used = 1 + n * (n + 1) // 2
     while used < max_evals:
         try:
             L = np.linalg.cholesky(H)
