@@ -376,13 +376,18 @@ _lapack_linked: list = []
 def _link_lapack() -> None:
     """Make jaxlib look up its LAPACK kernels, once per process. jaxlib does that when it first lowers a
     linear-algebra operation; a loaded executable skips lowering, and its LAPACK calls would jump to null
-    pointers (a segmentation fault, seen on InstEval's starting point). Lowering one small Cholesky triggers
-    the lookup through JAX's public API."""
+    pointers (a segmentation fault, seen on InstEval's starting point). JAX's lowering rules call
+    ``initialize_lapack``; where a JAX lacks it, lowering one small Cholesky does the same."""
     if not _lapack_linked:
-        import jax
-        import numpy as np
+        try:  # JAX's own hook, as its lowering rules call it (scipy's LAPACK import is most of its cost)
+            from jax._src.lax.linalg import initialize_lapack
 
-        jax.jit(jax.numpy.linalg.cholesky).lower(np.eye(1, dtype=np.float32))
+            initialize_lapack()
+        except (ImportError, AttributeError):  # a JAX without it: the public route (0.03 s more)
+            import jax
+            import numpy as np
+
+            jax.jit(jax.numpy.linalg.cholesky).lower(np.eye(1, dtype=np.float32))
         _lapack_linked.append(True)
 
 
