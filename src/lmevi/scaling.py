@@ -67,7 +67,9 @@ def _column_scale(M: np.ndarray, ranges, collective: Local = LOCAL) -> np.ndarra
     const = np.abs(first)
     if np.all(lo == hi):  # every column constant (an intercept-only term): no variance to compute
         return np.where(const > 0, const, 1.0)
-    sd, big = column_sd(M, collective), np.maximum(np.abs(lo), np.abs(hi))
+    sd, big = np.zeros(M.shape[1]), np.maximum(np.abs(lo), np.abs(hi))
+    varying = np.flatnonzero(lo != hi)  # a constant column's SD is 0: no pass over its rows
+    sd[varying] = column_sd(M, collective, varying)
     scale = np.where(sd > 1e-12 * np.maximum(big, 1e-300), sd, const)
     return np.where(scale > 0, scale, 1.0)
 
@@ -119,7 +121,7 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
         j = const[0]
         shift_coef[j] = 1.0 / first[j]
         y_shift = float(collective.sum(y.sum()) / collective.sum(n))
-    y_scale = float(column_sd((y - y_shift)[:, None], collective)[0])
+    y_scale = float(column_sd(y[:, None], collective)[0])  # the SD of y - c: shifting changes no SD
     if not y_scale > 0:
         y_scale = 1.0
     z_ranges, z_scale, seen = [], [], {}

@@ -231,10 +231,12 @@ def structured_spec(
     # Nesting is never split: a large factor whose levels (nearly) nest those of another large factor joins
     # that factor's block as its dense part when it has at most NESTED_MAX coefficients. In a block of its
     # own, q would drain its variance into the nested factor's, as mean-field q drains InstEval's departments.
+    # Children are tried smallest first: the count behind a share has J_parent x J_child bins, and the first
+    # child found nested ends the search (InstEval-shaped 1e7 rows: instructors, not 400,000 students).
     for parent in sorted(large, key=lambda k: size[k]):
         if size[parent] <= NESTED_MAX and any(
             size[child] > size[parent] and entanglement(design, parent, child, collective) >= NEST_SHARE
-            for child in large if child != parent
+            for child in sorted(large, key=lambda k: size[k]) if child != parent
         ):
             large.remove(parent)
     small = [k for k in range(len(size)) if k not in large]
