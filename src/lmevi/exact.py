@@ -761,12 +761,15 @@ def _evaluator(s: Structure, reml: bool, backend: str) -> _Evaluator:
         return _Evaluator(value, value_and_grad, lambda th: conditional_estimates(th, s, reml, ops=NUMPY_OPS))
     sj = jax.device_put(s)
 
+    def put(th):  # a host copy to the device compiles nothing (jnp.asarray does)
+        return jax.device_put(np.asarray(th, np.float64))
+
     def value_and_grad(th):
-        value, grad = _value_and_grad(jnp.asarray(th, jnp.float64), sj, reml=reml)
+        value, grad = _value_and_grad(put(th), sj, reml=reml)
         return float(value), np.asarray(grad, np.float64)
 
-    return _Evaluator(lambda th: float(_value(jnp.asarray(th, jnp.float64), sj, reml=reml)), value_and_grad,
-                      lambda th: jax.tree.map(np.asarray, _conditional(jnp.asarray(th), sj, reml=reml)))
+    return _Evaluator(lambda th: float(_value(put(th), sj, reml=reml)), value_and_grad,
+                      lambda th: jax.tree.map(np.asarray, _conditional(put(th), sj, reml=reml)))
 
 
 class _Optimum(NamedTuple):

@@ -109,16 +109,17 @@ def _drive(run_chunk, carry, rule: StopRule, chunk: int, progress: bool | None, 
     snap_steps, to_params = snapshot
     pending = sorted({int(s) for s in snap_steps if 0 < int(s) <= rule.num_steps})
     snaps: dict[int, VIParams] = {}
-    trace = jnp.full((rule.num_steps,), jnp.nan, dtype)
-    tol = jnp.asarray(rule.tol, dtype)
-    t = jnp.asarray(0)
+    # host values put on the device, not made by jnp (each jnp constructor is a small program to compile)
+    trace = jax.device_put(np.full((rule.num_steps,), np.nan, dtype))
+    tol = jax.device_put(np.asarray(rule.tol, dtype))
+    t = jax.device_put(0)
     done = False
     start = time.perf_counter()
     with tqdm(total=rule.num_steps, desc=desc, disable=_bar_disabled(progress), leave=False) as bar:
         show = not bar.disable
         while not done and int(t) < rule.num_steps:
             t_end = min([int(t) + chunk, rule.num_steps] + [s for s in pending if s > int(t)])
-            t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jnp.asarray(t_end), tol)
+            t_new, carry, trace, done_arr = run_chunk(carry, trace, t, jax.device_put(t_end), tol)
             done = bool(done_arr)
             if int(t_new) in pending:
                 snaps[int(t_new)] = to_params(carry)

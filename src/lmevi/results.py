@@ -512,9 +512,7 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     if exact_fit:  # on the host: an exact fit of a small model compiles nothing
         linear = _exact_linear_predictor(problem.design, spec, params)
     else:
-        mean = _row_mean(problem, params)
-        fixed = problem.design.X @ params.model.beta if params.model.beta is not None else 0.0
-        linear = local_rows(fixed + mean)
+        linear = local_rows(_linear_predictor(problem, params))
     # this process's rows (all rows but in a multi-process fit), padding dropped
     fitted = scales.y_shift + scales.y_scale * linear[: len(model.y)]
     offset = scaling.elbo_offset(scales, n, spec.reml)
@@ -576,6 +574,9 @@ def _exact_linear_predictor(design, spec: QSpec, params: VIParams) -> np.ndarray
 
 
 @sized_jit
-def _row_mean(problem, params) -> jax.Array:
-    """``E_q`` of every row's random part, ``(n_obs,)``."""
-    return problem.q.row_mean(problem.design, problem.spec, params.blocks)
+def _linear_predictor(problem, params) -> jax.Array:
+    """``E_q`` of every row's linear predictor, ``(n_obs,)``: the random part, plus ``X beta`` when beta is a
+    point estimate (under REML q holds beta and the random part includes it). One program: the sum outside
+    it would be an operation compiled on its own in every new process."""
+    mean = problem.q.row_mean(problem.design, problem.spec, params.blocks)
+    return mean if params.model.beta is None else problem.design.X @ params.model.beta + mean

@@ -642,34 +642,40 @@ def term_moments(spec: QSpec, blocks, k: int, given_beta: bool = False) -> tuple
     """
     bi = spec.block_of(k)
     block, bp = spec.blocks[bi], blocks[bi]
+    xp = _xp(*bp)
     V = None
     if bp.chol_small is not None:
         V = bp.chol_small @ bp.chol_small.T
         if given_beta and block.fixed:
-            V = _condition_on_fixed(spec, block, V)
+            V = _condition_on_fixed(spec, block, V, xp)
     if block.large == k:
-        cov = jnp.einsum("jpq,jrq->jpr", bp.chol_large, bp.chol_large)
+        cov = xp.einsum("jpq,jrq->jpr", bp.chol_large, bp.chol_large)
         if V is not None:
-            cov = cov + jnp.einsum("jpw,wv,jrv->jpr", bp.coupling, V, bp.coupling)
+            cov = cov + xp.einsum("jpw,wv,jrv->jpr", bp.coupling, V, bp.coupling)
         return bp.loc_large, cov
     offsets, _, _ = spec.small_offsets(block)
     J, p = spec.n_levels[k], spec.n_coefs[k]
     start = offsets[k]
     mean = bp.loc_small[start : start + J * p].reshape(J, p)
     sub = V[start : start + J * p, start : start + J * p].reshape(J, p, J, p)
-    return mean, jnp.einsum("jpjr->jpr", sub)
+    return mean, xp.einsum("jpjr->jpr", sub)
 
 
-def _condition_on_fixed(spec: QSpec, block: Block, V: jax.Array) -> jax.Array:
+def _xp(*arrays):
+    """NumPy when every array given is a host array (a fit's results: nothing to compile), else jax.numpy."""
+    return np if all(isinstance(a, np.ndarray) for a in arrays if a is not None) else jnp
+
+
+def _condition_on_fixed(spec: QSpec, block: Block, V: jax.Array, xp=jnp) -> jax.Array:
     """``Cov(w | beta)``: the Schur complement of beta's slots in ``V``, zero in beta's rows and columns."""
     _, at, pw = spec.small_offsets(block)
-    idx = jnp.arange(pw)
+    idx = xp.arange(pw)
     is_fixed = (idx >= at) & (idx < at + spec.n_fixed)
     Vbb = V[at : at + spec.n_fixed, at : at + spec.n_fixed]
     Vwb = V[:, at : at + spec.n_fixed]
-    cond = V - Vwb @ jnp.linalg.solve(Vbb, Vwb.T)
+    cond = V - Vwb @ xp.linalg.solve(Vbb, Vwb.T)
     mask = (~is_fixed)[:, None] & (~is_fixed)[None, :]
-    return jnp.where(mask, cond, 0.0)
+    return xp.where(mask, cond, 0.0)
 
 
 def fixed_moments(spec: QSpec, blocks) -> tuple[jax.Array, jax.Array]:
