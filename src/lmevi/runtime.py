@@ -191,8 +191,8 @@ def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwa
 # its array arguments, the compiler options, JAX's configuration, the JAX and jaxlib versions, the devices,
 # and a hash of lmevi's own source files (so an edited or upgraded lmevi never loads an old program). A
 # later call with the same key loads the executable without tracing anything. Calls that cannot be keyed
-# safely (traced arguments, arrays sharded over several devices, a static argument or tree metadata whose
-# text is an object's address) and ``LMEVI_CACHE_DIR=off`` go through ``jax.jit`` as usual. A load that
+# safely (traced arguments, a static argument or tree metadata whose text is an object's address), every
+# call in a process with more than one device, and ``LMEVI_CACHE_DIR=off`` go through ``jax.jit`` as usual. A load that
 # fails (a different CPU, a corrupt file) compiles instead and overwrites the file.
 
 EXECUTABLES = "executables"
@@ -279,7 +279,10 @@ def _executable_dir():
         return None
     import jax
 
-    if jax.config.jax_disable_jit:
+    # One device only: a compiled executable takes its arguments exactly as placed when it was compiled (jit
+    # moves them where its program wants them), and with several devices a program may want them replicated
+    # or sharded (a 4-device fit failed with "Expected args ... to have 4 shards").
+    if jax.config.jax_disable_jit or jax.device_count() != 1 or jax.process_count() != 1:
         return None
     return folder / EXECUTABLES
 
