@@ -302,11 +302,12 @@ def _key(name: str, static: _StaticArgs, args: tuple, kwargs: dict):
     leaves, treedef = jax.tree.flatten(dynamic)
     signature = []
     for leaf in leaves:
+        # jit compiles one program for a host array and a device array of one shape and dtype, and a compiled
+        # program takes either: so does the key (there is one device, see _executable_dir)
         if isinstance(leaf, jax.Array):
             if isinstance(leaf, jax.core.Tracer) or len(leaf.sharding.device_set) != 1:
                 return None
-            device = next(iter(leaf.sharding.device_set))
-            signature.append((leaf.shape, str(leaf.dtype), bool(leaf.weak_type), device.id))
+            signature.append((leaf.shape, str(leaf.dtype), bool(leaf.weak_type)))
         elif isinstance(leaf, (np.ndarray, np.generic)):
             signature.append((leaf.shape, str(leaf.dtype), False))
         elif isinstance(leaf, (bool, int, float, complex)):
