@@ -258,6 +258,36 @@ def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     np.testing.assert_allclose(fit.theta, far.theta, rtol=1e-6)
 
 
+def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monkeypatch):
+    """Newton's last step (below sqrt(tol)) is taken without evaluating the criterion after it; fit_exact
+    checks with the estimates' criterion that it descended. A last step made to overshoot is dropped for the
+    point before it, whose estimates are computed instead."""
+    rng = np.random.default_rng(7)
+    n, levels = 200, {"g": 10, "h": 7, "k": 5}
+    codes = {f: rng.integers(0, J, n) for f, J in levels.items()}
+    frame = pd.DataFrame({f"{f}": [f"{f}{j}" for j in c] for f, c in codes.items()})
+    frame["x"] = rng.normal(size=n)
+    frame["y"] = 0.5 * frame["x"] + rng.normal(size=n) + sum(
+        sd * rng.normal(size=levels[f])[codes[f]] for f, sd in zip(levels, (1.0, 0.7, 0.5)))
+    design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), frame)
+    s = exact.build_structure(design, True)
+    ref = exact.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
+    start = ref.theta * np.linspace(0.97, 1.03, len(ref.theta))
+    good = exact.fit_exact(design, structure=s, backend="jax", theta0=start)
+    real = exact._newton
+
+    def overshooting(ev, x0, lower, tol, max_evals):
+        res = real(ev, x0, lower, tol, max_evals)
+        assert res.previous is not None  # the last step was not evaluated
+        return res._replace(x=res.previous + 50.0 * (res.x - res.previous))
+
+    monkeypatch.setattr(exact, "_OPTIMISERS", dict(exact._OPTIMISERS, newton=overshooting))
+    bad = exact.fit_exact(design, structure=s, backend="jax", theta0=start)
+    assert float(bad.objective) <= float(good.objective) + 1e-9 * abs(float(good.objective))
+    np.testing.assert_allclose(bad.theta, ref.theta, rtol=1e-5)  # the point before the step, not past it
+    assert float(bad.objective) == pytest.approx(float(ref.objective), rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Tier 3: against lme4
 
