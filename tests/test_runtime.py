@@ -126,6 +126,24 @@ def test_an_executable_that_jax_s_cache_served_is_used_but_not_kept(tmp_path):
     assert not (tmp_path / "lmevi" / runtime.EXECUTABLES).exists()
 
 
+def test_an_edit_of_lmevi_that_leaves_a_program_unchanged_loads_it(tmp_path, monkeypatch):
+    """The call key holds a hash of lmevi's source, so an edit anywhere in lmevi is a new call key; the call
+    then lowers its program and finds the executable by the program's own text, without compiling."""
+    monkeypatch.setattr(runtime, "_cache_choice", [tmp_path])
+    monkeypatch.setattr(runtime, "_memory", {})
+    f = runtime.sized_jit(_scaled, sized=False, static_argnums=1, name="tests.test_runtime._scaled.edited")
+    x = np.arange(4.0)
+    f(x, 3.0)
+    runtime._memory.clear()
+    monkeypatch.setattr(runtime, "_sources", ["lmevi after an edit"])
+    before = dict(runtime.EXECUTABLE_STATS)
+    np.testing.assert_array_equal(f(x, 3.0), 3.0 * x)
+    assert runtime.EXECUTABLE_STATS["compiled"] == before["compiled"]
+    assert runtime.EXECUTABLE_STATS["loaded"] == before["loaded"] + 1
+    assert len(list((tmp_path / runtime.EXECUTABLES).glob("*.bin"))) == 1  # one program, two call keys
+    assert len(list((tmp_path / runtime.EXECUTABLES).glob("*.key"))) == 2
+
+
 @pytest.mark.parametrize("damage", [b"", b"not a pickle"])
 def test_a_damaged_file_is_compiled_again(tmp_path, monkeypatch, damage):
     monkeypatch.setattr(runtime, "_cache_choice", [tmp_path])

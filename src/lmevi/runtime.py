@@ -186,11 +186,14 @@ def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwa
 # jaxpr and lowers it to StableHLO to compute the cache key: on InstEval's default fit in a fresh process
 # that was about 1.3 s of its 5.5 s (the CAVI start's loop 0.6 s, its starting point 0.4 s, the exact fit's
 # criterion and estimates 0.4 s). lmevi therefore also keeps each compiled program itself
-# (``jax.experimental.serialize_executable``) in ``<cache folder>/executables``, keyed by what determines it:
-# the function, its static arguments, the tree structure (with its static metadata), shapes and dtypes of
-# its array arguments, the compiler options, JAX's configuration, the JAX and jaxlib versions, the devices,
-# and a hash of lmevi's own source files (so an edited or upgraded lmevi never loads an old program). A
-# later call with the same key loads the executable without tracing anything. Calls that cannot be keyed
+# (``jax.experimental.serialize_executable``) in ``<cache folder>/executables``, under a program key: the
+# program's StableHLO text, its argument and result trees, the function's name (which tells the compiler
+# options apart), the JAX and jaxlib versions and the devices. A call finds it through a call key of what
+# determines the program before tracing: the function, its static arguments, the tree structure (with its
+# static metadata), shapes and dtypes of its array arguments, JAX's configuration, versions, devices and a
+# hash of lmevi's own source files (so an edited or upgraded lmevi never takes an old program for a call). A
+# later call with the same call key loads the executable without tracing anything; a call whose key is new
+# (lmevi's source changed) traces and lowers, and loads the executable if the program itself is unchanged. Calls that cannot be keyed
 # safely (traced arguments, a static argument or tree metadata whose text is an object's address), every
 # call in a process with more than one device, and ``LMEVI_CACHE_DIR=off`` go through ``jax.jit`` as usual. A load that
 # fails (a different CPU, a corrupt file) compiles instead and overwrites the file.
@@ -233,11 +236,18 @@ def executable(jitted, name: str, static: _StaticArgs, seen: set, args: tuple, k
     dynamic_kwargs = {k: v for k, v in kwargs.items() if k not in static.names}
     compiled = _memory.pop(digest, None)
     if compiled is None:
-        compiled = _load(folder / f"{digest}.bin", treedef)
+        compiled = _load(folder, digest, treedef)
         if compiled is None:
-            compiled, fresh = _compile(jitted, args, kwargs)
-            if fresh:
-                _store(folder, digest, compiled)
+            # Not kept for this call's key (new arguments, or lmevi's source changed): lower the program and
+            # look for it by its own text, which an edit elsewhere in lmevi leaves unchanged.
+            lowered = jitted.lower(*args, **kwargs)
+            program = _program_digest(name, lowered)
+            compiled = _load(folder, program, treedef)
+            if compiled is None:
+                compiled, fresh = _compile(lowered)
+                if fresh:
+                    _store(folder, program, compiled)
+            _link(folder, digest, program)
     _memory[digest] = compiled  # most recently used last
     while len(_memory) > _MEMORY_LIMIT:
         _memory.pop(next(iter(_memory)))
@@ -248,8 +258,8 @@ def executable(jitted, name: str, static: _StaticArgs, seen: set, args: tuple, k
 _jax_cache_hits: list = []  # one entry per hit of JAX's persistent cache (counted once lmevi first compiles)
 
 
-def _compile(jitted, args: tuple, kwargs: dict):
-    """``(compiled, fresh)``: ``jitted`` compiled for these arguments, and whether XLA compiled it here.
+def _compile(lowered):
+    """``(compiled, fresh)``: a lowered program compiled, and whether XLA compiled it here.
 
     An executable that JAX's persistent cache loaded must not be kept: written out again it lost part of its
     code (jaxlib 0.10 on CPU: "Function multiply_bitcast_fusion not found" when the next process ran it). So
@@ -266,7 +276,7 @@ def _compile(jitted, args: tuple, kwargs: dict):
     threshold = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
-        compiled = jitted.lower(*args, **kwargs).compile()
+        compiled = lowered.compile()
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
     EXECUTABLE_STATS["compiled"] += 1
@@ -317,7 +327,7 @@ def _key(name: str, static: _StaticArgs, args: tuple, kwargs: dict):
     text = repr((name, statics, str(treedef), signature, _config()))
     if " at 0x" in text:  # an object whose text is its address: no key that a later process could match
         return None
-    return hashlib.sha256((_fingerprint() + text).encode()).hexdigest(), treedef
+    return hashlib.sha256((_fingerprint() + _source() + text).encode()).hexdigest(), treedef
 
 
 def _config() -> tuple:
@@ -334,31 +344,69 @@ _fingerprints: list = []
 
 
 def _fingerprint() -> str:
-    """Versions, devices and lmevi's source: what every key of this process shares (computed once)."""
+    """Versions and devices: what every key of this process shares (computed once)."""
     if not _fingerprints:
-        import hashlib
-
         import jax
         import jaxlib
 
-        source = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            source.update(path.name.encode() + path.read_bytes())
         device = jax.devices()[0]
         _fingerprints.append(repr((
-            source.hexdigest(), jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+            jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
             getattr(device.client, "platform_version", ""), jax.device_count(), jax.process_count(),
             os.environ.get("XLA_FLAGS", ""),
         )))
     return _fingerprints[0]
 
 
-def _load(path: Path, treedef):
-    """The executable kept at ``path`` if it exists, loads and takes arguments of ``treedef``; else ``None``."""
+_sources: list = []
+
+
+def _source() -> str:
+    """A hash of lmevi's own source files (computed once): part of every call key, not of program keys."""
+    if not _sources:
+        import hashlib
+
+        source = hashlib.sha256()
+        for path in sorted(Path(__file__).parent.rglob("*.py")):
+            source.update(path.name.encode() + path.read_bytes())
+        _sources.append(source.hexdigest())
+    return _sources[0]
+
+
+def _program_digest(name: str, lowered) -> str:
+    """A key of the program itself: its StableHLO text (without source locations), the function's name (which
+    tells the compiler options apart), its argument and result trees, and the process's versions and devices
+    (:func:`_fingerprint`), but not lmevi's source."""
+    import hashlib
+
+    text = repr((name, str(lowered.in_tree), str(lowered.out_tree))) + lowered.as_text()
+    return hashlib.sha256((_fingerprint() + text).encode()).hexdigest()
+
+
+def _link(folder: Path, digest: str, program: str) -> None:
+    """Record that a call key ``digest`` runs the program kept as ``program`` (a small text file)."""
+    if digest == program:
+        return
+    try:
+        (folder / f"{digest}.key").write_text(program)
+    except OSError:
+        pass
+
+
+def _load(folder: Path, digest: str, treedef):
+    """The executable kept under ``digest`` (directly, or through a link of :func:`_link`) if it exists, loads
+    and takes arguments of ``treedef``; else ``None``."""
     import pickle
 
+    path = folder / f"{digest}.bin"
     if not path.exists():
-        return None
+        link = folder / f"{digest}.key"
+        try:
+            path = folder / f"{link.read_text().strip()}.bin"
+        except OSError:
+            return None
+        if not path.exists():
+            return None
     try:
         from jax.experimental import serialize_executable
 
@@ -367,8 +415,12 @@ def _load(path: Path, treedef):
         if in_tree != treedef:
             raise ValueError("argument structure differs")
         compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-    except Exception:  # noqa: BLE001 - any failure to load means: compile instead
+    except Exception:  # noqa: BLE001 - any failure to load means: compile instead (and keep that)
         EXECUTABLE_STATS["failed_loads"] += 1
+        try:
+            path.unlink()
+        except OSError:
+            pass
         return None
     EXECUTABLE_STATS["loaded"] += 1
     return compiled
