@@ -171,9 +171,18 @@ def test_lme4_singular_rule_catches_a_small_relative_cholesky_entry(crossed_fit)
 def test_singular_fit_warns():
     rng = np.random.default_rng(1)
     df = pd.DataFrame({"g": np.repeat(np.arange(10), 20), "y": rng.normal(size=200)})  # no group effect at all
-    with pytest.warns(lmevi.SingularFitWarning, match="near zero"):
+    with pytest.warns(lmevi.SingularFitWarning, match="near zero") as caught:
         m = lmevi.fit("y ~ 1 + (1 | g)", df, progress=False, reml=False)
     assert m.singular()
+    # it points at the user's call, not at one of lmevi's decorators
+    assert {w.filename for w in caught} == {__file__}
+
+
+def test_input_warnings_point_at_the_users_line(frame):
+    df = frame.assign(big=frame["x.val"] * 1e5)
+    with pytest.warns(UserWarning, match="very different scales") as caught:
+        lmevi.build_model("y ~ big + k + (1 | g)", df)
+    assert [w.filename for w in caught if "scales" in str(w.message)] == [__file__]
 
 
 def test_boundary_under_an_approximate_structured_q_names_the_factor_and_the_remedy(crossed_fit):

@@ -124,9 +124,9 @@ def fit(
         distributed=distributed,
     )
     params, run = fitting.fit_model(model, how)
-    checks.warn_convergence(run, how.rule, stacklevel=3)
+    checks.warn_convergence(run, how.rule)
     result = make_result(model, how, params, run)
-    checks.warn_singular(result, stacklevel=3)
+    checks.warn_singular(result)
     return result
 
 
@@ -139,7 +139,7 @@ def _family_and_q(family, q) -> tuple[str, str]:
             f"family={family!r} names the variational family; pass q={family!r} (family now names the "
             "likelihood, as in lme4's glmer)",
             DeprecationWarning,
-            stacklevel=3,
+            stacklevel=checks.user_stacklevel(),
         )
         return "gaussian", family
     return family, "auto" if q is None else q

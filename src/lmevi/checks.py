@@ -9,6 +9,7 @@ import numpy as np
 
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
+from lmevi.options import user_stacklevel
 
 # Convergence check: the largest gradient norm of the closed-form ELBO per observation, in the unconstrained
 # coordinates, that still counts as an optimum (see inference.final_grad_norm).
@@ -93,13 +94,13 @@ def singular_findings(info, chol, relative, tol: float = 1e-3) -> list[str]:
     return out
 
 
-def warn_convergence(run: RunInfo, rule: StopRule, stacklevel: int = 3) -> None:
-    """:func:`convergence_findings` as :class:`ConvergenceWarning`\\ s."""
+def warn_convergence(run: RunInfo, rule: StopRule) -> None:
+    """:func:`convergence_findings` as :class:`ConvergenceWarning`\\ s, pointing at the user's call."""
     for msg in convergence_findings(run, rule):
-        warnings.warn(msg, ConvergenceWarning, stacklevel=stacklevel)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
 
 
-def warn_singular(result, stacklevel: int = 3) -> None:
+def warn_singular(result) -> None:
     """The result's :meth:`~lmevi.results.FitResult.singular` findings as :class:`SingularFitWarning`\\ s,
     with the remedy when the approximate q may be the cause: mean-field q drains nested factors' variances;
     the structured q keeps the blocks of different large factors independent, which can pull a variance
@@ -116,5 +117,5 @@ def warn_singular(result, stacklevel: int = 3) -> None:
         warnings.warn(
             f"boundary (singular) fit: {msg}: the data do not support this variance component as modelled.{hint}",
             SingularFitWarning,
-            stacklevel=stacklevel,
+            stacklevel=user_stacklevel(),
         )

@@ -28,6 +28,7 @@ from lmevi.precision import host_array
 from lmevi.formula import Formula, RandomTerm
 from lmevi.collective import LOCAL, Local
 from lmevi.labels import Levels, levels_of
+from lmevi.options import user_stacklevel
 from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 
 
@@ -319,7 +320,7 @@ def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
         )
     if n_bad == len(data):
         raise ValueError(f"every row has a missing or infinite value in the formula's columns ({detail})")
-    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=5)
+    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=user_stacklevel())
     return data.loc[~bad_rows]
 
 
@@ -362,7 +363,7 @@ def _fixed(rhs: str, data: pd.DataFrame, collective: Local = LOCAL):
         warnings.warn(
             f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s) / "
             f"coefficient(s): {list(dropped)}",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     X = X if len(keep) == X.shape[1] else X[:, keep]
     _check_scales(X, [names[i] for i in keep], collective)
@@ -403,7 +404,7 @@ def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) ->
         warnings.warn(
             f"some predictors are on very different scales (SD of {big!r} is "
             f"{sd[varying].max() / sd[varying].min():.3g} times that of {small!r}): consider rescaling",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -437,7 +438,7 @@ def _random_term(
         warnings.warn(
             f"the grouping factor {term.group_name!r} has distinct levels that print alike ({clashes[:3]}): "
             "they are fitted as different levels, but tables will show the same label more than once",
-            stacklevel=5,
+            stacklevel=user_stacklevel(),
         )
     intercept_only = plain_terms(term.coefs) == (True, ())
     if intercept_only and ones is not None and "cov" in ones:

@@ -1,10 +1,13 @@
 """Checks of user-facing options: one rule per kind of option, each naming the option, what it got and what
-is allowed. No truthiness: ``reml="no"`` is an error, not ``True``."""
+is allowed. No truthiness: ``reml="no"`` is an error, not ``True``. Warnings about the user's input point at
+the user's own line (:func:`user_stacklevel`)."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 
 import numpy as np
 
@@ -54,3 +57,15 @@ def check_choice(name: str, value, allowed) -> str:
     if not ok or isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function point at the first line
+    outside lmevi (the user's call), however many of lmevi's own functions and decorators lie in between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -21,7 +21,7 @@ import pandas as pd
 
 from lmevi import variational
 from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
-from lmevi.options import check_bool, check_choice, check_real
+from lmevi.options import check_bool, check_choice, check_real, user_stacklevel
 from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
@@ -320,7 +320,7 @@ class FitResult:
             warnings.warn(
                 f"predicting NaN for {int(bad.sum())} of {len(data)} rows with missing or infinite values "
                 f"({counts})",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
             data = data.iloc[np.flatnonzero(~bad)]
         if len(data) == 0:
