@@ -320,7 +320,8 @@ def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
         )
     if n_bad == len(data):
         raise ValueError(f"every row has a missing or infinite value in the formula's columns ({detail})")
-    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})", stacklevel=user_stacklevel())
+    warnings.warn(f"dropped {n_bad} of {len(data)} rows with missing or infinite values ({detail})",
+                  stacklevel=user_stacklevel())
     return data.loc[~bad_rows]
 
 

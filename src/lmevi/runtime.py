@@ -14,9 +14,10 @@ lmevi keeps every program it compiles, as an executable, in ``<user cache folder
 shapes loads the executable and runs it without tracing, lowering or compiling (see "Executables kept on
 disk" below; InstEval's default fit in a fresh process: 2.8 s -> 2.0 s). At the first fit, if JAX has not
 started yet and you have not chosen a JAX cache folder yourself, lmevi also points JAX's persistent
-compilation cache at ``<user cache folder>/lmevi/jax-cache-<version>``, where what lmevi does not keep itself (a few
-small array operations, and the programs of fits that cannot be keyed, such as sharded ones) is cached by
-JAX; JAX has one cache per process, so your own JAX programs compiled after that point are cached there too.
+compilation cache at ``<user cache folder>/lmevi/jax-cache-<version>``, where what lmevi does not keep
+itself (a few small array operations, and the programs of fits that cannot be keyed, such as sharded ones)
+is cached by JAX; JAX has one cache per process, so your own JAX programs compiled after that point are
+cached there too.
 ``LMEVI_CACHE_DIR=/some/folder`` moves both, ``LMEVI_CACHE_DIR=off`` turns both off (or call
 :func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when lmevi
 first fits, JAX has decided for the whole process that it has no cache, and lmevi leaves it so (its own
@@ -193,10 +194,11 @@ def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwa
 # static metadata), shapes and dtypes of its array arguments, JAX's configuration, versions, devices and a
 # hash of lmevi's own source files (so an edited or upgraded lmevi never takes an old program for a call). A
 # later call with the same call key loads the executable without tracing anything; a call whose key is new
-# (lmevi's source changed) traces and lowers, and loads the executable if the program itself is unchanged. Calls that cannot be keyed
-# safely (traced arguments, a static argument or tree metadata whose text is an object's address), every
-# call in a process with more than one device, and ``LMEVI_CACHE_DIR=off`` go through ``jax.jit`` as usual. A load that
-# fails (a different CPU, a corrupt file) compiles instead and overwrites the file.
+# (lmevi's source changed) traces and lowers, and loads the executable if the program itself is unchanged.
+# Calls that cannot be keyed safely (traced arguments, a static argument or tree metadata whose text is an
+# object's address), every call in a process with more than one device, and ``LMEVI_CACHE_DIR=off`` go
+# through ``jax.jit`` as usual. A load that fails (a different CPU, a damaged file) removes the file and
+# compiles instead.
 
 EXECUTABLES = "executables"
 EXECUTABLE_STATS = {"loaded": 0, "compiled": 0, "stored": 0, "failed_loads": 0}
