@@ -52,6 +52,15 @@ def test_the_key_follows_everything_that_changes_the_program(monkeypatch):
     assert key(np.ones(3), 2.0, power=2) != base
 
 
+def test_the_host_cpu_is_part_of_every_key_on_cpu():
+    """A cache folder shared by machines with different CPUs (a cluster's home folder) must not hand one of them
+    code compiled for another's instruction set."""
+    cpu = runtime._host_cpu()
+    assert cpu == runtime._host_cpu() and cpu.split(":")[0]
+    if jax.devices()[0].platform == "cpu":
+        assert cpu in runtime._fingerprint()
+
+
 class Opaque:  # its text is its address, so no later process could match a key made from it
     pass
 

@@ -189,7 +189,8 @@ def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwa
 # criterion and estimates 0.4 s). lmevi therefore also keeps each compiled program itself
 # (``jax.experimental.serialize_executable``) in ``<cache folder>/executables``, under a program key: the
 # program's StableHLO text, its argument and result trees, the function's name (which tells the compiler
-# options apart), the JAX and jaxlib versions and the devices. A call finds it through a call key of what
+# options apart), the JAX and jaxlib versions and the devices (on CPU, the host CPU's model and instruction
+# flags). A call finds it through a call key of what
 # determines the program before tracing: the function, its static arguments, the tree structure (with its
 # static metadata), shapes and dtypes of its array arguments, JAX's configuration, versions, devices and a
 # hash of lmevi's own source files (so an edited or upgraded lmevi never takes an old program for a call). A
@@ -355,9 +356,25 @@ def _fingerprint() -> str:
         _fingerprints.append(repr((
             jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
             getattr(device.client, "platform_version", ""), jax.device_count(), jax.process_count(),
-            os.environ.get("XLA_FLAGS", ""),
+            os.environ.get("XLA_FLAGS", ""), _host_cpu() if device.platform == "cpu" else "",
         )))
     return _fingerprints[0]
+
+
+def _host_cpu() -> str:
+    """The host CPU's model and instruction-set flags (Linux), so that a cache folder shared by machines of
+    different CPUs (a home folder on a cluster) never hands one of them code compiled for another's
+    instructions; elsewhere ``platform.processor()``."""
+    import hashlib
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        text = "".join(sorted(set(lines)))
+    except OSError:
+        text = platform.processor()
+    return platform.machine() + ":" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 _sources: list = []
