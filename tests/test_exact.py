@@ -233,6 +233,19 @@ def test_both_backends_and_every_optimiser_reach_the_same_optimum(reml):
     assert fits["numpy"].grad_norm < 1e-6
 
 
+def _three_crossed(seed: int, n: int, levels: dict):
+    """The design of ``DESIGNS["three-crossed"]`` on ``n`` simulated rows: three crossed factors with SDs 1.0,
+    0.7 and 0.5 and a slope of 0.5 on ``x``, so that every variance is clearly interior."""
+    rng = np.random.default_rng(seed)
+    codes = {f: rng.integers(0, J, n) for f, J in levels.items()}
+    frame = pd.DataFrame({f"{f}": [f"{f}{j}" for j in c] for f, c in codes.items()})
+    frame["x"] = rng.normal(size=n)
+    frame["y"] = 0.5 * frame["x"] + rng.normal(size=n) + sum(
+        sd * rng.normal(size=levels[f])[codes[f]] for f, sd in zip(levels, (1.0, 0.7, 0.5)))
+    design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), frame)
+    return design
+
+
 @pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
 def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     """From a start near an interior optimum (as the structured fit gives), Newton's method on a
@@ -240,14 +253,7 @@ def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     criterion to 1e-12 relative, theta to 1e-6 relative (Newton returns a point one step past a step of
     sqrt(tol) = 1e-5 relative, and its steps shrink tenfold or more each). Which is faster is for the benchmark
     to say (it times both on InstEval); evaluation counts are no measure of that here."""
-    rng = np.random.default_rng(5)
-    n, levels = 240, {"g": 12, "h": 8, "k": 6}
-    codes = {f: rng.integers(0, J, n) for f, J in levels.items()}
-    frame = pd.DataFrame({f"{f}": [f"{f}{j}" for j in c] for f, c in codes.items()})
-    frame["x"] = rng.normal(size=n)
-    frame["y"] = 0.5 * frame["x"] + rng.normal(size=n) + sum(
-        sd * rng.normal(size=levels[f])[codes[f]] for f, sd in zip(levels, (1.0, 0.7, 0.5)))
-    design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), frame)
+    design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
     s = exact.build_structure(design, reml)
     far = exact.fit_exact(design, reml=reml, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     assert np.all(far.theta > 0.05)  # an interior optimum
@@ -262,14 +268,7 @@ def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monke
     """Newton's last step (below sqrt(tol)) is taken without evaluating the criterion after it; fit_exact
     checks with the estimates' criterion that it descended. A last step made to overshoot is dropped for the
     point before it, whose estimates are computed instead."""
-    rng = np.random.default_rng(7)
-    n, levels = 200, {"g": 10, "h": 7, "k": 5}
-    codes = {f: rng.integers(0, J, n) for f, J in levels.items()}
-    frame = pd.DataFrame({f"{f}": [f"{f}{j}" for j in c] for f, c in codes.items()})
-    frame["x"] = rng.normal(size=n)
-    frame["y"] = 0.5 * frame["x"] + rng.normal(size=n) + sum(
-        sd * rng.normal(size=levels[f])[codes[f]] for f, sd in zip(levels, (1.0, 0.7, 0.5)))
-    design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), frame)
+    design = _three_crossed(seed=7, n=200, levels={"g": 10, "h": 7, "k": 5})
     s = exact.build_structure(design, True)
     ref = exact.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     start = ref.theta * np.linspace(0.97, 1.03, len(ref.theta))

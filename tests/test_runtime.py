@@ -25,7 +25,7 @@ STATIC = runtime._StaticArgs.of(_scaled, {"static_argnums": 1, "static_argnames"
 
 
 def key(*args, **kwargs):
-    found = runtime._key("test._scaled", STATIC, args, kwargs)
+    found = runtime._key("test._scaled", *runtime._split(STATIC, args, kwargs))
     return None if found is None else found[0]
 
 

@@ -231,12 +231,13 @@ class _StaticArgs(NamedTuple):
 def executable(jitted, name: str, static: _StaticArgs, seen: set, args: tuple, kwargs: dict):
     """Call ``jitted(*args, **kwargs)`` through a kept executable when the call can be keyed (see above)."""
     folder = _executable_dir()
-    key = None if folder is None else _key(name, static, args, kwargs)
+    if folder is None:
+        return jitted(*args, **kwargs)
+    statics, (dynamic_args, dynamic_kwargs) = _split(static, args, kwargs)
+    key = _key(name, statics, (dynamic_args, dynamic_kwargs))
     if key is None:
         return jitted(*args, **kwargs)
     digest, treedef = key
-    dynamic_args = tuple(a for i, a in enumerate(args) if i not in static.positions)
-    dynamic_kwargs = {k: v for k, v in kwargs.items() if k not in static.names}
     compiled = _memory.pop(digest, None)
     if compiled is None:
         compiled = _load(folder, digest, treedef)
@@ -300,18 +301,24 @@ def _executable_dir():
     return folder / EXECUTABLES
 
 
-def _key(name: str, static: _StaticArgs, args: tuple, kwargs: dict):
-    """``(sha256 hex digest, tree structure of the dynamic arguments)``, or ``None`` when the call cannot be
-    keyed safely."""
+def _split(static: _StaticArgs, args: tuple, kwargs: dict) -> tuple[list, tuple[tuple, dict]]:
+    """``(static values, (dynamic positional arguments, dynamic keyword arguments))`` of one call: the static
+    values as ``(position or name, value)`` pairs, the dynamic ones as a compiled program takes them."""
+    statics = [(i, args[i]) for i in sorted(static.positions) if i < len(args)]
+    statics += sorted((k, v) for k, v in kwargs.items() if k in static.names)
+    dynamic = (tuple(a for i, a in enumerate(args) if i not in static.positions),
+               {k: v for k, v in kwargs.items() if k not in static.names})
+    return statics, dynamic
+
+
+def _key(name: str, statics: list, dynamic: tuple[tuple, dict]):
+    """``(sha256 hex digest, tree structure of the dynamic arguments)`` of a call split by :func:`_split`, or
+    ``None`` when the call cannot be keyed safely."""
     import hashlib
 
     import jax
     import numpy as np
 
-    statics = [(i, args[i]) for i in sorted(static.positions) if i < len(args)]
-    statics += sorted((k, v) for k, v in kwargs.items() if k in static.names)
-    dynamic = (tuple(a for i, a in enumerate(args) if i not in static.positions),
-               {k: v for k, v in kwargs.items() if k not in static.names})
     leaves, treedef = jax.tree.flatten(dynamic)
     signature = []
     for leaf in leaves:
