@@ -218,20 +218,34 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     start = (np.cumsum(count) - count).astype(ientry)
     position = np.arange(len(keys), dtype=ientry)
     reps = position - start[level] + 1  # entry i pairs with the entries of its level up to itself
-    # right runs over start[level_i] .. i for each left entry i; per-left values are repeated, not gathered
-    right = np.arange(reps.sum(), dtype=ientry) - np.repeat(np.cumsum(reps) - reps - start[level], reps)
-    pair_level = np.repeat(level, reps)
+    ends = np.cumsum(reps)  # entry i's pairs end at ends[i]; the last is the entry with itself
+    # right runs over start[level_i] .. i for each left entry i; per-left values are repeated, not gathered.
+    # In place where possible: each pair array is n_pairs long (InstEval: 2 million), and fresh memory costs
+    # a new process more than the arithmetic.
+    right = np.arange(ends[-1] if len(ends) else 0, dtype=ientry)
+    right -= np.repeat(ends - reps - start[level], reps)
+    pair_value = np.repeat(values, reps)
+    pair_value *= values[right]
+    pair_value[ends - 1] *= 0.5
     itarget = _index_dtype(P * P)
-    r_left, r_right = np.repeat(rest_coord.astype(itarget), reps), rest_coord[right].astype(itarget)
-    weight = np.where(right == np.repeat(position, reps), 0.5, 1.0)
+    rest_t = rest_coord.astype(itarget)
+    target = np.repeat(rest_t, reps)
+    if p1 == 1:
+        # One coefficient: a level's entries are sorted by rest coordinate, so right's is never the larger.
+        target *= P
+        target += rest_t[right]
+    else:
+        r_right = rest_t[right]
+        target, low = np.maximum(target, r_right), np.minimum(target, r_right)
+        target *= P
+        target += low
     # Left in the order made (by level): sorting by target made the segment sum no faster (measured on
     # InstEval's 2 million pairs) and cost 0.25 s on the host.
-    target = np.maximum(r_left, r_right) * P + np.minimum(r_left, r_right)
     iblock = _index_dtype(J1 * p1 * p1)
     if p1 == 1:
-        pair_block = pair_level.astype(iblock)
+        pair_block = np.repeat(level.astype(iblock), reps)
     else:
-        pair_block = (pair_level.astype(iblock) * (p1 * p1) + np.repeat(coef, reps) * p1 + coef[right]).astype(iblock)
+        pair_block = np.repeat(level.astype(iblock) * (p1 * p1) + coef * p1, reps) + coef[right]
     return Structure(
         zz1=zz1,
         zy1=zy1,
@@ -242,9 +256,9 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
         rr=rr,
         ry=ry,
         yy=np.asarray(y @ y),
-        pair_block=pair_block,
-        pair_value=weight * np.repeat(values, reps) * values[right],
-        pair_target=target.astype(itarget),
+        pair_block=pair_block.astype(iblock, copy=False),
+        pair_value=pair_value,
+        pair_target=target,
         order=order,
         n_levels=n_levels,
         n_coefs=n_coefs,
@@ -335,15 +349,23 @@ def _rest_weights(mats, s: Structure, xp=jnp) -> list[tuple[int, jax.Array]]:
     return out
 
 
-def _rest_times(M, weights, xp=jnp):
-    """``M B`` for ``M`` of shape ``(..., P)`` and ``B`` given by :func:`_rest_weights`.
+def _rest_times(M, weights, xp=jnp, axis: int = -1):
+    """``M B`` (``axis=-1``, ``M`` of shape ``(..., P)``) or ``B' M`` (``axis=0``, ``M`` of shape ``(P, ...)``)
+    for ``B`` given by :func:`_rest_weights`.
 
     Elementwise products with shifted copies: slicing the term blocks out of ``M`` and concatenating them
     back made the gradient of an InstEval evaluation ten times slower."""
     out = 0.0
     for d, w in weights:
-        out = out + (M if d == 0 else xp.roll(M, -d, axis=-1)) * w
+        shifted = M if d == 0 else xp.roll(M, -d, axis=axis)
+        out = out + shifted * (w if axis == -1 else w[:, None])
     return out
+
+
+def _congruence(M, weights, xp=jnp):
+    """``B' M B`` for a ``(P, P)`` ``M``: rows and columns combined in place, with no transpose (a transposed
+    copy of a ``(P, P)`` matrix, and its gradient, cost XLA's CPU backend more than the products)."""
+    return _rest_times(_rest_times(M, weights, xp), weights, xp, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -378,7 +400,7 @@ def _factor(theta, s: Structure, ops: "_Ops") -> _Factor:
     K = ops.pair_sum(W.reshape(-1), s.pair_block, s.pair_value, s.pair_target, P * P).reshape(P, P)
     M = s.rr - K - K.T
     weights = _rest_weights(lams_rest, s, xp)
-    S = _rest_times(_rest_times(M, weights, xp).T, weights, xp)
+    S = _congruence(M, weights, xp)
     S = S + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
 
     # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y; the rest right-hand side
@@ -466,8 +488,15 @@ def _logdet_quad(S, b, m: int):
     return _logdet_quad_fwd(S, b, m)[0]
 
 
+def _cholesky(S):
+    """Lower Cholesky factor of a symmetric ``S`` from its lower triangle (``S`` is symmetric by construction
+    here: averaging it with its transpose first, as ``jnp.linalg.cholesky`` does, cost a third of the
+    factorisation on InstEval's 1,144 x 1,144 block)."""
+    return jax.lax.linalg.cholesky(S, symmetrize_input=False)
+
+
 def _logdet_quad_fwd(S, b, m):
-    L = jnp.linalg.cholesky(S)
+    L = _cholesky(S)
     logdet_m, inv_m = _chol_logdet(L, m), _chol_inverse(L, m)
     x = jax.scipy.linalg.cho_solve((L, True), b)
     return (logdet_m, b @ x), (inv_m, x)
@@ -519,7 +548,7 @@ JAX_OPS = _Ops(
     segment_sum=lambda data, ids, n: jax.ops.segment_sum(data, ids, num_segments=n),
     pair_sum=_pair_sum,
     logdet_quad=_logdet_quad,
-    cholesky=jnp.linalg.cholesky,
+    cholesky=_cholesky,
     cho_solve=jax.scipy.linalg.cho_solve,
     solve=jnp.linalg.solve,
 )
@@ -641,7 +670,7 @@ def conditional_estimates(
     beta_cov = sigma2 * inv_s[Q:, Q:]
     Sz = inv_s if marginal else xp.pad(inv_q, ((0, P - Q), (0, P - Q)))
     # H_j = G_j (Lambda_e S_Z^{-1} Lambda_e') G_j' over the pairs, then C_j S_Z^{-1} C_j' = Lambda_1' H_j Lambda_1.
-    Shat = _rest_times(_rest_times(Sz, weights_t, xp).T, weights_t, xp).T
+    Shat = _congruence(Sz, weights_t, xp)
     Hk = ops.segment_sum(s.pair_value * Shat.reshape(-1)[s.pair_target], s.pair_block, J1 * p1 * p1).reshape(
         J1, p1, p1
     )
