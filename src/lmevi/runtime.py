@@ -461,9 +461,10 @@ def _link_lapack() -> None:
     pointers (a segmentation fault, seen on InstEval's starting point). JAX's lowering rules call
     ``initialize_lapack``; where a JAX lacks it, lowering one small Cholesky does the same."""
     if not _lapack_linked:
-        try:  # JAX's own hook, as its lowering rules call it (scipy's LAPACK import is most of its cost)
+        try:  # JAX's own hook, as its lowering rules call it
             from jax._src.lax.linalg import initialize_lapack
 
+            _preload_scipy_lapack()
             initialize_lapack()
         except (ImportError, AttributeError):  # a JAX without it: the public route (0.03 s more)
             import jax
@@ -471,6 +472,48 @@ def _link_lapack() -> None:
 
             jax.jit(jax.numpy.linalg.cholesky).lower(np.eye(1, dtype=np.float32))
         _lapack_linked.append(True)
+
+
+# The extension modules whose exported C functions (``__pyx_capi__``) jaxlib's CPU kernels call.
+_SCIPY_LAPACK = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
+
+
+def _preload_scipy_lapack() -> None:
+    """Load SciPy's ``cython_blas`` and ``cython_lapack`` extension modules from their files, so that jaxlib,
+    which imports them by name, finds them loaded. Imported the usual way they first run ``scipy.linalg``'s
+    package initialisation, which imports all of ``scipy.linalg`` (0.1-0.3 s of a fresh process's first fit,
+    for two tables of function pointers). Nothing else changes: ``scipy.linalg`` itself is not loaded, and
+    when the user imports it, it finds these two modules already there. Where SciPy is laid out otherwise,
+    nothing is preloaded and jaxlib imports them as usual."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if "scipy.linalg" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("scipy")  # a top-level name: finding it imports nothing
+        if spec is None or not spec.submodule_search_locations:
+            return
+        folder = os.path.join(list(spec.submodule_search_locations)[0], "linalg")
+        finder = importlib.machinery.FileFinder(
+            folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+        )
+        for name in _SCIPY_LAPACK:
+            if name in sys.modules:
+                continue
+            found = finder.find_spec(name)
+            if found is None:
+                return
+            module = importlib.util.module_from_spec(found)
+            sys.modules[name] = module
+            try:
+                found.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+    except Exception:  # noqa: BLE001 - jaxlib's own import of the modules follows either way
+        return
 
 
 def _store(folder: Path, digest: str, compiled) -> None:
