@@ -396,12 +396,8 @@ def _factor(theta, s: Structure, ops: "_Ops") -> _Factor:
     logdet_D, Dinv = _small_spd_inverse(D, xp)
     W = lam1 @ Dinv @ lam1.T
 
-    # sum_j G_j' W_j G_j over the listed pairs; K holds its lower triangle with half diagonals.
-    K = ops.pair_sum(W.reshape(-1), s.pair_block, s.pair_value, s.pair_target, P * P).reshape(P, P)
-    M = s.rr - K - K.T
     weights = _rest_weights(lams_rest, s, xp)
-    S = _congruence(M, weights, xp)
-    S = S + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
+    S = ops.schur(W.reshape(-1), weights, s) + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
 
     # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y; the rest right-hand side
     # is Lambda_e'(R'y - sum_j G_j' W_j Z_1j'y).
@@ -437,26 +433,81 @@ def _small_spd_inverse(D, xp=jnp):
     return logdet, xp.swapaxes(Linv, -1, -2) @ Linv
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _pair_sum(w, block, value, target, size: int):
-    """``K[t] = sum_{pairs with target t} w[block] value``, a ``(size,)`` vector.
+def _schur_value(w, wvals, shifts, rr, block, value, target, xp=jnp, pair_sum=None):
+    """``(B'MB, (M, MB))`` with ``M = R'R - K - K'`` and ``K[t] = sum_{pairs with target t} w[block] value`` (the
+    lower triangle of ``sum_j G_j' W_j G_j``, half diagonals), ``B`` given by ``zip(shifts, wvals)`` as in
+    :func:`_rest_weights`."""
+    P = rr.shape[0]
+    if pair_sum is None:
+        K = jax.ops.segment_sum(w[block] * value, target, num_segments=P * P).reshape(P, P)
+    else:
+        K = pair_sum(w, block, value, target, P * P).reshape(P, P)
+    M = rr - K - K.T
+    weights = list(zip(shifts, wvals))
+    N = _rest_times(M, weights, xp)
+    return _rest_times(N, weights, xp, axis=0), (M, N)
 
-    Written with its own gradient (a gather at the targets, then a segment sum over blocks): the gradient
-    JAX derives for the gather ``w[block]`` was several times slower on CPU.
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _schur(w, wvals, shifts, rr, block, value, target):
+    """``(P, P)`` ``B'(R'R - sum_j G_j' W_j G_j)B``, the rest block's Schur complement before its identity
+    (:func:`_factor`), from ``w = W.reshape(-1)`` and the rest weights ``wvals`` (shifts ``shifts``).
+
+    Written with its own gradient for symmetric cotangents (the criterion's, from :func:`_logdet_quad` or the
+    host's inverse): every reduction runs along rows, the pair sum's transpose is a gather at the targets, and
+    no transposed copy is made. The gradient JAX derives reduces along columns and transposes, and cost XLA's
+    CPU backend three times the forward pass on InstEval.
     """
-    return jax.ops.segment_sum(w[block] * value, target, num_segments=size)
+    return _schur_value(w, wvals, shifts, rr, block, value, target)[0]
 
 
-def _pair_sum_fwd(w, block, value, target, size):
-    return _pair_sum(w, block, value, target, size), (block, value, target, w.shape[0])
+def _schur_fwd(w, wvals, shifts, rr, block, value, target):
+    S, (M, N) = _schur_value(w, wvals, shifts, rr, block, value, target)
+    return S, (M, N, wvals, block, value, target, w.shape[0])
 
 
-def _pair_sum_bwd(size, res, g):
-    block, value, target, n_blocks = res
-    return jax.ops.segment_sum(g[target] * value, block, num_segments=n_blocks), None, None, None
+def _rest_times_transposed(X, weights, axis: int = -1):
+    """``X B'`` (``axis=-1``) or ``B X`` (``axis=0``) for ``B`` of :func:`_rest_weights`:
+    ``B[i + d, i] = w_d[i]``, so ``(X B')[:, r] = sum_d X[:, r - d] w_d[r - d]`` (entries that wrap around have
+    ``w_d = 0``)."""
+    out = 0.0
+    for d, w in weights:
+        scaled = X * (w if axis == -1 else w[:, None])
+        out = out + (scaled if d == 0 else jnp.roll(scaled, d, axis=axis))
+    return out
 
 
-_pair_sum.defvjp(_pair_sum_fwd, _pair_sum_bwd)
+def _schur_bwd(shifts, res, S_bar):
+    # S = B'N, N = MB with M and S_bar symmetric: N_bar = B S_bar, M_bar = B S_bar B' = B T with T = S_bar B';
+    # w_d[i] gets sum_c S_bar[i, c] N[i + d, c] (from S) + sum_r T[i, r] M[i + d, r] (from N, by symmetry).
+    M, N, wvals, block, value, target, n_w = res
+    weights = list(zip(shifts, wvals))
+    T = _rest_times_transposed(S_bar, weights)
+    M_bar = _rest_times_transposed(T, weights, axis=0)
+    w_bar = tuple(
+        jnp.sum(S_bar * (N if d == 0 else jnp.roll(N, -d, axis=0)), axis=1)
+        + jnp.sum(T * (M if d == 0 else jnp.roll(M, -d, axis=0)), axis=1)
+        for d in shifts
+    )
+    # M = R'R - K - K' with K the lower triangle: K_bar = -(M_bar + M_bar') = -2 M_bar (M_bar is symmetric)
+    g = -2.0 * M_bar.reshape(-1)
+    grad_w = jax.ops.segment_sum(g[target] * value, block, num_segments=n_w)
+    return grad_w, w_bar, None, None, None, None
+
+
+_schur.defvjp(_schur_fwd, _schur_bwd)
+
+
+def _jax_schur(w, weights, s: Structure):
+    return _schur(w, tuple(v for _, v in weights), tuple(d for d, _ in weights), s.rr, s.pair_block, s.pair_value,
+                  s.pair_target)
+
+
+def _numpy_schur(w, weights, s: Structure):
+    return _schur_value(w, tuple(v for _, v in weights), tuple(d for d, _ in weights), s.rr, s.pair_block,
+                        s.pair_value, s.pair_target, np,
+                        lambda w, block, value, target, size: np.bincount(target, w[block] * value,
+                                                                          minlength=size))[0]
 
 
 def _criterion(logdet, pwrss, n, p, reml: bool, xp=jnp):
@@ -536,7 +587,7 @@ class _Ops:
 
     xp: object
     segment_sum: object  # (data, ids, n) -> (n,) sums of data by id
-    pair_sum: object  # (w, block, value, target, size) -> (size,)
+    schur: object  # (W.reshape(-1), rest weights, structure) -> (P, P) B'(R'R - sum_j G_j'W_j G_j)B
     logdet_quad: object  # (S, b, m) -> (log|S[:m, :m]|, b' S^{-1} b)
     cholesky: object
     cho_solve: object  # ((L, lower), b) -> S^{-1} b from S's Cholesky factor L
@@ -546,7 +597,7 @@ class _Ops:
 JAX_OPS = _Ops(
     xp=jnp,
     segment_sum=lambda data, ids, n: jax.ops.segment_sum(data, ids, num_segments=n),
-    pair_sum=_pair_sum,
+    schur=_jax_schur,
     logdet_quad=_logdet_quad,
     cholesky=_cholesky,
     cho_solve=jax.scipy.linalg.cho_solve,
@@ -555,7 +606,7 @@ JAX_OPS = _Ops(
 NUMPY_OPS = _Ops(
     xp=np,
     segment_sum=lambda data, ids, n: np.bincount(ids, data, minlength=n),
-    pair_sum=lambda w, block, value, target, size: np.bincount(target, w[block] * value, minlength=size),
+    schur=_numpy_schur,
     logdet_quad=_np_logdet_quad,
     cholesky=np.linalg.cholesky,
     cho_solve=_np_cho_solve,
@@ -617,8 +668,31 @@ class Conditional(NamedTuple):
     effects_cov: tuple[jax.Array, ...]
 
 
+class DenseInverse(NamedTuple):
+    """The dense block's factorisation as :func:`conditional_estimates` uses it (:func:`_dense_inverse`, or the
+    host's LAPACK on the hybrid path: :func:`_host_dense_inverse`).
+
+    Attributes:
+        logdet_s: ``()`` ``log|S|``.
+        logdet_q: ``()`` ``log|S_QQ|`` (the random-effects part: ML's determinant).
+        inv_s: ``(P, P)`` ``S^{-1}``.
+    """
+
+    logdet_s: jax.Array
+    logdet_q: jax.Array
+    inv_s: jax.Array
+
+
+def _dense_inverse(S, Q: int, ops: _Ops) -> DenseInverse:
+    xp = ops.xp
+    P = S.shape[0]
+    L = ops.cholesky(S)
+    return DenseInverse(_chol_logdet(L, P, xp), _chol_logdet(L, Q, xp), _chol_inverse(L, P, xp, ops.cho_solve))
+
+
 def conditional_estimates(
-    theta: jax.Array, structure: Structure, reml: bool | None = None, marginal: bool = False, ops: _Ops = JAX_OPS
+    theta: jax.Array, structure: Structure, reml: bool | None = None, marginal: bool = False, ops: _Ops = JAX_OPS,
+    dense: DenseInverse | None = None,
 ) -> Conditional:
     """Conditional modes, beta, sigma and covariances at ``theta`` (pure, jit-able; run it with x64 on).
 
@@ -634,6 +708,9 @@ def conditional_estimates(
         structure: :func:`build_structure` of the design.
         reml: as in :func:`profiled_deviance`.
         marginal: include beta's uncertainty in ``effects_cov``.
+        ops: the array backend (:class:`_Ops`).
+        dense: the dense block's inverse at ``theta``, computed elsewhere (the hybrid path's host LAPACK);
+            ``None``: computed here from the factorisation.
 
     Returns:
         A :class:`Conditional`.
@@ -647,9 +724,7 @@ def conditional_estimates(
     lam1 = f.lams[s.order[0]]
     lams_rest = [f.lams[k] for k in s.order[1:]]
 
-    L = ops.cholesky(f.S)
-    logdet_s, inv_s = _chol_logdet(L, P, xp), _chol_inverse(L, P, xp, ops.cho_solve)
-    logdet_q = _chol_logdet(L, Q, xp)
+    logdet_s, logdet_q, inv_s = _dense_inverse(f.S, Q, ops) if dense is None else dense
     # (S_QQ)^{-1} from S^{-1} by a rank-p correction: S_QQ^{-1} = V_QQ - V_Qp V_pp^{-1} V_pQ with V = S^{-1}.
     Vqp = inv_s[:Q, Q:]
     inv_q = inv_s[:Q, :Q] - Vqp @ ops.solve(inv_s[Q:, Q:], Vqp.T)
@@ -759,10 +834,122 @@ _value_and_grad = sized_jit(jax.value_and_grad(profiled_deviance), sized=False, 
 _conditional = sized_jit(conditional_estimates, sized=False, static_argnames=("reml", "marginal"))
 _value = sized_jit(profiled_deviance, sized=False, static_argnames=("reml",))
 
+# ----------------------------------------------------------------------------------------------------
+# The hybrid path (CPU): JAX for the sparse sums and the gradient, the host's LAPACK for the dense block
+
+
+def _parts(theta, structure: Structure):
+    """``(S (P, P), rhs (P,), sum_j log|D_j| (), sum_j |c_1j|^2 ())`` at ``theta``: what the dense block's
+    factorisation starts from (pure, jit-able)."""
+    f = _factor(theta, structure, JAX_OPS)
+    return f.S, f.rhs, f.logdet_D, f.quad1
+
+
+def _parts_pullback(theta, structure: Structure, S_bar, rhs_bar, quad1_bar):
+    """``(n_theta,)`` the gradient of ``<S_bar, S> + rhs_bar' rhs + log|D| + quad1_bar quad1`` with respect to
+    ``theta`` (the pieces of :func:`_parts`): the chain rule from the criterion's derivatives in them, which
+    the host computes from its factorisation (:func:`_hybrid_evaluator`)."""
+    _, pull = jax.vjp(lambda t: _parts(t, structure), theta)
+    return pull((S_bar, rhs_bar, jnp.ones((), theta.dtype), quad1_bar))[0]
+
+
+_parts_jit = sized_jit(_parts, sized=False, name="lmevi.exact._parts")
+_parts_pullback_jit = sized_jit(_parts_pullback, sized=False, name="lmevi.exact._parts_pullback")
+
+
+def _host_lapack():
+    """SciPy's LAPACK for the host (its f2py module ``scipy.linalg._flapack``, loaded without importing
+    ``scipy.linalg``: :func:`lmevi.runtime.scipy_linalg_extension`), or ``None``."""
+    from lmevi.runtime import scipy_linalg_extension
+
+    module = scipy_linalg_extension("scipy.linalg._flapack")
+    return module if all(hasattr(module, f) for f in ("dpotrf", "dpotrs", "dpotri")) else None
+
+
+def _host_cholesky(S: np.ndarray, lapack):
+    """Lower Cholesky factor of the symmetric ``(P, P)`` ``S`` from its lower triangle (a Fortran-ordered
+    copy; its upper triangle keeps S's), or ``None`` where ``S`` is not positive definite."""
+    c, info = lapack.dpotrf(np.array(S, dtype=np.float64, order="F"), lower=1, clean=0, overwrite_a=1)
+    return c if info == 0 else None
+
+
+def _host_logdet(c: np.ndarray, m: int) -> float:
+    return float(2.0 * np.sum(np.log(np.abs(np.diagonal(c)[:m]))))
+
+
+def _host_inverse(c: np.ndarray, m: int, lapack) -> np.ndarray:
+    """``S[:m, :m]^{-1}`` (symmetric) from the factor ``c`` of :func:`_host_cholesky` by LAPACK's ``potri``,
+    which inverts from the factor in a third of the floating-point work of the two triangular solves JAX
+    has (InstEval's 1,144 x 1,144 block: 21 ms against 48 ms). Overwrites ``c`` when ``m`` is its size."""
+    lead = c if m == c.shape[0] else np.array(c[:m, :m], order="F")
+    inv, info = lapack.dpotri(lead, lower=1, overwrite_c=1)
+    if info != 0:
+        return np.full((m, m), np.nan)
+    lower = np.tril(inv)
+    out = lower + lower.T
+    out[np.diag_indices(m)] = np.diagonal(lower)
+    return out
+
+
+def _host_dense_inverse(S: np.ndarray, Q: int, lapack) -> DenseInverse:
+    """:class:`DenseInverse` of ``S`` on the host's LAPACK (NaN where ``S`` is not positive definite)."""
+    P = S.shape[0]
+    c = _host_cholesky(S, lapack)
+    if c is None:
+        return DenseInverse(np.asarray(np.nan), np.asarray(np.nan), np.full((P, P), np.nan))
+    logdet_s, logdet_q = _host_logdet(c, P), _host_logdet(c, Q)
+    return DenseInverse(np.asarray(logdet_s), np.asarray(logdet_q), _host_inverse(c, P, lapack))
+
+
+def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "_Evaluator":
+    """The criterion with the dense block factorised by the host's LAPACK: JAX computes ``S`` and the right-hand
+    side (:func:`_parts`, the sums over level pairs), the host factorises and inverts ``S``, and JAX carries
+    the criterion's derivatives in ``S`` back to theta (:func:`_parts_pullback`). On a CPU this replaces JAX's
+    inverse by two triangular solves (the largest piece of a gradient) by ``potri``; the numbers are the same
+    criterion to rounding (tests/test_exact.py)."""
+    P, Q, n, p = s.size, s.n_rest_random, s.n_obs, s.n_fixed
+    m, dof = (P, n - p) if reml else (Q, n)
+    yy = float(s.yy)
+
+    def parts(th):
+        S, rhs, logdet_D, quad1 = _parts_jit(put(th), sj)
+        return np.asarray(S), np.asarray(rhs), float(logdet_D), float(quad1)
+
+    def evaluate(th):
+        S, rhs, logdet_D, quad1 = parts(th)
+        c = _host_cholesky(S, lapack)
+        if c is None:
+            return np.nan, None, None, None
+        x = lapack.dpotrs(c, rhs, lower=1)[0]
+        pwrss = yy - quad1 - float(rhs @ x)
+        return float(_criterion(logdet_D + _host_logdet(c, m), pwrss, n, p, reml, np)), c, x, pwrss
+
+    def value_and_grad(th):
+        value, c, x, pwrss = evaluate(th)
+        if c is None:
+            return value, np.full(len(th), np.nan)
+        g = dof / pwrss  # minus the criterion's derivative in the penalised residual sum of squares
+        if m == P:
+            S_bar = _host_inverse(c, P, lapack)
+        else:
+            S_bar = np.zeros((P, P))
+            S_bar[:m, :m] = _host_inverse(c, m, lapack)
+        S_bar += g * np.outer(x, x)
+        grad = _parts_pullback_jit(put(th), sj, jax.device_put(S_bar), jax.device_put(-2.0 * g * x),
+                                   jax.device_put(np.asarray(-g)))
+        return value, np.asarray(grad, np.float64)
+
+    def conditional(th):
+        dense = jax.device_put(_host_dense_inverse(parts(th)[0], Q, lapack))
+        return jax.tree.map(np.asarray, _conditional(put(th), sj, reml=reml, dense=dense))
+
+    return _Evaluator(lambda th: evaluate(th)[0], value_and_grad, conditional)
+
+
 # Dense blocks up to this size are fitted in NumPy: an evaluation there takes well under a millisecond,
 # where compiling the JAX criterion for a new shape takes 1-2 s (experiments/families.py measures both).
 NUMPY_MAX = 128
-BACKENDS = ("jax", "numpy")
+BACKENDS = ("jax", "numpy", "hybrid")
 # Central differences for the NumPy path's final gradient (the convergence check): a step of about
 # eps^(1/3) (relative to theta, at least absolute) balances truncation (step^2) against rounding (eps / step),
 # about 1e-10 relative to the criterion.
@@ -793,6 +980,12 @@ def _evaluator(s: Structure, reml: bool, backend: str) -> _Evaluator:
 
     def put(th):  # a host copy to the device compiles nothing (jnp.asarray does)
         return jax.device_put(np.asarray(th, np.float64))
+
+    if backend == "hybrid":
+        lapack = _host_lapack()
+        if lapack is None:
+            raise ValueError("backend='hybrid' needs SciPy's LAPACK module (scipy.linalg._flapack)")
+        return _hybrid_evaluator(s, sj, reml, put, lapack)
 
     def value_and_grad(th):
         value, grad = _value_and_grad(put(th), sj, reml=reml)
@@ -926,6 +1119,12 @@ def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     return rest._replace(method="Newton, then L-BFGS-B")
 
 
+def _large_backend() -> str:
+    """The backend of a dense block above :data:`NUMPY_MAX`: ``"hybrid"`` where JAX runs on the CPU (the host's
+    LAPACK is then the same machine's, and faster for the block), ``"jax"`` on an accelerator."""
+    return "hybrid" if jax.default_backend() == "cpu" and _host_lapack() is not None else "jax"
+
+
 _OPTIMISERS = {"bobyqa": _bobyqa, "newton": _newton, "lbfgsb": _lbfgsb}
 OPTIMISERS = tuple(_OPTIMISERS)
 
@@ -985,7 +1184,7 @@ def fit_exact(
     theta0 = theta_default(n_coefs) if theta0 is None else np.asarray(theta0, np.float64)
     lower = theta_lower_bounds(n_coefs)
     if backend is None:
-        backend = "numpy" if s.size <= NUMPY_MAX else "jax"
+        backend = "numpy" if s.size <= NUMPY_MAX else _large_backend()
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     optimizer = _default_optimiser(backend, len(theta0), warm_start) if optimizer is None else optimizer

@@ -479,41 +479,52 @@ _SCIPY_LAPACK = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
 
 
 def _preload_scipy_lapack() -> None:
-    """Load SciPy's ``cython_blas`` and ``cython_lapack`` extension modules from their files, so that jaxlib,
-    which imports them by name, finds them loaded. Imported the usual way they first run ``scipy.linalg``'s
-    package initialisation, which imports all of ``scipy.linalg`` (0.1-0.3 s of a fresh process's first fit,
-    for two tables of function pointers). Nothing else changes: ``scipy.linalg`` itself is not loaded, and
-    when the user imports it, it finds these two modules already there. Where SciPy is laid out otherwise,
-    nothing is preloaded and jaxlib imports them as usual."""
+    """Load SciPy's ``cython_blas`` and ``cython_lapack`` extension modules from their files
+    (:func:`scipy_linalg_extension`), so that jaxlib, which imports them by name, finds them loaded. Imported
+    the usual way they first run ``scipy.linalg``'s package initialisation, which imports all of
+    ``scipy.linalg`` (0.1-0.3 s of a fresh process's first fit, for two tables of function pointers). Where
+    SciPy is laid out otherwise, nothing is preloaded and jaxlib imports them as usual."""
+    for name in _SCIPY_LAPACK:
+        if scipy_linalg_extension(name) is None:
+            return
+
+
+def scipy_linalg_extension(name: str):
+    """The extension module ``name`` of ``scipy.linalg`` (``"scipy.linalg._flapack"``, ...), loaded from its
+    file without running ``scipy.linalg``'s package initialisation, or ``None`` where it cannot be found.
+
+    Nothing else changes: ``scipy.linalg`` itself is not loaded (unless it already was: then its module is
+    returned), and when the user imports it, it finds the module already there."""
+    import importlib
     import importlib.machinery
     import importlib.util
     import sys
 
+    if name in sys.modules:
+        return sys.modules[name]
     if "scipy.linalg" in sys.modules:
-        return
+        return importlib.import_module(name)
     try:
         spec = importlib.util.find_spec("scipy")  # a top-level name: finding it imports nothing
         if spec is None or not spec.submodule_search_locations:
-            return
+            return None
         folder = os.path.join(list(spec.submodule_search_locations)[0], "linalg")
         finder = importlib.machinery.FileFinder(
             folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
         )
-        for name in _SCIPY_LAPACK:
-            if name in sys.modules:
-                continue
-            found = finder.find_spec(name)
-            if found is None:
-                return
-            module = importlib.util.module_from_spec(found)
-            sys.modules[name] = module
-            try:
-                found.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(name, None)
-                raise
-    except Exception:  # noqa: BLE001 - jaxlib's own import of the modules follows either way
-        return
+        found = finder.find_spec(name)
+        if found is None:
+            return None
+        module = importlib.util.module_from_spec(found)
+        sys.modules[name] = module
+        try:
+            found.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        return module
+    except Exception:  # noqa: BLE001 - the callers have another route
+        return None
 
 
 def _store(folder: Path, digest: str, compiled) -> None:
