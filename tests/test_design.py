@@ -189,3 +189,24 @@ def test_a_plain_formula_fits_without_importing_formulaic():
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_incomplete_rows_finds_every_kind_of_missing_value():
+    """Each column type by its own rule (NumPy integers and booleans cannot hold NA and are not read row by row;
+    floats by one isfinite pass; categoricals by their codes): NaN, inf, None, pd.NA and a missing category."""
+    from lmevi.design import incomplete_rows
+
+    frame = pd.DataFrame({
+        "f": [1.0, np.nan, 2.0, np.inf, 0.0, 1.0],
+        "i": np.arange(6),
+        "b": [True, False] * 3,
+        "c": pd.Categorical(["a", "b", None, "a", "b", "a"]),
+        "o": ["x", None, "y", "z", "x", "y"],
+        "n": pd.array([1, 2, 3, pd.NA, 5, 6], dtype="Int64"),
+        "s": pd.array(["u", "v", "w", "u", pd.NA, "v"], dtype="string"),
+        "g": pd.array([1.0, 2.0, 3.0, 4.0, 5.0, np.nan], dtype="Float64"),
+    })
+    bad, per_column = incomplete_rows(frame, list(frame.columns))
+    assert per_column == {"f": 2, "c": 1, "o": 1, "n": 1, "s": 1, "g": 1}
+    np.testing.assert_array_equal(bad, [False, True, True, True, True, True])
+    assert incomplete_rows(frame, ["i", "b"])[1] == {}

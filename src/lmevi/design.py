@@ -298,9 +298,17 @@ def incomplete_rows(data: pd.DataFrame, columns) -> tuple[np.ndarray, dict[str, 
     per_column = {}
     for c in columns:
         col = data[c]
-        bad = col.isna().to_numpy()
-        if pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype):
-            bad = bad | ~np.isfinite(col.to_numpy(dtype=np.float64, na_value=0.0))
+        kind = col.dtype.kind if isinstance(col.dtype, np.dtype) else None
+        if kind in ("i", "u", "b"):  # NumPy integers and booleans hold no NA and no inf: no pass over the rows
+            continue
+        if kind == "f":  # NaN is NumPy's float NA: one pass finds both
+            bad = ~np.isfinite(col.to_numpy())
+        elif isinstance(col.dtype, pd.CategoricalDtype):
+            bad = col.array.codes < 0  # the Categorical's own codes (Series.cat.codes copies them)
+        else:
+            bad = col.isna().to_numpy()
+            if pd.api.types.is_numeric_dtype(col):
+                bad = bad | ~np.isfinite(col.to_numpy(dtype=np.float64, na_value=0.0))
         if bad.any():
             per_column[c] = int(bad.sum())
             bad_rows |= bad
@@ -528,7 +536,7 @@ def _sd(c: np.ndarray) -> float:
 
 
 def _label_clashes(levels: Levels) -> list[str]:
-    if len(set(levels.labels)) == len(levels.labels):  # the usual case, without counting every label
+    if levels.distinct or len(set(levels.labels)) == len(levels.labels):  # the usual case, without counting
         return []
     return [label for label, n in collections.Counter(levels.labels).items() if n > 1]
 

@@ -49,8 +49,9 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     R's ``factor`` uses: sorted numbers for a numeric column, sorted labels otherwise.
     """
     if isinstance(col.dtype, pd.CategoricalDtype):
-        # the codes' own integer type (int8 .. int32): widening 10^7 of them costs more than the rest
-        return col.cat.codes.to_numpy(), _labels_of(col.cat.categories)
+        # the Categorical's own codes (Series.cat.codes copies them), in their own integer type (int8 .. int32):
+        # widening 10^7 of them costs more than the rest
+        return col.array.codes, _labels_of(col.cat.categories)
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         # numbers sort as numbers (R's factor); pandas sorts the uniques, labels are made in bulk
         codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
@@ -67,6 +68,8 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
 
 def _labels_of(values) -> list[str]:
     """:func:`level_label` of every value, in bulk for numbers and text."""
+    if isinstance(getattr(values, "dtype", None), pd.StringDtype) and not pd.isna(values).any():
+        return values.tolist()  # pandas' own strings are Python str already (a third of the time of the below)
     array = np.asarray(values)
     if array.dtype.kind in "iuf":
         return _number_labels(array)
@@ -91,15 +94,24 @@ class Levels:
     """The levels of a grouping factor (one column or the interaction of several).
 
     Attributes:
-        keys: ``(J,)`` identities, each a tuple of one label per grouping column.
         labels: ``(J,)`` labels as lme4 prints them (``"A:p"`` for an interaction).
+        tuples: for an interaction, ``(J,)`` each level's labels of its grouping columns; ``None`` for one
+            column, whose levels are their labels.
+        distinct: whether no two labels are known to be equal without comparing them (one column of text,
+            whose labels are its distinct values); ``False`` says nothing.
     """
 
-    keys: tuple[tuple[str, ...], ...]
     labels: tuple[str, ...]
+    tuples: tuple[tuple[str, ...], ...] | None = None
+    distinct: bool = False  # known to print differently (text values: a level is its own label)
+
+    @property
+    def keys(self) -> tuple:
+        """``(J,)`` the levels' identities: a label for one grouping column, a tuple of labels for several."""
+        return self.labels if self.tuples is None else self.tuples
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.labels)
 
     def codes(self, data: pd.DataFrame, columns: tuple[str, ...]) -> np.ndarray:
         """``(n,)`` the code of each row's level, ``-1`` for a level not among these (or a missing value)."""
@@ -113,30 +125,29 @@ class Levels:
         """``(n,)`` every row's label as lme4 prints it (for messages about levels not seen)."""
         parts = [_factorize(data[c]) for c in columns]
         combined, uniques, _ = _combine(parts)
-        text = np.asarray([":".join(u) for u in uniques] + ["NA"], dtype=object)
+        text = np.asarray([u if isinstance(u, str) else ":".join(u) for u in uniques] + ["NA"], dtype=object)
         return text[np.where(combined >= 0, combined, len(uniques))]
 
 
-def _combine(parts) -> tuple[np.ndarray, list[tuple[str, ...]], np.ndarray]:
-    """Row codes into the distinct label tuples that occur, in the parents' level order (R's ``a:b``), and
-    ``(J,)`` the number of rows at each."""
+def _combine(parts) -> tuple[np.ndarray, list, np.ndarray]:
+    """Row codes into the distinct levels that occur, in the parents' level order (R's ``a:b``), and ``(J,)``
+    the number of rows at each. A level is its label for one column, the tuple of its labels for several."""
     n = len(parts[0][0])
+    if len(parts) == 1:
+        codes, labels = parts[0]
+        # one pass for "any missing?" (a boolean mask of 10^7 rows costs more than the count below)
+        has_missing = bool(n) and bool(codes.min() < 0)
+        per_label = np.bincount(codes[codes >= 0] if has_missing else codes, minlength=len(labels))
+        used = np.flatnonzero(per_label)
+        if len(used) == len(labels):  # every level occurs: the codes are already the answer
+            return codes, list(labels), per_label
+        remap = np.full(len(labels), -1, dtype=codes.dtype)
+        remap[used] = np.arange(len(used))
+        out = np.where(codes < 0, -1, remap[np.maximum(codes, 0)]) if len(labels) else np.full(n, -1, codes.dtype)
+        return out, [labels[u] for u in used], per_label[used]
     missing = np.zeros(n, dtype=bool)
     for codes, _ in parts:
         missing |= codes < 0
-    if len(parts) == 1:
-        codes, labels = parts[0]
-        has_missing = bool(missing.any())
-        per_label = np.bincount(codes[~missing] if has_missing else codes, minlength=len(labels))
-        used = np.flatnonzero(per_label)
-        if len(used) == len(labels):  # every level occurs: the codes are already the answer
-            out = codes
-        else:
-            remap = np.full(len(labels), -1, dtype=codes.dtype)
-            remap[used] = np.arange(len(used))
-            out = np.where(missing, -1, remap[np.maximum(codes, 0)]) if len(labels) else np.full(n, -1, codes.dtype)
-        kept = labels if len(used) == len(labels) else [labels[u] for u in used]
-        return out, list(zip(kept)), per_label[used]
     sizes = [max(len(labels), 1) for _, labels in parts]
     if float(np.prod([float(z) for z in sizes])) < 2.0**62:
         # one mixed-radix number per row (first column slowest): sorting it is the lexicographic order
@@ -170,8 +181,11 @@ def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.
         ``(levels, codes (n,), counts (J,))``; a row with a missing value has code ``-1`` and is not counted.
     """
     combined, keys, counts = _combine([_factorize(data[c]) for c in columns])
-    labels = tuple(k[0] for k in keys) if len(columns) == 1 else tuple(":".join(k) for k in keys)
-    return Levels(keys=tuple(keys), labels=labels), combined, counts
+    if len(columns) == 1:
+        dtype = data[columns[0]].dtype
+        text = isinstance(dtype.categories.dtype if isinstance(dtype, pd.CategoricalDtype) else dtype, pd.StringDtype)
+        return Levels(labels=tuple(keys), distinct=text), combined, counts
+    return Levels(labels=tuple(":".join(k) for k in keys), tuples=tuple(keys)), combined, counts
 
 
 def as_factor(values) -> pd.Categorical:
