@@ -210,3 +210,14 @@ def test_incomplete_rows_finds_every_kind_of_missing_value():
     assert per_column == {"f": 2, "c": 1, "o": 1, "n": 1, "s": 1, "g": 1}
     np.testing.assert_array_equal(bad, [False, True, True, True, True, True])
     assert incomplete_rows(frame, ["i", "b"])[1] == {}
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_counting_codes_piece_by_piece_is_bincount(dtype):
+    """labels.count_codes counts long narrow code arrays in pieces (so that NumPy's widening copy stays small):
+    the counts are exactly np.bincount's, also with levels that never occur."""
+    from lmevi.labels import COUNT_CHUNK, count_codes
+
+    n_levels = 100
+    codes = np.random.default_rng(1).integers(0, n_levels - 3, 3 * COUNT_CHUNK + 17).astype(dtype)
+    np.testing.assert_array_equal(count_codes(codes, n_levels), np.bincount(codes, minlength=n_levels))

@@ -129,6 +129,23 @@ class Levels:
         return text[np.where(combined >= 0, combined, len(uniques))]
 
 
+# Rows per piece of :func:`count_codes`: a piece's codes widened to NumPy's index type stay in cache.
+COUNT_CHUNK = 1 << 18
+
+
+def count_codes(codes: np.ndarray, n: int) -> np.ndarray:
+    """``(n,)`` int64: how many of ``codes`` (non-negative, below ``n``) equal each value; ``np.bincount`` piece
+    by piece. ``np.bincount`` first widens narrower codes (int8 .. int32) to int64: at 10^7 rows that copy
+    is 80 MB of fresh memory, which cost more than the count (int8 codes: 63 ms against 15 ms)."""
+    step = max(COUNT_CHUNK, n)
+    if codes.dtype == np.intp or len(codes) <= step:
+        return np.bincount(codes, minlength=n)
+    out = np.zeros(n, dtype=np.int64)
+    for start in range(0, len(codes), step):
+        out += np.bincount(codes[start:start + step], minlength=n)
+    return out
+
+
 def _combine(parts) -> tuple[np.ndarray, list, np.ndarray]:
     """Row codes into the distinct levels that occur, in the parents' level order (R's ``a:b``), and ``(J,)``
     the number of rows at each. A level is its label for one column, the tuple of its labels for several."""
@@ -137,7 +154,7 @@ def _combine(parts) -> tuple[np.ndarray, list, np.ndarray]:
         codes, labels = parts[0]
         # one pass for "any missing?" (a boolean mask of 10^7 rows costs more than the count below)
         has_missing = bool(n) and bool(codes.min() < 0)
-        per_label = np.bincount(codes[codes >= 0] if has_missing else codes, minlength=len(labels))
+        per_label = count_codes(codes[codes >= 0] if has_missing else codes, len(labels))
         used = np.flatnonzero(per_label)
         if len(used) == len(labels):  # every level occurs: the codes are already the answer
             return codes, list(labels), per_label
