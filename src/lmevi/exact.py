@@ -845,12 +845,15 @@ def _parts(theta, structure: Structure):
     return f.S, f.rhs, f.logdet_D, f.quad1
 
 
-def _parts_pullback(theta, structure: Structure, S_bar, rhs_bar, quad1_bar):
-    """``(n_theta,)`` the gradient of ``<S_bar, S> + rhs_bar' rhs + log|D| + quad1_bar quad1`` with respect to
-    ``theta`` (the pieces of :func:`_parts`): the chain rule from the criterion's derivatives in them, which
-    the host computes from its factorisation (:func:`_hybrid_evaluator`)."""
+def _parts_pullback(theta, structure: Structure, V, x, g):
+    """``(n_theta,)`` the gradient of the criterion with respect to ``theta``, given the host's pieces of the
+    dense block: ``V`` ``(P, P)``, the inverse of ``S`` (REML) or of its leading ``(Q, Q)`` block padded with
+    zeros (ML), ``x = S^{-1} rhs`` ``(P,)`` and ``g = dof / r^2`` ``()``. The criterion's derivatives in the
+    pieces of :func:`_parts` are ``V + g x x'`` in ``S``, ``-2 g x`` in the right-hand side, ``1`` in
+    ``log|D|`` and ``-g`` in ``quad1``; the chain rule carries them back to theta."""
     _, pull = jax.vjp(lambda t: _parts(t, structure), theta)
-    return pull((S_bar, rhs_bar, jnp.ones((), theta.dtype), quad1_bar))[0]
+    S_bar = V + g * jnp.outer(x, x)
+    return pull((S_bar, -2.0 * g * x, jnp.ones((), theta.dtype), -g))[0]
 
 
 _parts_jit = sized_jit(_parts, sized=False, name="lmevi.exact._parts")
@@ -868,8 +871,8 @@ def _host_lapack():
 
 def _host_cholesky(S: np.ndarray, lapack):
     """Lower Cholesky factor of the symmetric ``(P, P)`` ``S`` from its lower triangle (a Fortran-ordered
-    copy; its upper triangle keeps S's), or ``None`` where ``S`` is not positive definite."""
-    c, info = lapack.dpotrf(np.array(S, dtype=np.float64, order="F"), lower=1, clean=0, overwrite_a=1)
+    copy, zero above the diagonal), or ``None`` where ``S`` is not positive definite."""
+    c, info = lapack.dpotrf(np.array(S, dtype=np.float64, order="F"), lower=1, clean=1, overwrite_a=1)
     return c if info == 0 else None
 
 
@@ -885,9 +888,8 @@ def _host_inverse(c: np.ndarray, m: int, lapack) -> np.ndarray:
     inv, info = lapack.dpotri(lead, lower=1, overwrite_c=1)
     if info != 0:
         return np.full((m, m), np.nan)
-    lower = np.tril(inv)
-    out = lower + lower.T
-    out[np.diag_indices(m)] = np.diagonal(lower)
+    out = inv + inv.T  # potri fills the lower triangle; the factor's upper one is zero (clean=1)
+    out[np.diag_indices(m)] = np.diagonal(inv)
     return out
 
 
@@ -930,13 +932,11 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
             return value, np.full(len(th), np.nan)
         g = dof / pwrss  # minus the criterion's derivative in the penalised residual sum of squares
         if m == P:
-            S_bar = _host_inverse(c, P, lapack)
+            V = _host_inverse(c, P, lapack)
         else:
-            S_bar = np.zeros((P, P))
-            S_bar[:m, :m] = _host_inverse(c, m, lapack)
-        S_bar += g * np.outer(x, x)
-        grad = _parts_pullback_jit(put(th), sj, jax.device_put(S_bar), jax.device_put(-2.0 * g * x),
-                                   jax.device_put(np.asarray(-g)))
+            V = np.zeros((P, P))
+            V[:m, :m] = _host_inverse(c, m, lapack)
+        grad = _parts_pullback_jit(put(th), sj, jax.device_put(V), jax.device_put(x), jax.device_put(np.asarray(g)))
         return value, np.asarray(grad, np.float64)
 
     def conditional(th):
