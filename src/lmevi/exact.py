@@ -33,13 +33,18 @@ out one term. lme4 itself orders its terms by decreasing number of levels, so fo
 that order the terms' blocks of lme4's theta come in a different order; within a block the order is the same.
 
 Unlike the rest of lmevi this is not variational: it is lme4's own criterion. One implementation runs on two
-array backends (:class:`_Ops`): JAX, jitted with exact, partly hand-written gradients, optimised by scipy's
-L-BFGS-B, for larger dense blocks; NumPy, optimised by the derivative-free BOBYQA of NLopt (the optimiser of
-lme4's default ``nloptwrap``, with tighter tolerances), for small ones (:data:`NUMPY_MAX`), where compiling
+array backends (:class:`_Ops`): JAX, jitted with exact, partly hand-written gradients, for larger dense blocks
+(Newton's method or scipy's L-BFGS-B); NumPy, optimised by the derivative-free BOBYQA of NLopt (the optimiser
+of lme4's default ``nloptwrap``, with tighter tolerances), for small ones (:data:`NUMPY_MAX`), where compiling
 would cost far more than evaluating. The NumPy path compiles nothing and does not import scipy (0.4 s to
-import scipy.optimize), so a small model's fit costs milliseconds in a fresh process. It is meant for
-designs whose dense rest block is small enough (:func:`dense_block_size`; ``q="auto"`` uses it up to
+import scipy.optimize), so a small model's fit costs milliseconds in a fresh process. Where JAX runs on the
+CPU, larger blocks take the hybrid path (:func:`_hybrid_evaluator`): JAX for the sums over level pairs and
+the chain rule back to theta, the host's LAPACK for the dense block's factorisation and inverse. It is meant
+for designs whose dense rest block is small enough (:func:`dense_block_size`; ``q="auto"`` uses it up to
 ``lmevi.build.AUTO_EXACT_MAX``): the cost of one evaluation is ``O(P^3)``.
+
+Precision: float64 throughout (JAX's 64-bit types are switched on for lmevi's own calls only, as
+``jax.enable_x64`` contexts; the host's LAPACK is double precision).
 """
 
 from __future__ import annotations
@@ -1152,9 +1157,9 @@ def fit_exact(
     """Maximise the (restricted) likelihood exactly: lme4's profiled criterion, minimised over theta.
 
     lme4 runs derivative-free BOBYQA (nloptwrap). Here small dense blocks (NumPy) run the same BOBYQA from
-    NLopt with tighter tolerances; larger ones (JAX) use the criterion's exact gradient: Newton's method on a
-    finite-difference Hessian from a given start (``theta0``) with up to :data:`NEWTON_MAX` parameters
-    (:func:`_newton`), else L-BFGS-B. The jit-compiled value and ``value_and_grad`` are shared by fits of the
+    NLopt with tighter tolerances; larger ones (JAX, or hybrid) use the criterion's exact gradient: Newton's
+    method on a finite-difference Hessian from a given start (``theta0``) with up to :data:`NEWTON_MAX`
+    parameters (:func:`_newton`), else L-BFGS-B. The jit-compiled value and ``value_and_grad`` are shared by fits of the
     same shapes, so only a fit of a new shape compiles. Bounds and default start are lme4's: ``theta >= 0`` on
     the diagonal of every ``Lambda_k``, start at ``Lambda_k = I``.
 
@@ -1167,8 +1172,9 @@ def fit_exact(
             trust region in theta is below ``tol / 10``.
         max_evals: the most criterion evaluations.
         structure: a :func:`build_structure` of ``design`` to reuse; built here when ``None``.
-        backend: ``"jax"`` or ``"numpy"``; ``None`` takes NumPy when the dense block has at most
-            :data:`NUMPY_MAX` coefficients.
+        backend: ``"numpy"``, ``"hybrid"`` (JAX with the host's LAPACK for the dense block) or ``"jax"``;
+            ``None`` takes NumPy when the dense block has at most :data:`NUMPY_MAX` coefficients, else the
+            hybrid path where JAX runs on the CPU and JAX alone on an accelerator (:func:`_large_backend`).
         optimizer: one of :data:`OPTIMISERS` (``"bobyqa"`` needs no gradient and suits NumPy; ``"newton"``
             and ``"lbfgsb"`` use the gradient, exact on JAX); ``None`` chooses as
             :func:`_default_optimiser` says.

@@ -267,8 +267,8 @@ def _exact_start(model: Model):
         return None
     spec = variational.structured_spec(design, model.info, model.reml)
     problem = make_problem(design, spec, likelihood=model.problem.likelihood)
-    params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, EXACT_START_TOL, 1), progress=False,
-                         with_grad_norm=False)
+    params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, EXACT_START_TOL, 1),
+                         progress=False, with_grad_norm=False)
     return exact.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
 
 
