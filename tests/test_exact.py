@@ -424,3 +424,14 @@ def test_insteval_matches_lme4(insteval_fits, reml):
     dept = joined["grpvar"] == "dept"  # inherits the 2e-4 of theta_dept (see above)
     np.testing.assert_allclose(joined.loc[~dept, "condsd"], joined.loc[~dept, "condsd_lme4"], rtol=1e-4)
     np.testing.assert_allclose(joined.loc[dept, "condsd"], joined.loc[dept, "condsd_lme4"], rtol=5e-4)
+
+
+def test_larger_blocks_take_the_hybrid_path_on_a_cpu(monkeypatch):
+    """On a CPU with SciPy's LAPACK module the default for dense blocks above NUMPY_MAX is the hybrid path; a
+    forced hybrid path without that module is refused with a message that names it."""
+    assert jax.default_backend() != "cpu" or exact._large_backend() == "hybrid"
+    monkeypatch.setattr(exact, "_host_lapack", lambda: None)
+    assert exact._large_backend() == "jax"
+    design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), _simulated(3))
+    with pytest.raises(ValueError, match="scipy.linalg._flapack"):
+        exact.fit_exact(design, backend="hybrid")
