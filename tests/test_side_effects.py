@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     import lmevi
     after_import = dict(x64=bool(jax.config.jax_enable_x64), matplotlib="matplotlib" in sys.modules,
                         flags=os.environ.get("XLA_FLAGS", ""),
-                        heavy=[m for m in ("formulaic", "arviz", "matplotlib", "scipy.optimize", "numpyro")
-                               if m in sys.modules])
+                        heavy=[m for m in ("formulaic", "arviz", "matplotlib", "scipy.optimize", "scipy.linalg",
+                                           "numpyro", "tqdm") if m in sys.modules])
     import numpy as np, pandas as pd
     {simulate}
     frame = simulate_crossed()
