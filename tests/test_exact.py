@@ -435,3 +435,16 @@ def test_larger_blocks_take_the_hybrid_path_on_a_cpu(monkeypatch):
     design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), _simulated(3))
     with pytest.raises(ValueError, match="scipy.linalg._flapack"):
         exact.fit_exact(design, backend="hybrid")
+
+
+def test_host_factorisation_of_a_matrix_that_is_not_positive_definite_is_nan():
+    """The hybrid path's host Cholesky reports failure (None) where JAX's would give NaNs, and the estimates'
+    dense inverse is NaN then: the optimisers see a NaN criterion on both paths alike."""
+    lapack = exact._host_lapack()
+    S = np.array([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
+    assert exact._host_cholesky(S, lapack) is None
+    dense = exact._host_dense_inverse(S, 1, lapack)
+    assert np.isnan(dense.logdet_s) and np.isnan(dense.inv_s).all()
+    good = np.array([[4.0, 2.0], [2.0, 3.0]])
+    inv = exact._host_inverse(exact._host_cholesky(good, lapack), 2, lapack)
+    np.testing.assert_allclose(inv, np.linalg.inv(good), rtol=1e-14)  # a 2 x 2 inverse: a few roundings
