@@ -354,16 +354,21 @@ def _rest_weights(mats, s: Structure, xp=jnp) -> list[tuple[int, jax.Array]]:
     return out
 
 
-def _rest_times(M, weights, xp=jnp, axis: int = -1):
+def _rest_times(M, weights, xp=jnp, axis: int = -1, transpose: bool = False):
     """``M B`` (``axis=-1``, ``M`` of shape ``(..., P)``) or ``B' M`` (``axis=0``, ``M`` of shape ``(P, ...)``)
-    for ``B`` given by :func:`_rest_weights`.
+    for ``B`` given by :func:`_rest_weights`; with ``transpose``, ``M B'`` or ``B M``. As ``B[i + d, i] = w_d[i]``,
+    ``(M B)[:, i] = sum_d M[:, i + d] w_d[i]`` and ``(M B')[:, r] = sum_d M[:, r - d] w_d[r - d]`` (entries that
+    wrap around have ``w_d = 0``).
 
     Elementwise products with shifted copies: slicing the term blocks out of ``M`` and concatenating them
     back made the gradient of an InstEval evaluation ten times slower."""
     out = 0.0
     for d, w in weights:
-        shifted = M if d == 0 else xp.roll(M, -d, axis=axis)
-        out = out + shifted * (w if axis == -1 else w[:, None])
+        w = w if axis == -1 else w[:, None]
+        if transpose:
+            out = out + (M * w if d == 0 else xp.roll(M * w, d, axis=axis))
+        else:
+            out = out + (M if d == 0 else xp.roll(M, -d, axis=axis)) * w
     return out
 
 
@@ -438,19 +443,17 @@ def _small_spd_inverse(D, xp=jnp):
     return logdet, xp.swapaxes(Linv, -1, -2) @ Linv
 
 
-def _schur_value(w, wvals, shifts, rr, block, value, target, xp=jnp, pair_sum=None):
+def _schur_value(w, wvals, shifts, rr, block, value, target, ops: "_Ops | None" = None):
     """``(B'MB, (M, MB))`` with ``M = R'R - K - K'`` and ``K[t] = sum_{pairs with target t} w[block] value`` (the
     lower triangle of ``sum_j G_j' W_j G_j``, half diagonals), ``B`` given by ``zip(shifts, wvals)`` as in
-    :func:`_rest_weights`."""
+    :func:`_rest_weights`; on the backend ``ops`` (:data:`JAX_OPS` when ``None``)."""
+    ops = JAX_OPS if ops is None else ops
     P = rr.shape[0]
-    if pair_sum is None:
-        K = jax.ops.segment_sum(w[block] * value, target, num_segments=P * P).reshape(P, P)
-    else:
-        K = pair_sum(w, block, value, target, P * P).reshape(P, P)
+    K = ops.segment_sum(w[block] * value, target, P * P).reshape(P, P)
     M = rr - K - K.T
     weights = list(zip(shifts, wvals))
-    N = _rest_times(M, weights, xp)
-    return _rest_times(N, weights, xp, axis=0), (M, N)
+    N = _rest_times(M, weights, ops.xp)
+    return _rest_times(N, weights, ops.xp, axis=0), (M, N)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -471,24 +474,13 @@ def _schur_fwd(w, wvals, shifts, rr, block, value, target):
     return S, (M, N, wvals, block, value, target, w.shape[0])
 
 
-def _rest_times_transposed(X, weights, axis: int = -1):
-    """``X B'`` (``axis=-1``) or ``B X`` (``axis=0``) for ``B`` of :func:`_rest_weights`:
-    ``B[i + d, i] = w_d[i]``, so ``(X B')[:, r] = sum_d X[:, r - d] w_d[r - d]`` (entries that wrap around have
-    ``w_d = 0``)."""
-    out = 0.0
-    for d, w in weights:
-        scaled = X * (w if axis == -1 else w[:, None])
-        out = out + (scaled if d == 0 else jnp.roll(scaled, d, axis=axis))
-    return out
-
-
 def _schur_bwd(shifts, res, S_bar):
     # S = B'N, N = MB with M and S_bar symmetric: N_bar = B S_bar, M_bar = B S_bar B' = B T with T = S_bar B';
     # w_d[i] gets sum_c S_bar[i, c] N[i + d, c] (from S) + sum_r T[i, r] M[i + d, r] (from N, by symmetry).
     M, N, wvals, block, value, target, n_w = res
     weights = list(zip(shifts, wvals))
-    T = _rest_times_transposed(S_bar, weights)
-    M_bar = _rest_times_transposed(T, weights, axis=0)
+    T = _rest_times(S_bar, weights, transpose=True)
+    M_bar = _rest_times(T, weights, axis=0, transpose=True)
     w_bar = tuple(
         jnp.sum(S_bar * (N if d == 0 else jnp.roll(N, -d, axis=0)), axis=1)
         + jnp.sum(T * (M if d == 0 else jnp.roll(M, -d, axis=0)), axis=1)
@@ -510,9 +502,7 @@ def _jax_schur(w, weights, s: Structure):
 
 def _numpy_schur(w, weights, s: Structure):
     return _schur_value(w, tuple(v for _, v in weights), tuple(d for d, _ in weights), s.rr, s.pair_block,
-                        s.pair_value, s.pair_target, np,
-                        lambda w, block, value, target, size: np.bincount(target, w[block] * value,
-                                                                          minlength=size))[0]
+                        s.pair_value, s.pair_target, NUMPY_OPS)[0]
 
 
 def _criterion(logdet, pwrss, n, p, reml: bool, xp=jnp):
@@ -881,10 +871,6 @@ def _host_cholesky(S: np.ndarray, lapack):
     return c if info == 0 else None
 
 
-def _host_logdet(c: np.ndarray, m: int) -> float:
-    return float(2.0 * np.sum(np.log(np.abs(np.diagonal(c)[:m]))))
-
-
 def _host_inverse(c: np.ndarray, m: int, lapack) -> np.ndarray:
     """``S[:m, :m]^{-1}`` (symmetric) from the factor ``c`` of :func:`_host_cholesky` by LAPACK's ``potri``,
     which inverts from the factor in a third of the floating-point work of the two triangular solves JAX
@@ -904,7 +890,7 @@ def _host_dense_inverse(S: np.ndarray, Q: int, lapack) -> DenseInverse:
     c = _host_cholesky(S, lapack)
     if c is None:
         return DenseInverse(np.asarray(np.nan), np.asarray(np.nan), np.full((P, P), np.nan))
-    logdet_s, logdet_q = _host_logdet(c, P), _host_logdet(c, Q)
+    logdet_s, logdet_q = _chol_logdet(c, P, np), _chol_logdet(c, Q, np)
     return DenseInverse(np.asarray(logdet_s), np.asarray(logdet_q), _host_inverse(c, P, lapack))
 
 
@@ -929,7 +915,7 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
             return np.nan, None, None, None
         x = lapack.dpotrs(c, rhs, lower=1)[0]
         pwrss = yy - quad1 - float(rhs @ x)
-        return float(_criterion(logdet_D + _host_logdet(c, m), pwrss, n, p, reml, np)), c, x, pwrss
+        return float(_criterion(logdet_D + float(_chol_logdet(c, m, np)), pwrss, n, p, reml, np)), c, x, pwrss
 
     def value_and_grad(th):
         value, c, x, pwrss = evaluate(th)
@@ -1159,8 +1145,8 @@ def fit_exact(
     lme4 runs derivative-free BOBYQA (nloptwrap). Here small dense blocks (NumPy) run the same BOBYQA from
     NLopt with tighter tolerances; larger ones (JAX, or hybrid) use the criterion's exact gradient: Newton's
     method on a finite-difference Hessian from a given start (``theta0``) with up to :data:`NEWTON_MAX`
-    parameters (:func:`_newton`), else L-BFGS-B. The jit-compiled value and ``value_and_grad`` are shared by fits of the
-    same shapes, so only a fit of a new shape compiles. Bounds and default start are lme4's: ``theta >= 0`` on
+    parameters (:func:`_newton`), else L-BFGS-B. The jit-compiled value and ``value_and_grad`` are shared by
+    fits of the same shapes, so only a fit of a new shape compiles. Bounds and default start are lme4's: ``theta >= 0`` on
     the diagonal of every ``Lambda_k``, start at ``Lambda_k = I``.
 
     Args:
