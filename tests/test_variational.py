@@ -91,6 +91,23 @@ def test_structured_puts_a_small_term_with_the_large_term_it_is_nested_in(nested
     assert spec.blocks == (Block(large=1, small=(0,), fixed=reml), Block(large=2))
 
 
+def test_a_small_term_nesting_two_large_terms_joins_the_smaller(nested_and_crossed):
+    """``outer`` nests ``inner`` (share 1) and, nearly, ``mid`` (30 levels, a few rows astray): it joins the
+    smaller ``mid`` (its block's dense part is cheaper, and the count against ``inner`` is not needed),
+    though ``inner``'s share is the higher."""
+    frame = nested_and_crossed.frame.copy()
+    rng = np.random.default_rng(5)
+    mid = frame["outer"].to_numpy() * 6 + rng.integers(0, 6, len(frame))
+    astray = rng.random(len(frame)) < 0.02
+    mid[astray] = rng.integers(0, 30, astray.sum())
+    frame["mid"] = mid
+    p = make_problem(frame, "y ~ 1 + (1 | outer) + (1 | inner) + (1 | mid)")  # terms: 0 outer, 1 inner, 2 mid
+    share_mid = variational.entanglement(p.design, small=0, large=2)
+    assert variational.NEST_SHARE <= share_mid < 1.0 == variational.entanglement(p.design, small=0, large=1)
+    spec = variational.structured_spec(p.design, p.info, False, small_threshold=20)
+    assert spec.blocks == (Block(large=1), Block(large=2, small=(0,)))
+
+
 def test_user_blocks(crossed):
     spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("h",), ("g",)])
     # "h" is small so it forms a block without a large term; beta, not named, gets a block of its own

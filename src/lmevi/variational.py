@@ -245,8 +245,17 @@ def structured_spec(
     members: dict[int, list[int]] = {k: [] for k in large}
     best_share: dict[int, float] = {k: -1.0 for k in large}
     for s in small:
-        shares = {k: entanglement(design, s, k, collective) for k in large}
-        host = max(large, key=lambda k: (shares[k], -size[k]))
+        # smallest large term first: the first that the small term nests is its host (the cheapest block's
+        # dense part, and no count over the larger terms' J_L x J_s bins: at 10^7 InstEval-shaped rows the
+        # departments' count against 400,000 students costs 0.2 s); else the most entangled
+        shares: dict[int, float] = {}
+        for k in sorted(large, key=lambda k: size[k]):
+            shares[k] = entanglement(design, s, k, collective)
+            if shares[k] >= NEST_SHARE:
+                host = k
+                break
+        else:
+            host = max(large, key=lambda k: (shares[k], -size[k]))
         members[host].append(s)
         best_share[host] = max(best_share[host], shares[host])
     fixed_host = None
