@@ -445,9 +445,9 @@ def test_host_factorisation_of_a_matrix_that_is_not_positive_definite_is_nan():
     dense inverse is NaN then: the optimisers see a NaN criterion on both paths alike."""
     lapack = exact._host_lapack()
     S = np.array([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
-    assert exact._host_cholesky(S, lapack) is None
-    dense = exact._host_dense_inverse(S, 1, lapack)
+    assert exact._host_cholesky(S.copy(), lapack) is None  # (it overwrites its argument)
+    dense = exact._host_dense_inverse(S.copy(), 1, lapack)
     assert np.isnan(dense.logdet_s) and np.isnan(dense.inv_s).all()
     good = np.array([[4.0, 2.0], [2.0, 3.0]])
-    inv = exact._host_inverse(exact._host_cholesky(good, lapack), 2, lapack)
+    inv = exact._host_inverse(exact._host_cholesky(good.copy(), lapack), 2, lapack)
     np.testing.assert_allclose(inv, np.linalg.inv(good), rtol=1e-14)  # a 2 x 2 inverse: a few roundings

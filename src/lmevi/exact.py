@@ -61,7 +61,6 @@ import numpy as np
 from lmevi.design import Design
 from lmevi.likelihood import LOG_2PI
 from lmevi.runtime import sized_jit
-from lmevi.runtime import sized_jit
 
 
 
@@ -394,28 +393,30 @@ class _Factor(NamedTuple):
     quad1: jax.Array  # sum_j |c_1j|^2
 
 
-def _factor(theta, s: Structure, ops: "_Ops") -> _Factor:
+def _term1(theta, s: Structure, ops: "_Ops"):
+    """``(lams, D, W, sum_j log|D_j|, sum_j |c_1j|^2, v)``: term 1's elimination, and the rest right-hand side
+    before ``Lambda_e`` scales it, ``v = R'y - sum_j G_j' W_j Z_1j'y`` ``(P,)``. Of ``theta`` only term 1's
+    entries enter, besides ``lams``."""
     xp = ops.xp
     lams = lambdas(theta, s.n_coefs, xp)
     lam1 = lams[s.order[0]]
-    lams_rest = [lams[k] for k in s.order[1:]]
-    J1, p1 = s.zy1.shape
-    P, Q = s.rr.shape[0], s.n_rest_random
-
+    p1 = s.zy1.shape[1]
     D = xp.einsum("ba,jbc,cd->jad", lam1, s.zz1, lam1) + xp.eye(p1)
     logdet_D, Dinv = _small_spd_inverse(D, xp)
     W = lam1 @ Dinv @ lam1.T
-
-    weights = _rest_weights(lams_rest, s, xp)
-    S = ops.schur(W.reshape(-1), weights, s) + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
-
-    # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y; the rest right-hand side
-    # is Lambda_e'(R'y - sum_j G_j' W_j Z_1j'y).
+    # c_1j = L_Dj^{-1} Lambda_1' Z_1j'y, so sum_j |c_1j|^2 = sum_j y'Z_1j W_j Z_1j'y
     Wzy = xp.einsum("jab,jb->ja", W, s.zy1)
-    quad1 = xp.sum(Wzy * s.zy1)
-    Gt = ops.segment_sum(s.cross_value * Wzy[s.cross_level, s.cross_coef], s.cross_rest, P)
-    rhs = _rest_times(s.ry - Gt, weights, xp)
-    return _Factor(lams, D, W, logdet_D, S, rhs, quad1)
+    Gt = ops.segment_sum(s.cross_value * Wzy[s.cross_level, s.cross_coef], s.cross_rest, s.rr.shape[0])
+    return lams, D, W, logdet_D, xp.sum(Wzy * s.zy1), s.ry - Gt
+
+
+def _factor(theta, s: Structure, ops: "_Ops") -> _Factor:
+    xp = ops.xp
+    lams, D, W, logdet_D, quad1, v = _term1(theta, s, ops)
+    P, Q = s.rr.shape[0], s.n_rest_random
+    weights = _rest_weights([lams[k] for k in s.order[1:]], s, xp)
+    S = ops.schur(W.reshape(-1), weights, s) + xp.diag(xp.concatenate([xp.ones(Q), xp.zeros(P - Q)]))
+    return _Factor(lams, D, W, logdet_D, S, _rest_times(v, weights, xp), quad1)
 
 
 def _small_spd_inverse(D, xp=jnp):
@@ -443,14 +444,21 @@ def _small_spd_inverse(D, xp=jnp):
     return logdet, xp.swapaxes(Linv, -1, -2) @ Linv
 
 
+def _unscaled_rest(w, rr, block, value, target, ops: "_Ops"):
+    """``(P, P)`` ``M = R'R - K - K'``, the rest block's Schur complement before ``Lambda_e`` scales it, with
+    ``K[t] = sum_{pairs with target t} w[block] value`` (the lower triangle of ``sum_j G_j' W_j G_j``, half
+    diagonals): it depends on term 1's ``theta`` alone."""
+    P = rr.shape[0]
+    K = ops.segment_sum(w[block] * value, target, P * P).reshape(P, P)
+    return rr - K - K.T
+
+
 def _schur_value(w, wvals, shifts, rr, block, value, target, ops: "_Ops | None" = None):
     """``(B'MB, (M, MB))`` with ``M = R'R - K - K'`` and ``K[t] = sum_{pairs with target t} w[block] value`` (the
     lower triangle of ``sum_j G_j' W_j G_j``, half diagonals), ``B`` given by ``zip(shifts, wvals)`` as in
     :func:`_rest_weights`; on the backend ``ops`` (:data:`JAX_OPS` when ``None``)."""
     ops = JAX_OPS if ops is None else ops
-    P = rr.shape[0]
-    K = ops.segment_sum(w[block] * value, target, P * P).reshape(P, P)
-    M = rr - K - K.T
+    M = _unscaled_rest(w, rr, block, value, target, ops)
     weights = list(zip(shifts, wvals))
     N = _rest_times(M, weights, ops.xp)
     return _rest_times(N, weights, ops.xp, axis=0), (M, N)
@@ -851,7 +859,32 @@ def _parts_pullback(theta, structure: Structure, V, x, g):
     return pull((S_bar, -2.0 * g * x, jnp.ones((), theta.dtype), -g))[0]
 
 
-_parts_jit = sized_jit(_parts, sized=False, name="lmevi.exact._parts")
+def _unscaled_parts(theta, structure: Structure):
+    """``(M (P, P), v (P,), sum_j log|D_j| (), sum_j |c_1j|^2 ())``: the pieces of :func:`_parts` before
+    ``Lambda_e`` scales them (:func:`_unscaled_rest`, :func:`_term1`); they depend on term 1's ``theta`` only
+    (pure, jit-able)."""
+    _, _, W, logdet_D, quad1, v = _term1(theta, structure, JAX_OPS)
+    s = structure
+    return _unscaled_rest(W.reshape(-1), s.rr, s.pair_block, s.pair_value, s.pair_target, JAX_OPS), v, logdet_D, quad1
+
+
+def _host_scaled(M: np.ndarray, v: np.ndarray, theta: np.ndarray, s: Structure) -> tuple[np.ndarray, np.ndarray]:
+    """``(S, rhs)`` of :func:`_parts` from :func:`_unscaled_parts`' ``M`` and ``v``, on the host: ``S = B'MB +
+    diag(1_Q, 0)``, ``rhs = B'v``. With scalar rest terms ``B`` is diagonal and ``S = M * b b'``, exactly
+    symmetric."""
+    lams = _lambdas_numpy(theta, s.n_coefs)
+    weights = _rest_weights([lams[k] for k in s.order[1:]], s, np)
+    if len(weights) == 1:  # every rest term scalar: B = diag(b)
+        b = weights[0][1]
+        S = M * np.outer(b, b)
+    else:
+        S = _congruence(M, weights, np)
+    Q = s.n_rest_random
+    S[np.arange(Q), np.arange(Q)] += 1.0
+    return S, _rest_times(v, weights, np)
+
+
+_unscaled_parts_jit = sized_jit(_unscaled_parts, sized=False, name="lmevi.exact._unscaled_parts")
 _parts_pullback_jit = sized_jit(_parts_pullback, sized=False, name="lmevi.exact._parts_pullback")
 
 
@@ -865,9 +898,10 @@ def _host_lapack():
 
 
 def _host_cholesky(S: np.ndarray, lapack):
-    """Lower Cholesky factor of the symmetric ``(P, P)`` ``S`` from its lower triangle (a Fortran-ordered
-    copy, zero above the diagonal), or ``None`` where ``S`` is not positive definite."""
-    c, info = lapack.dpotrf(np.array(S, dtype=np.float64, order="F"), lower=1, clean=1, overwrite_a=1)
+    """Lower Cholesky factor of the symmetric ``(P, P)`` float64 ``S`` (zero above the diagonal), or ``None``
+    where ``S`` is not positive definite. Overwrites ``S``, a writable host array: a C-ordered ``S`` is read as
+    its transpose (the same matrix), one triangle."""
+    c, info = lapack.dpotrf(S.T if S.flags.c_contiguous else np.asfortranarray(S), lower=1, clean=1, overwrite_a=1)
     return c if info == 0 else None
 
 
@@ -903,10 +937,22 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
     P, Q, n, p = s.size, s.n_rest_random, s.n_obs, s.n_fixed
     m, dof = (P, n - p) if reml else (Q, n)
     yy = float(s.yy)
+    start = sum(q * (q + 1) // 2 for q in s.n_coefs[: s.order[0]])
+    first = slice(start, start + theta_size((s.n_coefs[s.order[0]],)))
+    # The pieces that depend on term 1's theta alone, for the last two values of it: of the six points of
+    # Newton's Hessian (_fd_hessian) three keep term 1's theta and three share one step of it, so the pair
+    # sums run twice for the seven evaluations, not seven times
+    memo: dict = {}
 
     def parts(th):
-        S, rhs, logdet_D, quad1 = _parts_jit(put(th), sj)
-        return np.asarray(S), np.asarray(rhs), float(logdet_D), float(quad1)
+        key = tuple(th[first])
+        if key not in memo:
+            if len(memo) == 2:
+                memo.pop(next(iter(memo)))
+            M, v, logdet_D, quad1 = _unscaled_parts_jit(put(th), sj)
+            memo[key] = (np.asarray(M), np.asarray(v), float(logdet_D), float(quad1))
+        M, v, logdet_D, quad1 = memo[key]
+        return *_host_scaled(M, v, th, s), logdet_D, quad1
 
     def evaluate(th):
         S, rhs, logdet_D, quad1 = parts(th)
