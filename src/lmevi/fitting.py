@@ -248,7 +248,7 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
 
 # From this dense block size on, the exact fit starts from a structured-q fit: one criterion evaluation
 # costs about 0.1 s at 1,144 (InstEval), where the structured fit takes about as long and saves half the
-# evaluations (InstEval REML: 21 from lme4's start, 9 from the structured fit's).
+# evaluations (InstEval REML: 21 from lme4's start, 8 from the structured fit's).
 EXACT_WARM_START = 256
 # The structured fit that starts the exact one stops at this relative change of its ELBO: its estimates differ
 # from the exact ones by about 1e-2 (relative) anyway, which Newton's first step corrects; converging it to
