@@ -49,6 +49,7 @@ Precision: float64 throughout (JAX's 64-bit types are switched on for lmevi's ow
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -189,11 +190,8 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     rcols = np.concatenate(cols, axis=1)
     rvals = np.concatenate([cov[k] for k in rest] + [X], axis=1)
 
-    rr = np.bincount(
-        (rcols[:, :, None] * P + rcols[:, None, :]).ravel(),
-        (rvals[:, :, None] * rvals[:, None, :]).ravel(),
-        minlength=P * P,
-    ).reshape(P, P)
+    groups = [(off, index[k], n_levels[k], cov[k]) for k, off in zip(rest, offsets)] + [(Q, None, 1, X)]
+    rr = _cross_products(groups, P)
     ry = np.bincount(rcols.ravel(), (rvals * y[:, None]).ravel(), minlength=P)
 
     g1, z1 = index[first], cov[first]
@@ -208,6 +206,7 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
 
     # Non-zeros of Z_1' R, keyed (level, coef, rest coordinate); np.unique sorts them by level first.
     keys = ((g1[:, None, None] * p1 + a[None, :, None]) * P + rcols[:, None, :]).ravel()
+    # (a count over all J_1 p_1 P possible keys instead of the sort was slower on InstEval: fresh memory)
     keys, inverse = np.unique(keys, return_inverse=True)
     values = np.bincount(inverse, (z1[:, :, None] * rvals[:, None, :]).ravel(), minlength=len(keys))
     keep = values != 0.0
@@ -272,6 +271,38 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
         n_obs=n,
         reml=bool(reml),
     )
+
+
+def _cross_products(groups, P: int) -> np.ndarray:
+    """``(P, P)`` ``R'R`` for ``R = [Z_rest, X]`` given as column groups ``(offset, codes (n,) or None, J,
+    values (n, q))``: a term's ``J q`` columns, level ``codes[i]`` holding row i's ``q`` values (``None``: one
+    level, X). Block by block: a term's block with itself is block diagonal (one level per row), the others
+    are ``np.bincount``s into ``J_g q_g x J_h q_h`` bins. One count over all ``(sum q)^2`` entries of every
+    row into ``P^2`` bins cost InstEval three times as much (1.2 million entries scattered over 1.3 million
+    bins, against 0.4 million over 16,000)."""
+    rr = np.zeros((P, P))
+    for g, (og, cg, Jg, vg) in enumerate(groups):
+        qg = vg.shape[1]
+        a = np.arange(qg)
+        for oh, ch, Jh, vh in groups[g:]:
+            qh = vh.shape[1]
+            if ch is cg and cg is not None:  # a term with itself: (J, q, q) blocks on the diagonal
+                blocks = np.bincount((cg[:, None, None] * (qg * qg) + a[:, None] * qg + a).ravel(),
+                                     (vg[:, :, None] * vg[:, None, :]).ravel(), minlength=Jg * qg * qg)
+                coord = og + np.arange(Jg)[:, None] * qg + a  # (J, q)
+                rr[coord[:, :, None], coord[:, None, :]] = blocks.reshape(Jg, qg, qg)
+                continue
+            if cg is None and ch is None:  # X with itself
+                block = vg.T @ vh
+            else:
+                rows = cg[:, None] * qg + a  # (n, q_g): g is a term (X, the last group, meets only itself)
+                cols = np.arange(qh) if ch is None else ch[:, None] * qh + np.arange(qh)  # (n or 1, q_h)
+                block = np.bincount((rows[:, :, None] * (Jh * qh) + cols[..., None, :]).ravel(),
+                                    (vg[:, :, None] * vh[:, None, :]).ravel(),
+                                    minlength=Jg * qg * Jh * qh).reshape(Jg * qg, Jh * qh)
+            rr[og : og + Jg * qg, oh : oh + Jh * qh] = block
+            rr[oh : oh + Jh * qh, og : og + Jg * qg] = block.T
+    return rr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -841,20 +872,45 @@ _value = sized_jit(profiled_deviance, sized=False, static_argnames=("reml",))
 # The hybrid path (CPU): JAX for the sparse sums and the gradient, the host's LAPACK for the dense block
 
 
-def _parts(theta, structure: Structure):
+def _parts(theta, structure: Structure, ops: _Ops = JAX_OPS):
     """``(S (P, P), rhs (P,), sum_j log|D_j| (), sum_j |c_1j|^2 ())`` at ``theta``: what the dense block's
     factorisation starts from (pure, jit-able)."""
-    f = _factor(theta, structure, JAX_OPS)
+    f = _factor(theta, structure, ops)
     return f.S, f.rhs, f.logdet_D, f.quad1
 
 
-def _parts_pullback(theta, structure: Structure, V, x, g):
-    """``(n_theta,)`` the gradient of the criterion with respect to ``theta``, given the host's pieces of the
-    dense block: ``V`` ``(P, P)``, the inverse of ``S`` (REML) or of its leading ``(Q, Q)`` block padded with
-    zeros (ML), ``x = S^{-1} rhs`` ``(P,)`` and ``g = dof / r^2`` ``()``. The criterion's derivatives in the
-    pieces of :func:`_parts` are ``V + g x x'`` in ``S``, ``-2 g x`` in the right-hand side, ``1`` in
-    ``log|D|`` and ``-g`` in ``quad1``; the chain rule carries them back to theta."""
-    _, pull = jax.vjp(lambda t: _parts(t, structure), theta)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scaled_rest(w, wvals, shifts, M, block, value, target):
+    """``(P, P)`` ``B'MB`` with ``M = _unscaled_rest(w, ...)`` given, not summed again over the pairs, and
+    :func:`_schur`'s gradient (which needs ``M``, not the pair sum): the gradient at a theta whose criterion
+    value was just computed reuses that value's ``M``."""
+    weights = list(zip(shifts, wvals))
+    return _rest_times(_rest_times(M, weights), weights, axis=0)
+
+
+def _scaled_rest_fwd(w, wvals, shifts, M, block, value, target):
+    weights = list(zip(shifts, wvals))
+    N = _rest_times(M, weights)
+    return _rest_times(N, weights, axis=0), (M, N, wvals, block, value, target, w.shape[0])
+
+
+_scaled_rest.defvjp(_scaled_rest_fwd, _schur_bwd)
+
+
+def _parts_pullback(theta, structure: Structure, M, V, x, g):
+    """``(n_theta,)`` the gradient of the criterion with respect to ``theta``, given ``M`` ``(P, P)`` of
+    :func:`_unscaled_parts` at ``theta`` and the host's pieces of the dense block: ``V`` ``(P, P)``, the
+    inverse of ``S`` (REML) or of its leading ``(Q, Q)`` block padded with zeros (ML), ``x = S^{-1} rhs``
+    ``(P,)`` and ``g = dof / r^2`` ``()``. The criterion's derivatives in the pieces of :func:`_parts` are
+    ``V + g x x'`` in ``S``, ``-2 g x`` in the right-hand side, ``1`` in ``log|D|`` and ``-g`` in ``quad1``;
+    the chain rule carries them back to theta."""
+
+    def schur(w, weights, s):
+        return _scaled_rest(w, tuple(v for _, v in weights), tuple(d for d, _ in weights), M, s.pair_block,
+                            s.pair_value, s.pair_target)
+
+    ops = dataclasses.replace(JAX_OPS, schur=schur)
+    _, pull = jax.vjp(lambda t: _parts(t, structure, ops), theta)
     S_bar = V + g * jnp.outer(x, x)
     return pull((S_bar, -2.0 * g * x, jnp.ones((), theta.dtype), -g))[0]
 
@@ -950,8 +1006,8 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
             if len(memo) == 2:
                 memo.pop(next(iter(memo)))
             M, v, logdet_D, quad1 = _unscaled_parts_jit(put(th), sj)
-            memo[key] = (np.asarray(M), np.asarray(v), float(logdet_D), float(quad1))
-        M, v, logdet_D, quad1 = memo[key]
+            memo[key] = (M, np.asarray(M), np.asarray(v), float(logdet_D), float(quad1))
+        _, M, v, logdet_D, quad1 = memo[key]
         return *_host_scaled(M, v, th, s), logdet_D, quad1
 
     def evaluate(th):
@@ -973,7 +1029,8 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
         else:
             V = np.zeros((P, P))
             V[:m, :m] = _host_inverse(c, m, lapack)
-        grad = _parts_pullback_jit(put(th), sj, jax.device_put(V), jax.device_put(x), jax.device_put(np.asarray(g)))
+        M = memo[tuple(th[first])][0]  # the device's M that evaluate's parts just used
+        grad = _parts_pullback_jit(put(th), sj, M, jax.device_put(V), jax.device_put(x), jax.device_put(np.asarray(g)))
         return value, np.asarray(grad, np.float64)
 
     def conditional(th):
