@@ -298,6 +298,20 @@ def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     np.testing.assert_allclose(fit.theta, far.theta, rtol=1e-6)
 
 
+def test_newton_from_a_start_far_off_stays_newton():
+    """From a start 35-45 % off (as the structured fit gives a factor crossed with a nested pair), the log
+    scale's first Newton step would overshoot by far: capped steps, halving a step that does not descend, and
+    theta's own curvature where the log scale's is not positive definite keep it Newton's method to the
+    optimum (criterion to 1e-12 relative, theta to 1e-6 relative), without handing over to L-BFGS-B."""
+    design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
+    s = exact.build_structure(design, True)
+    far = exact.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
+    fit = exact.fit_exact(design, structure=s, backend="jax", theta0=far.theta * np.array([0.55, 1.45, 0.6]))
+    assert fit.optimizer == "Newton" and fit.converged
+    assert float(fit.objective) == pytest.approx(float(far.objective), rel=1e-12)
+    np.testing.assert_allclose(fit.theta, far.theta, rtol=1e-6)
+
+
 def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monkeypatch):
     """Newton's last step (below sqrt(tol)) is taken without evaluating the criterion after it; fit_exact
     checks with the estimates' criterion that it descended. A last step made to overshoot is dropped for the

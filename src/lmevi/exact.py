@@ -1146,6 +1146,10 @@ NEWTON_MAX = 4
 # Forward-difference step of the Hessian, times max(|theta|, 1). Newton's steps need the Hessian only roughly:
 # the start's Hessian differs from the optimum's by a few percent anyway, which the BFGS updates correct.
 _HESSIAN_STEP = 1e-4
+# Newton's steps change a relative SD (on the log scale) by at most this much, and a step that does not descend
+# is halved up to _NEWTON_HALVINGS times: from a start far off (the structured fit's is 30 % off for a factor
+# crossed with a nested pair) the log scale's quadratic model can overshoot by far.
+_LOG_STEP_MAX, _NEWTON_HALVINGS = 0.5, 2
 # Below this a relative SD (a diagonal entry of Lambda_k near its bound 0) is taken linearly by Newton's
 # method, not on a log scale, and Newton's stop measures its steps absolutely.
 _NEWTON_SCALE = 1e-2
@@ -1184,9 +1188,15 @@ def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     ``sqrt(tol) / 10``: that step is taken without evaluating the criterion after it (``previous``;
     :func:`fit_exact` checks that it descended with the estimates it computes there, and reports the gradient
     from before it). The point returned is within about ``sqrt(tol) / 10`` (``1e-6`` relative at the default
-    ``tol``) of the optimum; InstEval REML takes two values and gradients. Any step that is not a descent,
-    leaves the bounds, or meets a Hessian that is not positive definite hands over to :func:`_lbfgsb` from the
-    best point so far (``method`` then names both)."""
+    ``tol``) of the optimum; InstEval REML takes two values and gradients.
+
+    From a start far off the log scale's quadratic model can overshoot by far: a step changes a relative SD by
+    at most a factor ``exp(0.5)`` (:data:`_LOG_STEP_MAX`), a step that does not descend is halved (up to
+    :data:`_NEWTON_HALVINGS` times), and where the log scale's Hessian is not positive definite theta's own
+    curvature (in relative units) is taken. A step that still does not descend, leaves the bounds, takes a
+    log-scale SD below :data:`_NEWTON_SCALE` (heading for its bound, which the log scale never reaches), or
+    meets a Hessian that is not positive definite hands over to :func:`_lbfgsb` from the best point so far
+    (``method`` then names both)."""
     x0 = np.asarray(x0, np.float64)
     logged = (lower == 0.0) & (x0 >= _NEWTON_SCALE)
 
@@ -1214,20 +1224,38 @@ def _newton(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
         try:
             L = np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
-            break
+            # Far from the optimum the log scale's curvature d2f/du2 = theta^2 f'' + theta f' can be negative
+            # where f'' > 0: take theta's own curvature, in relative units, from here on
+            H = H - np.diag(np.where(logged, g, 0.0))
+            try:
+                L = np.linalg.cholesky(H)
+            except np.linalg.LinAlgError:
+                break
         step = -_np_cho_solve((L, True), g)
-        x1 = x + step
-        if np.any(x1 < low) or not np.all(np.isfinite(x1)):
-            break
-        t1 = theta(x1)
-        m = size(step, t1)
-        if m <= np.sqrt(tol) or (last is not None and 10.0 * m * m / last <= np.sqrt(tol)):
-            # The last step: taken without its own value and gradient. fit_exact computes the estimates at
-            # x1 anyway, and checks with their criterion that the step descended (else it keeps x).
-            return _Optimum(t1, float(f), g_theta, True, False, "Newton", previous=theta(x))
-        f1, g1_theta, g1 = value_and_grad(x1)
-        used += 1
-        if not f1 <= f + 8 * np.finfo(float).eps * abs(f):  # not lower (to rounding): not a Newton region
+        big = float(np.max(np.abs(step[logged]), initial=0.0))
+        if big > _LOG_STEP_MAX:  # at most a factor exp(0.5) on a relative SD per step
+            step *= _LOG_STEP_MAX / big
+        accepted = False
+        for _ in range(_NEWTON_HALVINGS + 1):  # a step that does not descend is halved, then handed over
+            x1 = x + step
+            t1 = theta(x1)
+            # leaving the bounds, or a relative SD on the log scale heading for its bound 0 (which the log
+            # scale never reaches): L-BFGS-B takes over, as it does for a step that does not descend
+            if (np.any(x1 < low) or not np.all(np.isfinite(x1)) or np.any(logged & (t1 < _NEWTON_SCALE))
+                    or used >= max_evals):
+                break
+            m = size(step, t1)
+            if m <= np.sqrt(tol) or (last is not None and 10.0 * m * m / last <= np.sqrt(tol)):
+                # The last step: taken without its own value and gradient. fit_exact computes the estimates
+                # at x1 anyway, and checks with their criterion that the step descended (else it keeps x).
+                return _Optimum(t1, float(f), g_theta, True, False, "Newton", previous=theta(x))
+            f1, g1_theta, g1 = value_and_grad(x1)
+            used += 1
+            if f1 <= f + 8 * np.finfo(float).eps * abs(f):  # lower (to rounding)
+                accepted = True
+                break
+            step = step / 2.0
+        if not accepted:  # out of bounds, or no descent: not a Newton region
             break
         y = g1 - g
         if step @ y > 0:  # BFGS update: stays positive definite
