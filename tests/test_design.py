@@ -133,7 +133,7 @@ def test_new_rows_get_codes_and_unseen_labels_get_minus_one(crossed):
     np.testing.assert_array_equal(cov, [[1.0, 0.5], [1.0, -1.0], [1.0, 2.0]])
 
 
-PLAIN_SIDES = ["x", "1 + x", "0 + x", "x - 1", "x + w", "w + x", "x + x", "1", "0 + x + w", "w + x - 1"]
+PLAIN_SIDES = ["x", "1 + x", "0 + x", "x - 1", "x + w", "w + x", "x + x", "1", "0 + x + w", "w + x - 1", "u + v", "1 + v + x"]
 
 
 @pytest.mark.parametrize("side", PLAIN_SIDES)
@@ -145,7 +145,9 @@ def test_plain_numeric_sides_match_formulaic(frame, side):
     from lmevi.design import PlainSpec, _design_matrix
     from lmevi.rsyntax import to_formulaic
 
-    data = frame.assign(w=np.arange(len(frame)) % 7)  # an integer column
+    # an integer column, a float32 one and a pandas nullable integer one (an extension type)
+    data = frame.assign(w=np.arange(len(frame)) % 7, u=np.linspace(-1, 1, len(frame), dtype=np.float32),
+                        v=pd.array(np.arange(len(frame)) % 5, dtype="Int64"))
     M, names, spec = _design_matrix(side, data)
     reference = model_matrix(to_formulaic(side), data)
     assert isinstance(spec, PlainSpec)
