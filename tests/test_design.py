@@ -47,6 +47,26 @@ def test_shapes_and_dtypes(crossed):
     assert sum(ig.counts) == n and min(ig.counts) > 0
 
 
+def test_intercept_only_terms_are_the_row_weight_before_and_after_standardising(frame):
+    """``(1 | g)`` is marked as the row weight (``unit``) when built, so standardising neither scans nor copies
+    its ones: the padded weight is ones on the rows and zeros on the padding, as the padded ones of a term
+    not so marked (``unit=False``, scanned and divided by its scale) would be."""
+    import dataclasses
+
+    from lmevi.scaling import standardise
+
+    design, _ = build_design(parse_formula("y ~ x + (1 | g) + (1 + x | b)"), frame)
+    assert [t.unit for t in design.terms] == [True, False]
+    n, n_rows = len(frame), len(frame) + 7
+    scaled, scales = standardise(design, n_rows=n_rows)
+    unmarked = dataclasses.replace(design, terms=(dataclasses.replace(design.terms[0], unit=False), design.terms[1]))
+    scaled_unmarked, scales_unmarked = standardise(unmarked, n_rows=n_rows)
+    np.testing.assert_array_equal(scaled.terms[0].covariates, np.r_[np.ones(n), np.zeros(7)][:, None])
+    np.testing.assert_array_equal(scaled.terms[0].covariates, scaled_unmarked.terms[0].covariates)
+    assert scaled.terms[0].unit and scaled_unmarked.terms[0].unit and not scaled.terms[1].unit
+    np.testing.assert_array_equal(scales.z_scale[0], scales_unmarked.z_scale[0])
+
+
 def test_codes_point_at_each_rows_label(crossed):
     for term, info in zip(crossed.design.terms, crossed.info.terms):
         (col,) = info.group_columns

@@ -488,7 +488,9 @@ def _random_term(
         coef_spec=coef_spec,
         level_keys=levels,
     )
-    data_ = TermData(index=host_array(codes, jnp.int32), covariates=host_array(cov, dtype), n_levels=used)
+    # an intercept-only term's covariates are the row weight (all ones here): standardising needs no pass
+    data_ = TermData(index=host_array(codes, jnp.int32), covariates=host_array(cov, dtype), n_levels=used,
+                     unit=intercept_only)
     return data_, info
 
 

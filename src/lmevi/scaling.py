@@ -127,9 +127,13 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     z_ranges, z_scale, seen = [], [], {}
     for t in design.terms:  # one float64 view (a copy for float32 designs) of each term's covariates at a time
         if id(t.covariates) not in seen:  # terms that share one array (intercepts: build_design) share its scale
-            z = np.asarray(t.covariates, dtype=np.float64)
-            ranges = _ranges(z, collective)
-            seen[id(t.covariates)] = (ranges, _column_scale(z, ranges, collective))
+            if t.unit:  # the row weight, all ones on these rows: nothing to scan
+                one = np.ones(1)
+                seen[id(t.covariates)] = ((one, one, one), one)
+            else:
+                z = np.asarray(t.covariates, dtype=np.float64)
+                ranges = _ranges(z, collective)
+                seen[id(t.covariates)] = (ranges, _column_scale(z, ranges, collective))
         z_ranges.append(seen[id(t.covariates)][0])
         z_scale.append(seen[id(t.covariates)][1])
     z_scale = tuple(z_scale)
@@ -137,9 +141,13 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     unit = [bool(lo.shape == (1,) and lo[0] == hi[0] != 0 and lo[0] / s[0] == 1.0)
             for (lo, hi, _), s in zip(z_ranges, z_scale)]
     dtype = design.y.dtype
-    # every intercept-only term's covariates are the same row weight (ones, then zeros on padding rows): one
-    # array for all of them (and one device copy, build.place_rows), not one of n_rows each
-    weight = next((_padded(t.covariates, n_rows, dtype, s) for t, s, u in zip(design.terms, z_scale, unit) if u), None)
+    # every such term's covariates are the same row weight (a constant column over its own scale is exactly 1,
+    # then 0 on padding rows): one array for all of them (and one device copy, build.place_rows), made without
+    # reading theirs
+    weight = None
+    if any(unit):
+        weight = np.zeros((n_rows, 1), dtype=np.dtype(dtype))
+        weight[:n] = 1.0
     y_out = np.zeros(n_rows, dtype=np.float64)
     np.subtract(y, y_shift, out=y_out[:n])
     y_out[:n] /= y_scale
