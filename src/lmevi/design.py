@@ -422,8 +422,8 @@ def _random_term(
     ones: dict | None = None,
 ) -> tuple[TermData, TermInfo]:
     """The arrays and labels of one random term. ``ones``: a dict shared by the terms of one design, where the
-    covariates of intercept-only terms are kept, so that they share one array (at 1e7 rows each copy is 80 MB of
-    fresh memory)."""
+    covariates of intercept-only terms are kept, so that they share one read-only view of a single 1.0 (a
+    column of ones would be 80 MB of fresh memory at 1e7 rows)."""
     n_obs = len(data) if n_obs is None else n_obs
     if collective.distributed:
         levels = global_levels(data, term.group, collective)
@@ -450,16 +450,20 @@ def _random_term(
             stacklevel=user_stacklevel(),
         )
     intercept_only = plain_terms(term.coefs) == (True, ())
-    if intercept_only and ones is not None and "cov" in ones:
+    if intercept_only:
+        # the column of ones as a read-only view of one value (no 80 MB array at 1e7 rows): it is the row
+        # weight (unit), which standardising neither scans nor reads; shared by every intercept-only term
+        if ones is None or "cov" not in ones:
+            spec = PlainSpec(True, ())
+            cov = np.broadcast_to(np.ones((1, 1), np.dtype(dtype)), (len(data), 1))
+            ones = {} if ones is None else ones
+            ones["cov"] = (cov, list(spec.column_names), spec)
         cov, columns, coef_spec = ones["cov"]
     else:
         try:
             cov, columns, coef_spec = _design_matrix(term.coefs, data, collective)
         except Exception as err:
             raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
-        if intercept_only and ones is not None:
-            cov = host_array(cov, dtype)
-            ones["cov"] = (cov, columns, coef_spec)
     if cov.shape[1] == 0:
         raise ValueError(f"the random term {term.text} has no coefficients")
     coef_names = tuple(lme4_name(c) for c in columns)
@@ -489,8 +493,8 @@ def _random_term(
         level_keys=levels,
     )
     # an intercept-only term's covariates are the row weight (all ones here): standardising needs no pass
-    data_ = TermData(index=host_array(codes, jnp.int32), covariates=host_array(cov, dtype), n_levels=used,
-                     unit=intercept_only)
+    data_ = TermData(index=host_array(codes, jnp.int32), covariates=cov if intercept_only else host_array(cov, dtype),
+                     n_levels=used, unit=intercept_only)
     return data_, info
 
 
