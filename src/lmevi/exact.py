@@ -884,8 +884,7 @@ def _scaled_rest(w, wvals, shifts, M, block, value, target):
     """``(P, P)`` ``B'MB`` with ``M = _unscaled_rest(w, ...)`` given, not summed again over the pairs, and
     :func:`_schur`'s gradient (which needs ``M``, not the pair sum): the gradient at a theta whose criterion
     value was just computed reuses that value's ``M``."""
-    weights = list(zip(shifts, wvals))
-    return _rest_times(_rest_times(M, weights), weights, axis=0)
+    return _congruence(M, list(zip(shifts, wvals)))
 
 
 def _scaled_rest_fwd(w, wvals, shifts, M, block, value, target):
