@@ -6,14 +6,15 @@
 ## but with the optimiser's tolerances tightened far below lme4's defaults (nloptwrap's BOBYQA stops at
 ## 1e-8 in theta or in the criterion by default; the department SD is only determined to about 2e-4 there).
 ## Its estimates are lme4's optimum itself, to which lmevi's exact fit is compared at 1e-5 (SDs) and 1e-6
-## (fixed effects) in tests/test_exact.py. Only the numbers are written, no tables.
+## (fixed effects) in tests/test_exact.py.
 ##
 ## Usage (from the repository root):
 ##   Rscript experiments/lme4_tight.R [outdir]
 ##
-## Output (default outdir results/lme4/insteval/): tight_<tag>.json for tag in {reml, ml}, with theta, the
+## Output (default outdir results/lme4/insteval/), for tag in {reml, ml}: tight_<tag>.json with theta, the
 ## SDs (s, d, dept, Residual), the fixed effects, the criterion (REML criterion or deviance), the
-## optimiser's settings and evaluation count, and the default fit's numbers beside them.
+## optimiser's settings and evaluation count, and the default fit's numbers beside them; tight_ranef_<tag>.csv,
+## as.data.frame(ranef(m, condVar = TRUE)) (grpvar, term, grp, condval, condsd).
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -59,6 +60,9 @@ for (reml in c(TRUE, FALSE)) {
     lme4 = as.character(packageVersion("lme4")),
     R = R.version.string
   ))
+  re <- as.data.frame(ranef(m, condVar = TRUE))
+  re$grp <- as.character(re$grp)
+  write.csv(re, file.path(outdir, sprintf("tight_ranef_%s.csv", tag)), row.names = FALSE)
   path <- file.path(outdir, sprintf("tight_%s.json", tag))
   writeLines(jsonlite::toJSON(out, auto_unbox = TRUE, digits = NA, pretty = TRUE), path)
   cat(sprintf("%s: criterion %.6f (default %.6f), %d evaluations, %.1f s -> %s\n", tag, out$criterion,

@@ -466,7 +466,9 @@ def test_insteval_default_fit_matches_lme4_run_to_convergence(reml):
     against lme4 with its optimiser's tolerances tightened until it converges
     (``experiments/lme4_tight.R``): every SD to 1e-5 relative and beta to 1e-6 relative, the issue's accuracy,
     which lme4's default stopping rule does not reach itself; the criterion to 1e-3 (Newton stops about 1e-6
-    relative from the optimum in theta, where the criterion is flat to second order)."""
+    relative from the optimum in theta, where the criterion is flat to second order); every level's condsd
+    (lme4's condVar) to 1e-4 relative, the departments' included, and the conditional modes' correlation to
+    1 - 1e-9."""
     ref = json.loads((LME4 / "insteval" / f"tight_{'reml' if reml else 'ml'}.json").read_text())
     m = lmevi.fit(INSTEVAL, lmevi.load_insteval(), reml=reml, progress=False)
     assert m.options.q == "exact"
@@ -478,6 +480,11 @@ def test_insteval_default_fit_matches_lme4_run_to_convergence(reml):
         assert fixef[name] == pytest.approx(value, rel=1e-6), name
     ours = m.reml_criterion if reml else m.deviance
     assert ours == pytest.approx(ref["criterion"], abs=1e-3)
+    re = pd.read_csv(LME4 / "insteval" / f"tight_ranef_{'reml' if reml else 'ml'}.csv", dtype={"grp": str})
+    joined = re.merge(m.ranef(), on=["grpvar", "term", "grp"], suffixes=("_lme4", ""), validate="1:1")
+    assert len(joined) == len(re) == 2972 + 1128 + 14
+    np.testing.assert_allclose(joined["condsd"], joined["condsd_lme4"], rtol=1e-4)  # every level
+    assert np.corrcoef(joined["condval"], joined["condval_lme4"])[0, 1] >= 1 - 1e-9
 
 
 def test_larger_blocks_take_the_hybrid_path_on_a_cpu(monkeypatch):
