@@ -20,14 +20,15 @@ write_json_file <- function(x, path) {
 
 ## Fit with lmer, timing the call and collecting every warning and message
 ## (convergence warnings, "boundary (singular) fit", rank deficiency, ...); an error is kept, not raised.
-fit_lmer <- function(formula, data, REML) {
+## `control`: lmerControl() settings (lme4's defaults unless given; lme4_corpus.R --tight tightens BOBYQA).
+fit_lmer <- function(formula, data, REML, control = lmerControl()) {
   msgs <- character(0)
   m <- NULL
   err <- NULL
   tm <- system.time(
     m <- tryCatch(
       withCallingHandlers(
-        lmer(formula, data = data, REML = REML),
+        lmer(formula, data = data, REML = REML, control = control),
         warning = function(w) {
           msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
           invokeRestart("muffleWarning")

