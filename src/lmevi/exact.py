@@ -197,11 +197,7 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     g1, z1 = index[first], cov[first]
     J1, p1 = n_levels[first], n_coefs[first]
     a = np.arange(p1)
-    zz1 = np.bincount(
-        (g1[:, None, None] * p1 * p1 + a[:, None] * p1 + a).ravel(),
-        (z1[:, :, None] * z1[:, None, :]).ravel(),
-        minlength=J1 * p1 * p1,
-    ).reshape(J1, p1, p1)
+    zz1 = _level_blocks(g1, z1, J1)
     zy1 = np.bincount((g1[:, None] * p1 + a).ravel(), (z1 * y[:, None]).ravel(), minlength=J1 * p1).reshape(J1, p1)
 
     # Non-zeros of Z_1' R, keyed (level, coef, rest coordinate); np.unique sorts them by level first.
@@ -273,6 +269,15 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     )
 
 
+def _level_blocks(codes: np.ndarray, values: np.ndarray, J: int) -> np.ndarray:
+    """``(J, q, q)`` ``sum_{i at level j} v_i v_i'`` for row values ``values`` ``(n, q)`` at levels ``codes``
+    ``(n,)``: one term's diagonal block of the cross-products, one ``np.bincount``."""
+    q = values.shape[1]
+    a = np.arange(q)
+    return np.bincount((codes[:, None, None] * (q * q) + a[:, None] * q + a).ravel(),
+                       (values[:, :, None] * values[:, None, :]).ravel(), minlength=J * q * q).reshape(J, q, q)
+
+
 def _cross_products(groups, P: int) -> np.ndarray:
     """``(P, P)`` ``R'R`` for ``R = [Z_rest, X]`` given as column groups ``(offset, codes (n,) or None, J,
     values (n, q))``: a term's ``J q`` columns, level ``codes[i]`` holding row i's ``q`` values (``None``: one
@@ -287,10 +292,8 @@ def _cross_products(groups, P: int) -> np.ndarray:
         for oh, ch, Jh, vh in groups[g:]:
             qh = vh.shape[1]
             if ch is cg and cg is not None:  # a term with itself: (J, q, q) blocks on the diagonal
-                blocks = np.bincount((cg[:, None, None] * (qg * qg) + a[:, None] * qg + a).ravel(),
-                                     (vg[:, :, None] * vg[:, None, :]).ravel(), minlength=Jg * qg * qg)
                 coord = og + np.arange(Jg)[:, None] * qg + a  # (J, q)
-                rr[coord[:, :, None], coord[:, None, :]] = blocks.reshape(Jg, qg, qg)
+                rr[coord[:, :, None], coord[:, None, :]] = _level_blocks(cg, vg, Jg)
                 continue
             if cg is None and ch is None:  # X with itself
                 block = vg.T @ vh
@@ -402,10 +405,17 @@ def _rest_times(M, weights, xp=jnp, axis: int = -1, transpose: bool = False):
     return out
 
 
+def _congruence_parts(M, weights, xp=jnp):
+    """``(B' M B, M B)`` for a ``(P, P)`` ``M``: rows and columns combined in place, with no transpose (a
+    transposed copy of a ``(P, P)`` matrix, and its gradient, cost XLA's CPU backend more than the products);
+    ``M B`` is what the gradient of the Schur complement keeps (:func:`_schur_bwd`)."""
+    N = _rest_times(M, weights, xp)
+    return _rest_times(N, weights, xp, axis=0), N
+
+
 def _congruence(M, weights, xp=jnp):
-    """``B' M B`` for a ``(P, P)`` ``M``: rows and columns combined in place, with no transpose (a transposed
-    copy of a ``(P, P)`` matrix, and its gradient, cost XLA's CPU backend more than the products)."""
-    return _rest_times(_rest_times(M, weights, xp), weights, xp, axis=0)
+    """``B' M B`` (:func:`_congruence_parts`)."""
+    return _congruence_parts(M, weights, xp)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -490,9 +500,8 @@ def _schur_value(w, wvals, shifts, rr, block, value, target, ops: "_Ops | None" 
     :func:`_rest_weights`; on the backend ``ops`` (:data:`JAX_OPS` when ``None``)."""
     ops = JAX_OPS if ops is None else ops
     M = _unscaled_rest(w, rr, block, value, target, ops)
-    weights = list(zip(shifts, wvals))
-    N = _rest_times(M, weights, ops.xp)
-    return _rest_times(N, weights, ops.xp, axis=0), (M, N)
+    S, N = _congruence_parts(M, list(zip(shifts, wvals)), ops.xp)
+    return S, (M, N)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -888,9 +897,8 @@ def _scaled_rest(w, wvals, shifts, M, block, value, target):
 
 
 def _scaled_rest_fwd(w, wvals, shifts, M, block, value, target):
-    weights = list(zip(shifts, wvals))
-    N = _rest_times(M, weights)
-    return _rest_times(N, weights, axis=0), (M, N, wvals, block, value, target, w.shape[0])
+    S, N = _congruence_parts(M, list(zip(shifts, wvals)))
+    return S, (M, N, wvals, block, value, target, w.shape[0])
 
 
 _scaled_rest.defvjp(_scaled_rest_fwd, _schur_bwd)
@@ -992,8 +1000,8 @@ def _hybrid_evaluator(s: Structure, sj: Structure, reml: bool, put, lapack) -> "
     P, Q, n, p = s.size, s.n_rest_random, s.n_obs, s.n_fixed
     m, dof = (P, n - p) if reml else (Q, n)
     yy = float(s.yy)
-    start = sum(q * (q + 1) // 2 for q in s.n_coefs[: s.order[0]])
-    first = slice(start, start + theta_size((s.n_coefs[s.order[0]],)))
+    start = theta_size(s.n_coefs[: s.order[0]])  # term 1's entries of theta
+    first = slice(start, start + theta_size(s.n_coefs[s.order[0] : s.order[0] + 1]))
     # The pieces that depend on term 1's theta alone, for the last two values of it: of the six points of
     # Newton's Hessian (_fd_hessian) three keep term 1's theta and three share one step of it, so the pair
     # sums run twice for the seven evaluations, not seven times

@@ -355,17 +355,19 @@ def _config() -> tuple:
         names = tuple(k for k in sorted(values) if not any(w in k for w in _CONFIG_IGNORED))
         _config_names.clear()
         _config_names[len(values)] = names
-    raw = (tuple(values[k] for k in names), str(jax.dtypes.canonicalize_dtype(np.float64)))
+    flt = str(jax.dtypes.canonicalize_dtype(np.float64))
+    raw = (tuple(values[k] for k in names), flt)
     try:
-        return _config_text[raw]
+        text = _config_text.get(raw)
     except TypeError:  # a value that cannot be hashed: its text, every time
-        return tuple((k, repr(values[k])) for k in names) + (("float", raw[1]),)
-    except KeyError:
-        text = tuple((k, repr(values[k])) for k in names) + (("float", raw[1]),)
-        if len(_config_text) > 64:
-            _config_text.clear()
-        _config_text[raw] = text
-        return text
+        raw = text = None
+    if text is None:
+        text = tuple((k, repr(values[k])) for k in names) + (("float", flt),)
+        if raw is not None:
+            if len(_config_text) > 64:
+                _config_text.clear()
+            _config_text[raw] = text
+    return text
 
 
 _config_names: dict = {}
