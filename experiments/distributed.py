@@ -91,6 +91,7 @@ def write_shards(rows: int, processes: int, seed: int, folder: Path) -> list[Pat
         levels = simulate_levels(rows, np.random.default_rng(seed))
         for i in range(processes):
             part = simulate_rows(levels, int(bounds[i + 1] - bounds[i]), np.random.default_rng([seed, i]))
+            part["service"] = part["service"].astype(np.int8)  # 0/1: one byte a row, as a careful writer stores it
             pd.DataFrame(part).to_parquet(shard_path(folder, i), engine="pyarrow", index=False)
     else:
         import lmevi
@@ -119,9 +120,13 @@ def summary(m, with_rows: bool = True) -> dict:
 def read_rows(paths: list[Path]) -> pd.DataFrame:
     """Parquet files as one frame: pyarrow reads them as one table, handed to pandas column by column
     (``self_destruct``), so that the rows are in memory about once."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table([str(p) for p in paths]).to_pandas(self_destruct=True, split_blocks=True)
+    frame = pq.read_table([str(p) for p in paths]).to_pandas(self_destruct=True, split_blocks=True)
+    # pyarrow's allocator keeps the memory of the buffers it has freed (2 GB at 1e8 rows); hand it back
+    pa.default_memory_pool().release_unused()
+    return frame
 
 
 def worker(args) -> None:

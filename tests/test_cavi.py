@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.linalg
+
+import lmevi
 
 from conftest import simulate_small_parts
 from dense import (
@@ -179,3 +184,55 @@ def test_m_step_is_the_exact_maximiser_given_q(crossed, family_spec):
     leaves = jax.tree_util.tree_leaves(grad)
     # before the M-step these gradients are O(10-100); after it, rounding (measured <= 1.4e-14)
     assert leaves and max(float(np.abs(g).max()) for g in leaves) < 1e-10
+
+
+def _department_frame(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """InstEval's shape in miniature: 300 students, 80 instructors, each with a home department among 6 (95 % of
+    its rows), a binary ``service``."""
+    rng = np.random.default_rng(seed)
+    home = rng.integers(0, 6, 80)
+    d, s = rng.integers(0, 80, n), rng.integers(0, 300, n)
+    dept = np.where(rng.random(n) < 0.05, rng.integers(0, 6, n), home[d])
+    service = (rng.random(n) < 0.4).astype(np.int8)
+    y = (3 + 0.1 * service + rng.normal(0, 0.3, 300)[s] + rng.normal(0, 0.5, 80)[d] + rng.normal(0, 0.1, 6)[dept]
+         + rng.normal(0, 1.2, n))
+    return pd.DataFrame({"y": y, "service": service, "s": s, "d": d, "dept": dept})
+
+
+def test_float32_block_with_nested_small_term_survives_huge_counts():
+    """The instructors' block (departments nested in it, beta under REML) of a float32 model, with every row
+    counted K times: its design-only cross-products and its residual multiplied by K give the update for the
+    data with each row repeated K times. Its Schur complement is a difference of nearly equal sums (the
+    departments' columns add up to the intercept); in float32 it lost the small part at K = 1e5 (0.83 posterior
+    SDs off) and was not finite at K = 1e6, as a 1e8-row fit was at its first sweep. Solved in float64 (inputs
+    the same float32 numbers), the small part must stay within 0.1 of its posterior SDs at K = 1e5 (measured
+    0.024, the rest being the float32 rounding of the rows' products) and to 1e-5 at K = 1."""
+    upd = jax.jit(cavi.update_block, static_argnames=("spec", "block"))
+    with jax.enable_x64(True):
+        model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", _department_frame(), q="structured",
+                                  dtype="float32")
+        problem = model.problem
+        i = next(i for i, b in enumerate(problem.spec.blocks) if b.small)
+        block = problem.spec.blocks[i]
+        assert block.large == 1 and block.small == (2,) and block.fixed
+        params = lmevi.fitting.initial_params(problem, 0.1)
+
+        def widened(tree):
+            return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)
+
+        for K, bound in [(1.0, 1e-5), (1e5, 0.1)]:
+            got = {}
+            for name, design, bd, point in [
+                ("float32", problem.design, problem.block_data[i], params.model),
+                ("float64", widened(problem.design), widened(problem.block_data[i]), widened(params.model)),
+            ]:
+                scaled = jax.tree_util.tree_map(lambda a: a * jnp.asarray(K, a.dtype), bd)
+                new = upd(design, problem.spec, block, scaled, point, design.y * jnp.asarray(K, design.y.dtype))
+                got[name] = new
+            low, ref = got["float32"], got["float64"]
+            assert low.loc_small.dtype == jnp.float32 and low.loc_large.dtype == jnp.float32
+            for leaf in jax.tree_util.tree_leaves(low):
+                assert np.all(np.isfinite(np.asarray(leaf)))
+            diff = np.asarray(ref.loc_small) - np.asarray(low.loc_small, np.float64)
+            in_sds = scipy.linalg.solve_triangular(np.asarray(ref.chol_small), diff, lower=True)
+            assert np.abs(in_sds).max() < bound, (K, np.abs(in_sds).max())

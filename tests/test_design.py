@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lmevi import labels as labels_lib
 from lmevi.design import build_design, term_rows
 from lmevi.formula import parse_formula
 
@@ -243,3 +244,42 @@ def test_counting_codes_piece_by_piece_is_bincount(dtype):
     n_levels = 100
     codes = np.random.default_rng(1).integers(0, n_levels - 3, 3 * COUNT_CHUNK + 17).astype(dtype)
     np.testing.assert_array_equal(count_codes(codes, n_levels), np.bincount(codes, minlength=n_levels))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([7, 3, 3, 9, 7, 12], np.int32),  # gaps between ids
+        np.arange(6, dtype=np.int64)[::-1].copy(),  # 0..J-1, every one present: the column is its own codes
+        np.array([-128, 127, 0, -128], np.int8),  # the whole int8 range
+        np.array([2**64 - 1, 2**64 - 3, 2**64 - 1], np.uint64),  # near uint64's top
+        np.array([-(2**63), -(2**63) + 5, -(2**63)], np.int64),  # near int64's bottom
+        np.array([10**12, 5, 5], np.int64),  # too sparse for counting: hashed
+    ],
+)
+def test_integer_ids_are_coded_as_pandas_codes_them(values):
+    """Integer grouping columns are coded by counting where their range is at most a few times the rows
+    (:func:`lmevi.labels._dense_integer_codes`): the same codes and labels as ``pd.factorize(sort=True)``, the
+    user's column untouched, and the codes read-only (they may be the column's own array)."""
+    col = pd.Series(values.copy())
+    codes, labels, counts = labels_lib._factorize(col)
+    want_codes, uniques = pd.factorize(col, sort=True)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert labels == [str(int(u)) for u in uniques]
+    np.testing.assert_array_equal(col.to_numpy(), values)
+    dense = labels_lib._dense_integer_codes(col)
+    sparse = int(values.max()) - int(values.min()) > 4 * len(values) + labels_lib.DENSE_SLACK
+    assert (dense is None) == sparse  # the counting path is taken wherever the range allows it
+    if dense is not None:
+        assert not codes.flags.writeable
+        np.testing.assert_array_equal(counts, np.bincount(want_codes))
+
+
+def test_integer_ids_give_the_fit_of_their_labels(frame):
+    """The same integer ids as text: the same levels in R's numeric order, the same fit."""
+    ids = frame.assign(g=frame["g"].astype(np.int32))
+    text = frame.assign(g=pd.Categorical(frame["g"].astype(str), categories=["2", "4", "10", "33"]))
+    a, info_a = build("y ~ (1 | g)", ids)
+    b, info_b = build("y ~ (1 | g)", text)
+    assert info_a.terms[0].levels == info_b.terms[0].levels == ("2", "4", "10", "33")
+    np.testing.assert_array_equal(np.asarray(a.terms[0].index), np.asarray(b.terms[0].index))

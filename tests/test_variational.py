@@ -439,7 +439,8 @@ def _cancelling_rows(n: int = 1 << 21, seed: int = 0):
 
 def test_float32_sums_over_rows_accumulate_in_float64():
     """X^T r and per-level sums of float32 rows equal the float64 sums of the same float32 numbers to 1e-6
-    relative (float32's own rounding of the result), returned as float32. Accumulated in float32, as XLA's
+    relative (float32's own rounding of the result, and of each product ``r_i x_i`` in X^T r), returned as
+    float32. Accumulated in float32, as XLA's
     CPU dot and segment sum do, they are off by more than 1e-4 here (checked below, so the data do cancel)."""
     r, X, index = _cancelling_rows()
     exact_dot = r.astype(np.float64) @ X.astype(np.float64)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -42,8 +43,17 @@ def level_label(value) -> str:
     return str(value)
 
 
-def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
-    """``(codes (n,), labels of the uniques)``; code -1 marks a missing value.
+class Factor(NamedTuple):
+    """A grouping column as codes: ``codes`` ``(n,)`` (-1 for a missing value), ``labels`` of the uniques and,
+    where already counted, ``counts`` ``(J,)`` the rows at each (``None`` otherwise)."""
+
+    codes: np.ndarray
+    labels: list[str]
+    counts: np.ndarray | None = None
+
+
+def _factorize(col: pd.Series) -> Factor:
+    """The column's codes and the labels of its uniques; code -1 marks a missing value.
 
     The uniques of a Categorical are its categories in order; otherwise the distinct values in the order
     R's ``factor`` uses: sorted numbers for a numeric column, sorted labels otherwise.
@@ -51,11 +61,14 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     if isinstance(col.dtype, pd.CategoricalDtype):
         # the Categorical's own codes (Series.cat.codes copies them), in their own integer type (int8 .. int32):
         # widening 10^7 of them costs more than the rest
-        return col.array.codes, _labels_of(col.cat.categories)
+        return Factor(col.array.codes, _labels_of(col.cat.categories))
+    dense = _dense_integer_codes(col)
+    if dense is not None:
+        return dense
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         # numbers sort as numbers (R's factor); pandas sorts the uniques, labels are made in bulk
         codes, uniques = pd.factorize(col, sort=True, use_na_sentinel=True)
-        return codes.astype(np.int64), _number_labels(np.asarray(uniques))
+        return Factor(codes.astype(np.int64), _number_labels(np.asarray(uniques)))
     codes, uniques = pd.factorize(col, sort=False, use_na_sentinel=True)
     labels = _labels_of(uniques)
     # sorted labels; NumPy sorts text by code point, as Python's sorted does
@@ -63,7 +76,49 @@ def _factorize(col: pd.Series) -> tuple[np.ndarray, list[str]]:
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(len(labels))
     codes = np.where(codes >= 0, rank[np.maximum(codes, 0)] if len(labels) else -1, -1)
-    return codes, [labels[i] for i in order]
+    return Factor(codes, [labels[i] for i in order])
+
+
+# A NumPy integer column whose values span at most this many times its length (plus DENSE_SLACK) is coded
+# by counting (:func:`_dense_integer_codes`) instead of hashing: the counts array stays below a few bytes a row.
+DENSE_SPAN_PER_ROW = 4
+DENSE_SLACK = 1 << 16
+
+
+def _dense_integer_codes(col: pd.Series) -> Factor | None:
+    """The :class:`Factor` (int32 or int64 codes, counted) of a NumPy integer column whose values lie in a range of at most
+    ``DENSE_SPAN_PER_ROW * n + DENSE_SLACK`` (ids such as 0..J-1 or 1001..1000+J), else ``None``.
+
+    Counting each value's rows in that range gives the sorted distinct values and every value's rank in one
+    pass, where ``pd.factorize(sort=True)`` hashes every row, sorts the uniques and maps the codes again
+    (1e7 rows with 400,000 levels: 25 ms against 330 ms). Codes equal to the values themselves (0..J-1, all
+    present) are the column's own array, read-only."""
+    dtype = col.dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "iu" or len(col) == 0:
+        return None
+    values = col.to_numpy(copy=False)
+    lo, hi = int(values.min()), int(values.max())
+    span = hi - lo + 1
+    if span > DENSE_SPAN_PER_ROW * len(values) + DENSE_SLACK:
+        return None
+    code_type = np.int32 if span <= np.iinfo(np.int32).max else np.int64
+    if lo == 0 and np.can_cast(dtype, code_type):
+        shifted = values if dtype == code_type else values.astype(code_type)
+    elif dtype.kind == "u":
+        shifted = (values - dtype.type(lo)).astype(code_type)
+    else:
+        shifted = np.subtract(values, lo, dtype=np.int64).astype(code_type)
+    counts = count_codes(shifted, span)
+    present = counts > 0
+    offsets = np.flatnonzero(present)
+    uniques = offsets.astype(np.uint64) + np.uint64(lo) if dtype.kind == "u" else offsets + lo
+    if len(uniques) == span:  # every value in the range occurs: the shifted values are the codes
+        codes = shifted if shifted is not values else shifted.view()
+    else:
+        rank = np.cumsum(present, dtype=code_type) - 1
+        codes = rank[shifted]
+    codes.flags.writeable = False
+    return Factor(codes, _number_labels(uniques), counts[offsets])
 
 
 def _labels_of(values) -> list[str]:
@@ -151,10 +206,11 @@ def _combine(parts) -> tuple[np.ndarray, list, np.ndarray]:
     the number of rows at each. A level is its label for one column, the tuple of its labels for several."""
     n = len(parts[0][0])
     if len(parts) == 1:
-        codes, labels = parts[0]
-        # one pass for "any missing?" (a boolean mask of 10^7 rows costs more than the count below)
-        has_missing = bool(n) and bool(codes.min() < 0)
-        per_label = count_codes(codes[codes >= 0] if has_missing else codes, len(labels))
+        codes, labels, per_label = parts[0]
+        if per_label is None:
+            # one pass for "any missing?" (a boolean mask of 10^7 rows costs more than the count below)
+            has_missing = bool(n) and bool(codes.min() < 0)
+            per_label = count_codes(codes[codes >= 0] if has_missing else codes, len(labels))
         used = np.flatnonzero(per_label)
         if len(used) == len(labels):  # every level occurs: the codes are already the answer
             return codes, list(labels), per_label
@@ -163,13 +219,13 @@ def _combine(parts) -> tuple[np.ndarray, list, np.ndarray]:
         out = np.where(codes < 0, -1, remap[np.maximum(codes, 0)]) if len(labels) else np.full(n, -1, codes.dtype)
         return out, [labels[u] for u in used], per_label[used]
     missing = np.zeros(n, dtype=bool)
-    for codes, _ in parts:
+    for codes, _, _ in parts:
         missing |= codes < 0
-    sizes = [max(len(labels), 1) for _, labels in parts]
+    sizes = [max(len(p.labels), 1) for p in parts]
     if float(np.prod([float(z) for z in sizes])) < 2.0**62:
         # one mixed-radix number per row (first column slowest): sorting it is the lexicographic order
         key = np.zeros(n, dtype=np.int64)
-        for (codes, _), size in zip(parts, sizes):
+        for (codes, _, _), size in zip(parts, sizes):
             key = key * size + np.where(missing, 0, codes)
         uniq_key, inverse, counts = np.unique(key[~missing], return_inverse=True, return_counts=True)
         digits = []
@@ -208,7 +264,7 @@ def levels_of(data: pd.DataFrame, columns: tuple[str, ...]) -> tuple[Levels, np.
 def as_factor(values) -> pd.Categorical:
     """R's ``factor(values)``: a Categorical of labels, levels in R's order (see :func:`levels_of`)."""
     col = pd.Series(values)
-    codes, labels = _factorize(col)
+    codes, labels, _ = _factorize(col)
     used = np.unique(codes[codes >= 0])
     return pd.Categorical.from_codes(
         np.searchsorted(used, codes).astype(np.int64) * (codes >= 0) - (codes < 0), [labels[u] for u in used]

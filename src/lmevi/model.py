@@ -20,6 +20,7 @@ import numpy as np
 
 from lmevi.design import Design
 from lmevi.likelihood import GAUSSIAN, LOG_2PI, Likelihood
+from lmevi.precision import level_rows
 
 
 class ModelParams(NamedTuple):
@@ -49,7 +50,7 @@ def linear_predictor(design: Design, beta: jax.Array, effects: tuple[jax.Array, 
     """
     eta = design.X @ beta
     for term, b in zip(design.terms, effects):
-        eta = eta + jnp.sum(term.covariates * b[term.index], axis=-1)
+        eta = eta + jnp.sum(term.covariates * level_rows(b, term.index), axis=-1)
     return eta
 
 

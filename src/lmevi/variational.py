@@ -55,7 +55,7 @@ import numpy as np
 from lmevi.collective import LOCAL, Local
 from lmevi.design import Design, DesignInfo
 from lmevi.model import LOG_2PI, ModelParams, log_abs_diag
-from lmevi.precision import row_dot, row_segment_sum, wide
+from lmevi.precision import level_rows, row_dot, row_segment_sum, wide
 
 
 @dataclass(frozen=True)
@@ -426,7 +426,7 @@ def _gathered_dot(z: jax.Array, table: jax.Array, index) -> jax.Array:
     """
     out = 0.0
     for c in range(z.shape[1]):
-        out = out + z[:, c] * (table[0, c] if index is None else table[:, c][index])
+        out = out + z[:, c] * (table[0, c] if index is None else level_rows(table[:, c], index))
     return out
 
 
@@ -451,14 +451,17 @@ def _gathered_sum(design: Design, parts) -> jax.Array:
     for z, table, index, unit in parts:
         if unit:
             weight = z if weight is None else weight
-            units = units + table[:, 0][index]
+            units = units + level_rows(table[:, 0], index)
         else:
             mean = mean + _gathered_dot(z, table, index)
     return mean if weight is None else mean + weight[:, 0] * units
 
 
-def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: int, unit: bool = False) -> jax.Array:
-    """``sum_{i: g(i) = j} z_i r_i`` for every level j, ``(J, p)``, from ``z`` ``(n_obs, p)`` and ``r`` ``(n_obs,)``.
+def weighted_level_sums(
+    z: jax.Array, r: jax.Array, index: jax.Array, n_levels: int, unit: bool = False, dtype=None
+) -> jax.Array:
+    """``sum_{i: g(i) = j} z_i r_i`` for every level j, ``(J, p)``, from ``z`` ``(n_obs, p)`` and ``r`` ``(n_obs,)``;
+    accumulated in float64 and returned in ``dtype`` (default: ``r``'s).
 
     One 1-D segment sum per column: on XLA's CPU backend a segment sum of ``(n_obs, 1)`` rows ran 3x slower
     than of ``(n_obs,)`` at 1e6 rows. ``unit``: ``z`` is the row weight (:attr:`lmevi.design.TermData.unit`)
@@ -466,19 +469,20 @@ def weighted_level_sums(z: jax.Array, r: jax.Array, index: jax.Array, n_levels: 
     response, the covariates and therefore every mean are 0 there).
     """
     if unit:
-        return row_segment_sum(r, index, n_levels)[:, None]
-    return jnp.stack([row_segment_sum(z[:, c] * r, index, n_levels) for c in range(z.shape[1])], axis=1)
+        return row_segment_sum(r, index, n_levels, dtype)[:, None]
+    return jnp.stack([row_segment_sum(z[:, c] * r, index, n_levels, dtype) for c in range(z.shape[1])], axis=1)
 
 
-def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array) -> jax.Array:
-    """``W^T r``: one segment sum per small term plus ``X^T r``; ``(p_w,)``. ``r`` must be 0 on padding rows
-    (see :func:`weighted_level_sums`)."""
+def small_crossprod(design: Design, spec: QSpec, block: Block, r: jax.Array, dtype=None) -> jax.Array:
+    """``W^T r``: one segment sum per small term plus ``X^T r``; ``(p_w,)``, in ``dtype`` (default: ``r``'s).
+    ``r`` must be 0 on padding rows (see :func:`weighted_level_sums`)."""
     parts = []
     for a in _pieces(design, spec, block):
         if a.index is None:
-            parts.append(row_dot(r, a.covariates))  # as (n_obs,) @ (n_obs, p): XLA then does not copy X transposed
+            # as (n_obs,) @ (n_obs, p): XLA then does not copy X transposed
+            parts.append(row_dot(r, a.covariates, dtype))
         else:
-            parts.append(weighted_level_sums(a.covariates, r, a.index, a.n_levels, a.unit).reshape(-1))
+            parts.append(weighted_level_sums(a.covariates, r, a.index, a.n_levels, a.unit, dtype).reshape(-1))
     return jnp.concatenate(parts)
 
 
@@ -490,7 +494,7 @@ def _bilinear(za, table, index, zb) -> jax.Array:
     # and no matrix product with a handful of columns (slow on CPU)
     for p in range(pa):
         for q in range(pb):
-            entry = table[0, p, q] if index is None else table[:, p, q][index]
+            entry = table[0, p, q] if index is None else level_rows(table[:, p, q], index)
             total = total + za[:, p] * entry * zb[:, q]
     return total
 
@@ -566,7 +570,7 @@ def _block_row_moments(design: Design, spec: QSpec, block: Block, bp: BlockParam
     var = jnp.zeros_like(design.y)
     if block.large is not None:
         term = design.terms[block.large]
-        tz = jnp.einsum("np,npq->nq", term.covariates, bp.chol_large[term.index])
+        tz = jnp.einsum("np,npq->nq", term.covariates, level_rows(bp.chol_large, term.index))
         var = var + jnp.sum(tz**2, axis=-1)
     if bp.loc_small is not None:
         var = var + _small_row_var(design, spec, block, bp)
