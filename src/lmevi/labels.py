@@ -86,8 +86,8 @@ DENSE_SLACK = 1 << 16
 
 
 def _dense_integer_codes(col: pd.Series) -> Factor | None:
-    """The :class:`Factor` (int32 or int64 codes, counted) of a NumPy integer column whose values lie in a range of at most
-    ``DENSE_SPAN_PER_ROW * n + DENSE_SLACK`` (ids such as 0..J-1 or 1001..1000+J), else ``None``.
+    """The :class:`Factor` (int32 or int64 codes, counted) of a NumPy integer column whose values lie in a range
+    of at most ``DENSE_SPAN_PER_ROW * n + DENSE_SLACK`` (ids such as 0..J-1 or 1001..1000+J), else ``None``.
 
     Counting each value's rows in that range gives the sorted distinct values and every value's rank in one
     pass, where ``pd.factorize(sort=True)`` hashes every row, sorts the uniques and maps the codes again
