@@ -36,6 +36,21 @@ def simulate_crossed(seed: int = 0, n_obs: int = 60, n_g: int = 6, n_h: int = 4)
     return pd.DataFrame({"y": y, "x": x, "g": [f"g{j}" for j in g], "h": [f"h{j}" for j in h]})
 
 
+def simulate_departments(n: int, n_students: int, n_instructors: int, n_departments: int = 14,
+                         seed: int = 0) -> pd.DataFrame:
+    """InstEval's shape: ``y ~ service + (1|s) + (1|d) + (1|dept)`` data where every instructor has a home
+    department (95 % of its rows; the rest in any department), ``service`` binary (int8), grouping columns as
+    integer ids."""
+    rng = np.random.default_rng(seed)
+    home = rng.integers(0, n_departments, n_instructors)
+    d, s = rng.integers(0, n_instructors, n), rng.integers(0, n_students, n)
+    dept = np.where(rng.random(n) < 0.05, rng.integers(0, n_departments, n), home[d])
+    service = (rng.random(n) < 0.4).astype(np.int8)
+    y = (3 + 0.1 * service + rng.normal(0, 0.3, n_students)[s] + rng.normal(0, 0.5, n_instructors)[d]
+         + rng.normal(0, 0.1, n_departments)[dept] + rng.normal(0, 1.2, n))
+    return pd.DataFrame({"y": y, "service": service, "s": s, "d": d, "dept": dept})
+
+
 @pytest.fixture(scope="session")
 def crossed() -> Problem:
     """60 rows, ``(1 + x | g)`` with 6 levels crossed with ``(1 | h)`` with 4 levels."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg
 
 import lmevi
 
-from conftest import simulate_small_parts
+from conftest import simulate_departments, simulate_small_parts
 from dense import (
     kernel_problem,
     block_coordinates,
@@ -186,19 +185,6 @@ def test_m_step_is_the_exact_maximiser_given_q(crossed, family_spec):
     assert leaves and max(float(np.abs(g).max()) for g in leaves) < 1e-10
 
 
-def _department_frame(n: int = 3000, seed: int = 0) -> pd.DataFrame:
-    """InstEval's shape in miniature: 300 students, 80 instructors, each with a home department among 6 (95 % of
-    its rows), a binary ``service``."""
-    rng = np.random.default_rng(seed)
-    home = rng.integers(0, 6, 80)
-    d, s = rng.integers(0, 80, n), rng.integers(0, 300, n)
-    dept = np.where(rng.random(n) < 0.05, rng.integers(0, 6, n), home[d])
-    service = (rng.random(n) < 0.4).astype(np.int8)
-    y = (3 + 0.1 * service + rng.normal(0, 0.3, 300)[s] + rng.normal(0, 0.5, 80)[d] + rng.normal(0, 0.1, 6)[dept]
-         + rng.normal(0, 1.2, n))
-    return pd.DataFrame({"y": y, "service": service, "s": s, "d": d, "dept": dept})
-
-
 def test_float32_block_with_nested_small_term_survives_huge_counts():
     """The instructors' block (departments nested in it, beta under REML) of a float32 model, with every row
     counted K times: its design-only cross-products and its residual multiplied by K give the update for the
@@ -209,8 +195,8 @@ def test_float32_block_with_nested_small_term_survives_huge_counts():
     0.024, the rest being the float32 rounding of the rows' products) and to 1e-5 at K = 1."""
     upd = jax.jit(cavi.update_block, static_argnames=("spec", "block"))
     with jax.enable_x64(True):
-        model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", _department_frame(), q="structured",
-                                  dtype="float32")
+        data = simulate_departments(3000, 300, 80, n_departments=6)
+        model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", data, q="structured", dtype="float32")
         problem = model.problem
         i = next(i for i, b in enumerate(problem.spec.blocks) if b.small)
         block = problem.spec.blocks[i]

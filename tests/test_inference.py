@@ -13,6 +13,7 @@ import lmevi
 from lmevi import elbo, variational, inference
 from lmevi.inference import StopRule
 from lmevi.likelihood import GAUSSIAN
+from conftest import simulate_departments
 from dense import kernel_problem
 
 closed_form = jax.jit(elbo.closed_form)
@@ -177,18 +178,6 @@ def test_recovers_effects_and_fixed_effects(recovery):
     assert result.fixef()["x"] == pytest.approx(0.5, abs=4 * SIGMA / np.sqrt(N_OBS))
 
 
-def _instructor_rows(n: int, seed: int = 0) -> pd.DataFrame:
-    """InstEval-shaped rows: students n/25, instructors n/65 each with a home department among 14."""
-    rng = np.random.default_rng(seed)
-    ns, nd = n // 25, n // 65
-    home = rng.integers(0, 14, nd)
-    d, s = rng.integers(0, nd, n), rng.integers(0, ns, n)
-    dept = np.where(rng.random(n) < 0.05, rng.integers(0, 14, n), home[d])
-    service = (rng.random(n) < 0.4).astype(np.int8)
-    y = 3 + 0.1 * service + rng.normal(0, 0.3, ns)[s] + rng.normal(0, 0.5, nd)[d] + rng.normal(0, 1.2, n)
-    return pd.DataFrame({"y": y, "service": service, "s": s, "d": d, "dept": dept})
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_fit_loop_keeps_few_row_length_temporaries(dtype):
     """The compiled coordinate-ascent loop's temporaries, per row, on 2^17 InstEval-shaped rows: at most 42
@@ -196,7 +185,8 @@ def test_fit_loop_keeps_few_row_length_temporaries(dtype):
     and float32 sums over rows stopped widening the design, XLA hoisted a normalised copy of every term's codes
     and a float64 copy of X out of the loop (51 bytes a row in both): at 1e8 rows each byte a row is 100 MB."""
     with jax.enable_x64(True):
-        model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", _instructor_rows(1 << 17),
+        n = 1 << 17
+        model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", simulate_departments(n, n // 25, n // 65),
                                   q="structured", dtype=dtype)
         problem = model.problem
         init = lmevi.fitting.initial_params(problem, 0.1)
