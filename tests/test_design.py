@@ -283,3 +283,74 @@ def test_integer_ids_give_the_fit_of_their_labels(frame):
     b, info_b = build("y ~ (1 | g)", text)
     assert info_a.terms[0].levels == info_b.terms[0].levels == ("2", "4", "10", "33")
     np.testing.assert_array_equal(np.asarray(a.terms[0].index), np.asarray(b.terms[0].index))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("extra_rows", [0, 9])
+def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype, extra_rows):
+    """A design made in :class:`lmevi.precision.RowBuffers` is standardised in place (its padded arrays are
+    the results, none copied) and gives exactly the numbers of the copying path (``x / s`` either way), with
+    slopes in a random term, a column that is not standardised (the intercept) and padding rows. The user's
+    columns are never written."""
+    from lmevi.precision import DEVICE_ALIGNMENT, RowBuffers
+    from lmevi.scaling import standardise
+
+    frame = frame.assign(x=frame["x"] * 1e3 + 5.0)  # scales far from 1
+    before = frame.copy(deep=True)
+    formula = parse_formula("y ~ x + (1 | g) + (1 + x | b)")
+    n, n_rows = len(frame), len(frame) + extra_rows
+    want, want_scales = standardise(build_design(formula, frame, dtype)[0], n_rows=n_rows)
+    buffers = RowBuffers(lambda m: m + extra_rows)
+    design, _ = build_design(formula, frame, dtype, buffers=buffers)
+    made = [buffers.whole(a) for a in (design.X, design.terms[0].index, design.terms[1].index,
+                                       design.terms[1].covariates)]
+    in_float64 = dtype == jnp.float64
+    # float32: the float64 arrays made here are rounded to float32 by the design stage (a copy, not in place)
+    assert [m is not None for m in made] == [in_float64, True, True, in_float64]
+    got, scales = standardise(design, n_rows=n_rows, buffers=buffers)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)  # exactly: the same divisions
+    np.testing.assert_array_equal(scales.x_scale, want_scales.x_scale)
+    assert got.terms[0].index is made[1] and got.terms[1].index is made[2]  # no copies
+    if in_float64:
+        assert got.X is made[0] and got.terms[1].covariates is made[3]
+        assert scales.x_scale[0] == 1.0 and scales.x_scale[1] != 1.0
+    for a in jax.tree_util.tree_leaves(got):
+        assert a.ctypes.data % DEVICE_ALIGNMENT == 0
+    pd.testing.assert_frame_equal(frame, before)
+
+
+def test_aligned_host_arrays_are_placed_on_the_cpu_without_a_copy(monkeypatch):
+    """``jax.device_put`` shares an aligned host array of the device's dtype (what ``lmevi.build.place_rows``
+    relies on to keep one copy of a design's rows), and copies a plainly allocated large NumPy array (16 bytes
+    into a page). A model's placed arrays are the standardised host arrays themselves."""
+    import lmevi
+    from lmevi import scaling
+    from lmevi.precision import aligned_zeros
+
+    with jax.enable_x64(True):
+        for dtype, shape in ((np.float64, (1 << 16, 2)), (np.int32, (1 << 16,)), (np.float32, (1 << 16,))):
+            a = aligned_zeros(shape, dtype)
+            assert a.shape == shape and a.dtype == dtype and not a.any()
+            assert jax.device_put(a).unsafe_buffer_pointer() == a.ctypes.data
+        plain = np.zeros(1 << 16)
+        if plain.ctypes.data % 64:  # NumPy's usual allocation: JAX copies it
+            assert jax.device_put(plain).unsafe_buffer_pointer() != plain.ctypes.data
+    rng = np.random.default_rng(2)
+    n = 3000
+    frame = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "g": rng.integers(0, 60, n)})
+    standardised, standardise = [], scaling.standardise
+
+    def spy(*args, **kwargs):
+        out = standardise(*args, **kwargs)
+        standardised.append(out[0])
+        return out
+
+    monkeypatch.setattr("lmevi.build.scaling.standardise", spy)
+    model = lmevi.build_model("y ~ x + (1 + x | g)", frame, q="structured")
+    placed = jax.tree_util.tree_leaves(model.problem.design)
+    hosts = jax.tree_util.tree_leaves(standardised[0])
+    assert len(placed) == len(hosts) == 4  # y, X, the codes and covariates of (1 + x | g)
+    for leaf, host in zip(placed, hosts):
+        assert leaf.unsafe_buffer_pointer() == host.ctypes.data

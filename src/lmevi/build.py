@@ -25,7 +25,7 @@ from lmevi.design import Design, DesignInfo, TermData, build_design
 from lmevi.formula import parse_formula
 from lmevi.likelihood import Likelihood
 from lmevi.options import check_bool, check_choice, check_int, check_real
-from lmevi.precision import on_device, x64
+from lmevi.precision import RowBuffers, on_device, x64
 from lmevi.qfamily import Family
 from lmevi.runtime import sized_jit, small_pages
 from lmevi.scaling import Scales
@@ -186,7 +186,11 @@ def build_model(
                          "variational q (not q='exact') and pad=True (method='cavi')")
     jdtype = DTYPES[dtype]
 
-    raw_design, info = build_design(parse_formula(formula), data, jdtype, missing, collective)
+    # the row arrays are made with their padding rows (each process pads its rows to the same count, a
+    # multiple of its devices), so that standardising and padding them copies nothing
+    local_devices, pad_rows = (1 if sharding is None else len(sharding.addressable_devices)), pad
+    buffers = RowBuffers(lambda n: padded_rows(int(collective.max(n)), local_devices) if pad_rows else n)
+    raw_design, info = build_design(parse_formula(formula), data, jdtype, missing, collective, buffers)
     q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
@@ -195,14 +199,10 @@ def build_model(
     else:
         spec = variational.Q_FAMILIES[q](raw_design, info, reml, small_threshold, blocks, collective=collective)
     n_obs = info.n_obs
-    # fit in standardised units and map back: estimates and warnings do not depend on the data's units; the
-    # standardised arrays are made with their padding rows, so that padding copies nothing (each process
-    # pads its rows to the same count, a multiple of its devices)
-    n_rows = None
-    if pad:
-        local_devices = 1 if sharding is None else len(sharding.addressable_devices)
-        n_rows = padded_rows(int(collective.max(raw_design.y.shape[0])), local_devices)
-    design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective)
+    # fit in standardised units and map back: estimates and warnings do not depend on the data's units;
+    # raw_design's arrays are standardised in place where they were made in buffers (nothing reads them after)
+    n_rows = buffers.n_rows(raw_design.y.shape[0]) if pad else raw_design.y.shape[0]  # exact: no padding
+    design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective, buffers=buffers)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
                            sharding=sharding, n_obs=n_obs)

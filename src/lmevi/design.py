@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 
-from lmevi.precision import host_array
+from lmevi.precision import RowBuffers, host_array
 from lmevi.formula import Formula, RandomTerm
 from lmevi.collective import LOCAL, Local
 from lmevi.labels import Levels, levels_of
@@ -130,7 +130,8 @@ class DesignInfo:
 
 
 def build_design(
-    formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise", collective: Local = LOCAL
+    formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise", collective: Local = LOCAL,
+    buffers: RowBuffers | None = None,
 ) -> tuple[Design, DesignInfo]:
     """Check ``data`` against ``formula`` and build the arrays of the model.
 
@@ -143,6 +144,9 @@ def build_design(
         collective: :data:`lmevi.collective.LOCAL`, or the processes of a multi-process fit, each with its
             own rows of ``data``: levels, counts, checks and ``n_obs`` are then those of all processes' rows,
             and the arrays hold this process's rows coded with the global levels.
+        buffers: where the fixed-effects matrix, covariates and level codes are made with their padding rows
+            (:class:`lmevi.precision.RowBuffers`, which then decides the padded row count, here), so that
+            standardising them needs no copy; ``None``: plain arrays.
 
     Returns:
         ``(design, info)``.
@@ -164,12 +168,14 @@ def build_design(
     columns = _check_columns(formula, data)
     data = _handle_missing(data, columns, missing)
     n_obs = int(collective.sum(len(data)))
+    if buffers is not None:
+        buffers.n_rows(len(data))  # every process at this point (the count may be a collective's)
     y = _response(formula.response, data, collective)
-    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective)
+    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective, buffers)
     terms, infos = [], []
     ones: dict = {}  # the intercept column, built once for every intercept-only term
     for term in formula.random:
-        td, ti = _random_term(term, data, dtype, collective, n_obs, ones)
+        td, ti = _random_term(term, data, dtype, collective, n_obs, ones, buffers)
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms, collective)
@@ -359,10 +365,10 @@ def _response(expr: str, data: pd.DataFrame, collective: Local = LOCAL) -> np.nd
     return y
 
 
-def _fixed(rhs: str, data: pd.DataFrame, collective: Local = LOCAL):
+def _fixed(rhs: str, data: pd.DataFrame, collective: Local = LOCAL, buffers: RowBuffers | None = None):
     """Fixed-effects matrix, with columns aliased on earlier ones dropped (lme4 does this by pivoted QR)."""
     try:
-        X, columns, spec = _design_matrix(rhs, data, collective)
+        X, columns, spec = _design_matrix(rhs, data, collective, buffers)
     except Exception as err:  # formulaic's own errors are detailed but long; keep the first line
         raise ValueError(f"cannot build the fixed effects {rhs!r}: {clean_error(err)}") from None
     names = [lme4_name(c) for c in columns]
@@ -419,11 +425,11 @@ def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) ->
 
 def _random_term(
     term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None,
-    ones: dict | None = None,
+    ones: dict | None = None, buffers: RowBuffers | None = None,
 ) -> tuple[TermData, TermInfo]:
     """The arrays and labels of one random term. ``ones``: a dict shared by the terms of one design, where the
     covariates of intercept-only terms are kept, so that they share one read-only view of a single 1.0 (a
-    column of ones would be 80 MB of fresh memory at 1e7 rows)."""
+    column of ones would be 80 MB of fresh memory at 1e7 rows). ``buffers``: as :func:`build_design`'s."""
     n_obs = len(data) if n_obs is None else n_obs
     if collective.distributed:
         levels = global_levels(data, term.group, collective)
@@ -461,7 +467,7 @@ def _random_term(
         cov, columns, coef_spec = ones["cov"]
     else:
         try:
-            cov, columns, coef_spec = _design_matrix(term.coefs, data, collective)
+            cov, columns, coef_spec = _design_matrix(term.coefs, data, collective, buffers)
         except Exception as err:
             raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
     if cov.shape[1] == 0:
@@ -493,7 +499,12 @@ def _random_term(
         level_keys=levels,
     )
     # an intercept-only term's covariates are the row weight (all ones here): standardising needs no pass
-    data_ = TermData(index=host_array(codes, jnp.int32), covariates=cov if intercept_only else host_array(cov, dtype),
+    if buffers is None:
+        index = host_array(codes, jnp.int32)
+    else:  # narrower codes (a Categorical's int8) widen as they are written, with no int32 copy in between
+        index = buffers.zeros(len(codes), (), np.int32)
+        index[...] = codes
+    data_ = TermData(index=index, covariates=cov if intercept_only else host_array(cov, dtype),
                      n_levels=used, unit=intercept_only)
     return data_, info
 
@@ -583,9 +594,10 @@ class PlainSpec:
     def column_names(self) -> tuple[str, ...]:
         return (("Intercept",) if self.intercept else ()) + self.columns
 
-    def get_model_matrix(self, data: pd.DataFrame, context=None, na_action=None) -> np.ndarray:
-        """``(n, p)`` float64, C-ordered."""
-        out = np.empty((len(data), len(self.column_names)), dtype=np.float64)
+    def get_model_matrix(self, data: pd.DataFrame, context=None, na_action=None, out=None) -> np.ndarray:
+        """``(n, p)`` float64, C-ordered; written into ``out`` when given (an ``(n, p)`` float64 array)."""
+        if out is None:
+            out = np.empty((len(data), len(self.column_names)), dtype=np.float64)
         if self.intercept:
             out[:, 0] = 1.0
         for j, c in enumerate(self.columns, start=int(self.intercept)):
@@ -612,14 +624,17 @@ def _plain_spec(expr: str, data: pd.DataFrame) -> PlainSpec | None:
     return PlainSpec(intercept, columns)
 
 
-def _design_matrix(expr: str, data: pd.DataFrame, collective: Local = LOCAL) -> tuple[np.ndarray, list[str], object]:
+def _design_matrix(
+    expr: str, data: pd.DataFrame, collective: Local = LOCAL, buffers: RowBuffers | None = None
+) -> tuple[np.ndarray, list[str], object]:
     """``(matrix (n, p) float64, formulaic-style column names, spec)`` of one side of the formula: by
-    :class:`PlainSpec` where it applies, else by formulaic (``na_action="raise"``; formulaic's errors pass
-    through). A multi-process fit takes plain sides only: formulaic would code a factor by the levels of
-    this process's rows alone."""
+    :class:`PlainSpec` where it applies (into ``buffers``, when given), else by formulaic
+    (``na_action="raise"``; formulaic's errors pass through). A multi-process fit takes plain sides only:
+    formulaic would code a factor by the levels of this process's rows alone."""
     spec = _plain_spec(expr, data)
     if spec is not None:
-        return spec.get_model_matrix(data), list(spec.column_names), spec
+        out = None if buffers is None else buffers.zeros(len(data), (len(spec.column_names),), np.float64)
+        return spec.get_model_matrix(data, out=out), list(spec.column_names), spec
     if collective.distributed:
         raise ValueError(
             f"{expr!r}: a multi-process fit (distributed=True) takes fixed effects and random-effect covariates "

@@ -93,6 +93,60 @@ def host_array(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.dtype(dtype))
 
 
+# XLA's CPU client takes a host array as the device's buffer without copying it when the array is aligned to
+# this many bytes and already has the device dtype; NumPy's large arrays start 16 bytes into a page, so
+# ``jax.device_put`` copied every row array of a design (at 1e7 rows: 0.5 GB of fresh memory and 0.2-0.3 s).
+DEVICE_ALIGNMENT = 64
+
+
+def aligned_zeros(shape, dtype) -> np.ndarray:
+    """``np.zeros(shape, dtype)`` whose data start on a :data:`DEVICE_ALIGNMENT`-byte boundary, so that
+    ``jax.device_put`` on the CPU shares its memory instead of copying it (the device array then keeps the
+    host array alive; neither may be written afterwards)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + DEVICE_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % DEVICE_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class RowBuffers:
+    """The row arrays of one model, made once with their padding rows, so that standardising writes in place.
+
+    The design stage (:func:`lmevi.design.build_design`) asks for its fixed-effects matrix, covariates and
+    level codes here: each is the first ``n`` rows of an :func:`aligned_zeros` array of ``n_rows`` rows.
+    Standardising (:func:`lmevi.scaling.standardise`) then finds the whole array of such a head through
+    :meth:`whole` and divides it in place instead of copying it into a fresh padded array (at 1e7 rows each
+    copy is fresh memory, whose page faults were most of the design stage), and ``jax.device_put`` shares it.
+    Only arrays made here are ever written in place: any other array (the user's, or one the design stage
+    copied or sliced) is not found by :meth:`whole`. One instance serves one model and is then dropped.
+    """
+
+    def __init__(self, n_rows_of):
+        """``n_rows_of(n) -> n_rows``: the padded row count for ``n`` rows (called once, by :meth:`n_rows`)."""
+        self._n_rows_of = n_rows_of
+        self._n_rows: int | None = None
+        self._made: list[tuple[np.ndarray, np.ndarray]] = []  # (head, whole)
+
+    def n_rows(self, n: int) -> int:
+        """The padded row count of ``n`` rows (the first call decides it: every array has the same rows)."""
+        if self._n_rows is None:
+            self._n_rows = int(self._n_rows_of(int(n)))
+        return self._n_rows
+
+    def zeros(self, n: int, tail: tuple[int, ...], dtype) -> np.ndarray:
+        """``(n, *tail)`` zeros: the head of an aligned ``(n_rows, *tail)`` array of ``dtype``."""
+        whole = aligned_zeros((self.n_rows(n),) + tuple(tail), dtype)
+        head = whole[:n]
+        self._made.append((head, whole))
+        return head
+
+    def whole(self, a) -> np.ndarray | None:
+        """The whole padded array whose head ``a`` is (the very object :meth:`zeros` returned), else ``None``."""
+        return next((whole for head, whole in self._made if head is a), None)
+
+
 def on_device(a, dtype) -> jax.Array:
     """``a`` as a JAX array of ``dtype``, converted on the host and copied with ``jax.device_put``:
     ``jnp.asarray`` and conversions on the device compile a small program for every new shape, which data of

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmevi.precision import host_array, to_host
+from lmevi.precision import RowBuffers, aligned_zeros, to_host
 from lmevi.collective import LOCAL, Local
 from lmevi.design import Design, TermData, column_sd
 from lmevi.variational import QSpec, VIParams
@@ -74,13 +74,22 @@ def _column_scale(M: np.ndarray, ranges, collective: Local = LOCAL) -> np.ndarra
     return np.where(scale > 0, scale, 1.0)
 
 
-def _padded(a: np.ndarray, n_rows: int, dtype, scale=None) -> np.ndarray:
+def _padded(a: np.ndarray, n_rows: int, dtype, scale=None, buffers: RowBuffers | None = None) -> np.ndarray:
     """``a`` (divided column by column by ``scale``, when given) as a C-ordered array of ``dtype`` with zero
     rows appended up to ``n_rows``: one allocation of the final array. At 10^7 rows fresh memory is the cost
-    of this stage (page faults), so no intermediate copy is made."""
+    of this stage (page faults), so no intermediate copy is made; and none at all where ``a`` is the head of a
+    padded array of ``buffers`` (:class:`lmevi.precision.RowBuffers`): that array is divided in place (only its
+    columns whose scale is not 1; ``x / s`` elementwise either way, so the same numbers) and returned."""
+    whole = None if buffers is None else buffers.whole(a)
+    if whole is not None and whole.shape[0] == n_rows and whole.dtype == np.dtype(dtype):
+        if scale is not None:
+            head = whole[: a.shape[0]]
+            for j in np.flatnonzero(np.asarray(scale) != 1.0):
+                head[:, j] /= scale[j]
+        return whole
     a = np.asarray(a)
     n = a.shape[0]
-    out = np.zeros((n_rows,) + a.shape[1:], dtype=np.dtype(dtype))
+    out = aligned_zeros((n_rows,) + a.shape[1:], dtype)
     head = out[:n]
     if scale is None or not np.any(scale != 1.0):
         head[...] = a
@@ -91,7 +100,9 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None) -> np.ndarray:
     return out
 
 
-def standardise(design: Design, n_rows: int | None = None, collective: Local = LOCAL) -> tuple[Design, Scales]:
+def standardise(
+    design: Design, n_rows: int | None = None, collective: Local = LOCAL, buffers: RowBuffers | None = None
+) -> tuple[Design, Scales]:
     """The design in standardised units, and the scales that map back.
 
     Args:
@@ -100,6 +111,9 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
             appended, as :func:`lmevi.build.pad_design` would, but without a second copy. ``None``: ``n``.
         collective: in a multi-process fit, the processes whose rows together set the scales (each
             process standardises its own rows with them).
+        buffers: the :class:`lmevi.precision.RowBuffers` that the design's arrays were made in, if any: those
+            arrays are standardised in place (``design`` then holds standardised numbers afterwards; pass it
+            only for a design nothing else reads).
 
     Returns:
         ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;
@@ -146,18 +160,27 @@ def standardise(design: Design, n_rows: int | None = None, collective: Local = L
     # reading theirs
     weight = None
     if any(unit):
-        weight = np.zeros((n_rows, 1), dtype=np.dtype(dtype))
+        weight = aligned_zeros((n_rows, 1), dtype)
         weight[:n] = 1.0
-    y_out = np.zeros(n_rows, dtype=np.float64)
-    np.subtract(y, y_shift, out=y_out[:n])
-    y_out[:n] /= y_scale
+    y_out = aligned_zeros(n_rows, dtype)
+    if y_out.dtype == np.float64:
+        np.subtract(y, y_shift, out=y_out[:n])
+        y_out[:n] /= y_scale
+    else:  # in float64, then rounded once
+        y_out[:n] = (y - y_shift) / y_scale
+    done: dict = {}  # id of an array -> its standardised array: one that several fields share is done once
+
+    def padded(a, dtype, scale=None):
+        if id(a) not in done:
+            done[id(a)] = (a, _padded(a, n_rows, dtype, scale, buffers))
+        return done[id(a)][1]
+
     scaled = Design(
-        y=host_array(y_out, dtype),
-        X=_padded(X, n_rows, dtype, x_scale),
+        y=y_out,
+        X=padded(design.X, dtype, x_scale),
         terms=tuple(
-            TermData(index=_padded(t.index, n_rows, np.asarray(t.index).dtype),
-                     covariates=weight if u else _padded(t.covariates, n_rows, dtype, s), n_levels=t.n_levels,
-                     unit=u)
+            TermData(index=padded(t.index, np.asarray(t.index).dtype),
+                     covariates=weight if u else padded(t.covariates, dtype, s), n_levels=t.n_levels, unit=u)
             for t, s, u in zip(design.terms, z_scale, unit)
         ),
     )

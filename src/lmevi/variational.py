@@ -187,12 +187,10 @@ def entanglement(design: Design, small: int, large: int, collective: Local = LOC
     ``n_obs``. It is 1.0 when ``large`` is nested in ``small`` (every instructor in one department).
     """
     js, jl = design.terms[small].n_levels, design.terms[large].n_levels
-    # int32 keys where they fit: at 10^7 rows widening both code arrays cost more than the count
-    itype = np.int32 if jl * js < 2**31 else np.int64
-    gs = np.asarray(design.terms[small].index).astype(itype, copy=False)
-    gl = np.asarray(design.terms[large].index).astype(itype, copy=False)
-    key = gl * itype(js)
-    key += gs
+    # the key made in NumPy's index type as it is computed (np.bincount would copy narrower keys into it; at
+    # 10^7 rows widening both code arrays first cost more than the count)
+    key = np.multiply(np.asarray(design.terms[large].index), js, dtype=np.intp)
+    key += np.asarray(design.terms[small].index)
     counts = collective.sum(np.bincount(key, minlength=jl * js))  # over every process's rows
     return float(counts.reshape(-1, js).max(axis=1).sum() / counts.sum())
 
