@@ -305,7 +305,7 @@ def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype
     made = [buffers.whole(a) for a in (design.X, design.terms[0].index, design.terms[1].index,
                                        design.terms[1].covariates)]
     in_float64 = dtype == jnp.float64
-    # float32: the float64 arrays made here are rounded to float32 by the design stage (a copy, not in place)
+    # float32: the float matrices are not made in buffers (the design stage rounds them into a copy)
     assert [m is not None for m in made] == [in_float64, True, True, in_float64]
     got, scales = standardise(design, n_rows=n_rows, buffers=buffers)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):

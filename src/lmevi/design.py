@@ -170,12 +170,15 @@ def build_design(
     n_obs = int(collective.sum(len(data)))
     if buffers is not None:
         buffers.n_rows(len(data))  # every process at this point (the count may be a collective's)
+    # float matrices go into buffers only in a float64 design: a float32 design rounds them into a copy, and a
+    # buffer held meanwhile would keep the float64 matrix alive (at 1e8 rows 1.6 GB of peak memory)
+    float_buffers = buffers if np.dtype(dtype) == np.float64 else None
     y = _response(formula.response, data, collective)
-    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective, buffers)
+    X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective, float_buffers)
     terms, infos = [], []
     ones: dict = {}  # the intercept column, built once for every intercept-only term
     for term in formula.random:
-        td, ti = _random_term(term, data, dtype, collective, n_obs, ones, buffers)
+        td, ti = _random_term(term, data, dtype, collective, n_obs, ones, buffers, float_buffers)
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms, collective)
@@ -425,11 +428,12 @@ def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) ->
 
 def _random_term(
     term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None,
-    ones: dict | None = None, buffers: RowBuffers | None = None,
+    ones: dict | None = None, buffers: RowBuffers | None = None, float_buffers: RowBuffers | None = None,
 ) -> tuple[TermData, TermInfo]:
     """The arrays and labels of one random term. ``ones``: a dict shared by the terms of one design, where the
     covariates of intercept-only terms are kept, so that they share one read-only view of a single 1.0 (a
-    column of ones would be 80 MB of fresh memory at 1e7 rows). ``buffers``: as :func:`build_design`'s."""
+    column of ones would be 80 MB of fresh memory at 1e7 rows). ``buffers``: as :func:`build_design`'s, for the
+    level codes; ``float_buffers``: the same or ``None``, for the covariates."""
     n_obs = len(data) if n_obs is None else n_obs
     if collective.distributed:
         levels = global_levels(data, term.group, collective)
@@ -467,7 +471,7 @@ def _random_term(
         cov, columns, coef_spec = ones["cov"]
     else:
         try:
-            cov, columns, coef_spec = _design_matrix(term.coefs, data, collective, buffers)
+            cov, columns, coef_spec = _design_matrix(term.coefs, data, collective, float_buffers)
         except Exception as err:
             raise ValueError(f"cannot build the covariates of {term.text}: {clean_error(err)}") from None
     if cov.shape[1] == 0:
