@@ -298,7 +298,7 @@ def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype
     frame = frame.assign(x=frame["x"] * 1e3 + 5.0)  # scales far from 1
     before = frame.copy(deep=True)
     formula = parse_formula("y ~ x + (1 | g) + (1 + x | b)")
-    n, n_rows = len(frame), len(frame) + extra_rows
+    n_rows = len(frame) + extra_rows
     want, want_scales = standardise(build_design(formula, frame, dtype)[0], n_rows=n_rows)
     buffers = RowBuffers(lambda m: m + extra_rows)
     design, _ = build_design(formula, frame, dtype, buffers=buffers)
@@ -319,6 +319,8 @@ def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype
     for a in jax.tree_util.tree_leaves(got):
         assert a.ctypes.data % DEVICE_ALIGNMENT == 0
     pd.testing.assert_frame_equal(frame, before)
+    with pytest.raises(RuntimeError, match="in place twice"):  # its head now holds standardised numbers
+        standardise(design, n_rows=n_rows, buffers=buffers)
 
 
 def test_aligned_host_arrays_are_placed_on_the_cpu_without_a_copy(monkeypatch):

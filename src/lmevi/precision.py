@@ -128,6 +128,7 @@ class RowBuffers:
         self._n_rows_of = n_rows_of
         self._n_rows: int | None = None
         self._made: list[tuple[np.ndarray, np.ndarray]] = []  # (head, whole)
+        self._taken: list[np.ndarray] = []  # wholes written in place (take)
 
     def n_rows(self, n: int) -> int:
         """The padded row count of ``n`` rows (the first call decides it: every array has the same rows)."""
@@ -145,6 +146,16 @@ class RowBuffers:
     def whole(self, a) -> np.ndarray | None:
         """The whole padded array whose head ``a`` is (the very object :meth:`zeros` returned), else ``None``."""
         return next((whole for head, whole in self._made if head is a), None)
+
+    def take(self, a) -> np.ndarray | None:
+        """:meth:`whole`, to be written in place: each array can be taken once (a second take raises, since its
+        head no longer holds the numbers it was made with)."""
+        whole = self.whole(a)
+        if whole is not None:
+            if any(w is whole for w in self._taken):
+                raise RuntimeError("a row buffer was standardised in place twice")
+            self._taken.append(whole)
+        return whole
 
 
 def on_device(a, dtype) -> jax.Array:

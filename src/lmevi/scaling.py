@@ -81,7 +81,10 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None, buffers: RowBuffers |
     padded array of ``buffers`` (:class:`lmevi.precision.RowBuffers`): that array is divided in place (only its
     columns whose scale is not 1; ``x / s`` elementwise either way, so the same numbers) and returned."""
     whole = None if buffers is None else buffers.whole(a)
-    if whole is not None and whole.shape[0] == n_rows and whole.dtype == np.dtype(dtype):
+    if whole is not None and (whole.shape[0] != n_rows or whole.dtype != np.dtype(dtype)):
+        whole = None  # padded otherwise (q="exact" takes no padding rows): copied below
+    if whole is not None:
+        whole = buffers.take(a)
         if scale is not None:
             head = whole[: a.shape[0]]
             for j in np.flatnonzero(np.asarray(scale) != 1.0):
@@ -168,12 +171,14 @@ def standardise(
         y_out[:n] /= y_scale
     else:  # in float64, then rounded once
         y_out[:n] = (y - y_shift) / y_scale
-    done: dict = {}  # id of an array -> its standardised array: one that several fields share is done once
+    # (array, dtype, scale) -> its standardised array: fields that share an array and its scale share the result
+    done: dict = {}
 
     def padded(a, dtype, scale=None):
-        if id(a) not in done:
-            done[id(a)] = (a, _padded(a, n_rows, dtype, scale, buffers))
-        return done[id(a)][1]
+        key = (id(a), np.dtype(dtype).str, None if scale is None else tuple(np.asarray(scale, np.float64).tolist()))
+        if key not in done:
+            done[key] = (a, _padded(a, n_rows, dtype, scale, buffers))
+        return done[key][1]
 
     scaled = Design(
         y=y_out,
