@@ -52,7 +52,7 @@ def row_dot(r: jax.Array, M: jax.Array, dtype=None) -> jax.Array:
     float32 residual, carries already."""
     if r.dtype == jnp.float32 or M.dtype == jnp.float32:
         return jnp.sum(wide(r[:, None] * M), axis=0).astype(r.dtype if dtype is None else dtype)
-    return r @ M
+    return r @ M if dtype is None else (r @ M).astype(dtype)
 
 
 def row_gram(M: jax.Array) -> jax.Array:
@@ -104,7 +104,7 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
     ``jax.device_put`` on the CPU shares its memory instead of copying it (the device array then keeps the
     host array alive; neither may be written afterwards)."""
     dtype = np.dtype(dtype)
-    shape = tuple(int(d) for d in np.atleast_1d(shape)) if np.ndim(shape) else (int(shape),)
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.zeros(nbytes + DEVICE_ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % DEVICE_ALIGNMENT

@@ -81,10 +81,9 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None, buffers: RowBuffers |
     padded array of ``buffers`` (:class:`lmevi.precision.RowBuffers`): that array is divided in place (only its
     columns whose scale is not 1; ``x / s`` elementwise either way, so the same numbers) and returned."""
     whole = None if buffers is None else buffers.whole(a)
-    if whole is not None and (whole.shape[0] != n_rows or whole.dtype != np.dtype(dtype)):
-        whole = None  # padded otherwise (q="exact" takes no padding rows): copied below
-    if whole is not None:
-        whole = buffers.take(a)
+    # a buffer padded otherwise (q="exact" takes no padding rows) is copied below
+    if whole is not None and whole.shape[0] == n_rows and whole.dtype == np.dtype(dtype):
+        buffers.take(a)
         if scale is not None:
             head = whole[: a.shape[0]]
             for j in np.flatnonzero(np.asarray(scale) != 1.0):
