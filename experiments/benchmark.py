@@ -94,6 +94,7 @@ def parse_args(argv):
     p.add_argument("--csv", help=argparse.SUPPRESS)
     p.add_argument("--light", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one-core", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-backend-thread", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--idle-timeout", type=float, default=60.0,
                    help="a scaling process that used under 2%% of a core for this many seconds counts as hung")
     args = p.parse_args(argv)

@@ -79,3 +79,21 @@ def test_lme4_extrapolation_uses_the_last_two_sizes_and_never_grows_slower_than_
     assert math.isclose(predict_lme4([(10_000, 0.4), (100_000, 120.0)], 1_000_000), 120.0 * 300.0, rel_tol=1e-9)
     # faster than linear growth is read as linear
     assert math.isclose(predict_lme4([(10_000, 1.0), (100_000, 2.0)], 1_000_000), 20.0, rel_tol=1e-9)
+
+
+def test_gpu_script_runs_on_whatever_device_and_records_the_target(tmp_path, monkeypatch):
+    """experiments/benchmark_gpu.py runs end to end on the default device (here the CPU) at a tiny size: the
+    untimed run that warms the cache, the timed first call, the side-by-side first calls, and a record whose
+    target row is that first call. The target size is shrunk to the tiny one so that every part runs."""
+    spec = importlib.util.spec_from_file_location("lmevi_benchmark_gpu", SCRIPT.parent / "benchmark_gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    monkeypatch.setattr(gpu, "TARGET_ROWS", 2_000)
+    res = gpu.main(["--sizes", "2e3", "--warm-from", "2e3", "--repeats", "1", "--skip-insteval",
+                    "--out", str(tmp_path)])
+    (row,) = res["scaling"]
+    assert row["cache_warm_at_first_call"] is True and _positive(row["fit_seconds_first_call_empty_cache"])
+    assert all(_positive(v) for v in res["first_call_variants"].values())
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert gpu.target_row(saved)["seconds"] == row["fit_seconds_first_call"]
+    assert "first call in a fresh process (warm compilation cache)" in (tmp_path / "gpu.md").read_text()

@@ -31,13 +31,16 @@ SCRIPT = textwrap.dedent(
     {simulate}
     frame = simulate_crossed()
     m = lmevi.fit({formula!r}, frame, q="structured", tol=1e-14, num_steps=3000, progress=False)
+    import threading
+    backend_thread = dict(started=len(lmevi.runtime._starting),
+                          alive=[t.name for t in threading.enumerate() if t.name.startswith("lmevi")])
     ranef = m.ranef()
     pred = m.predict(frame)
     print(json.dumps(dict(
         after_import=after_import,
         x64_after_fit=bool(jax.config.jax_enable_x64),
         matplotlib_after_fit="matplotlib" in sys.modules,
-        flags_after_fit=os.environ.get("XLA_FLAGS", ""),
+        flags_after_fit=os.environ.get("XLA_FLAGS", ""), backend_thread=backend_thread,
         sd=[float(v) for v in m.sd()], condsd=[float(v) for v in ranef.condsd], pred=[float(v) for v in pred],
         sigma_dtype=str(m.params.model.sigma.dtype),
         cache_dir=jax.config.jax_compilation_cache_dir, executables=lmevi.runtime.EXECUTABLE_STATS,
@@ -91,6 +94,16 @@ def test_xla_cpu_workaround_only_when_lmevi_starts_jax(fresh):
     assert jax_first["flags_after_fit"] == ""
     assert jax_first["cache_dir"] is None  # nor is a compilation cache chosen for that process
     np.testing.assert_allclose(jax_first["sd"], fresh["sd"], rtol=1e-12)
+
+
+def test_backend_started_beside_the_design_stage_only_when_lmevi_starts_jax(fresh):
+    """At the first fit, when JAX has not started, lmevi starts JAX's backend on one helper thread while the
+    design stage runs (lmevi.runtime.start_backend; on a GPU that hides JAX's memory reservation behind the
+    design), and joins it before the first transfer: none is left running after the fit. A user whose JAX ran
+    first gets no thread."""
+    assert fresh["backend_thread"] == {"started": 1, "alive": []}
+    jax_first = run_fresh(jax_first=True, cache_dir="off")
+    assert jax_first["backend_thread"] == {"started": 0, "alive": []}
 
 
 def fresh_cache_dir(result: dict):

@@ -245,6 +245,8 @@ def worker_scale(args) -> dict:
     """One simulated size: recommended fit (first call, warm), then per-sweep and ELBO+gradient timings."""
     import lmevi
 
+    if getattr(args, "no_backend_thread", False):  # side by side: JAX's backend started by the fit itself
+        lmevi.runtime.start_backend = lambda: False
     df, truth = simulate(args.n_obs, args.seed)
     if args.csv:
         out = df.copy()

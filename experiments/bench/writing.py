@@ -89,6 +89,9 @@ def targets_table(ins: dict, rows: list[dict], slopes: dict) -> list[dict]:
     at_most("1e8 rows from Parquet row shards (read + first call) <= 3 min",
             None if big is None else big["parquet_read_seconds"] + big["fit_seconds_first_call"], 180.0)
     at_most("1e8 rows peak RSS <= 16 GB", None if big is None else big["peak_rss_gb"], 16.0)
+    gpu = row_gpu()
+    at_most("GPU (separate run): 1e7 rows from a DataFrame, end to end, first call <= 3 s",
+            None if gpu is None else gpu["seconds"], 3.0)
     return out
 
 
@@ -230,6 +233,13 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
                  f"in {big['parquet_read_seconds']:.0f} s, fitted ({big['dtype']}, first call) in "
                  f"{big['fit_seconds_first_call']:.0f} s, {big['steps']} steps, peak RSS {big['peak_rss_gb']:.1f} GB; "
                  f"the whole process (start, import, read, fit) {big['job_seconds_whole']:.0f} s.")
+    gpu = row_gpu()
+    if gpu:
+        L.append("")
+        L.append(f"GPU (separate run, `experiments/benchmark_gpu.py`, {gpu['device']}, JAX {gpu['jax']}: "
+                 "`results/benchmark/gpu/gpu.md`): 1e7 rows from a DataFrame, first call in a fresh process "
+                 f"({'warm' if gpu['cache_warm'] else 'empty'} compilation cache) {gpu['seconds']:.2f} s, "
+                 f"repeated {gpu['fit_seconds_warm']:.2f} s.")
     L.append("")
     L.append(f"### What limits speed now (one sweep at {prof['n_obs']:,} rows)")
     L.append("")
@@ -282,6 +292,23 @@ def row_1e8() -> dict | None:
             "converged": res["converged"], "sd": res["sd"]["distributed"]}
 
 
+# The GPU part runs where a GPU is lent (experiments/benchmark_gpu.py); the benchmark reports its record.
+FILE_GPU = Path(__file__).resolve().parents[2] / "results" / "benchmark" / "gpu" / "gpu.json"
+
+
+def row_gpu() -> dict | None:
+    """The GPU record's 1e7-row first call (``experiments/benchmark_gpu.py``), or ``None`` where there is none."""
+    if not FILE_GPU.exists():
+        return None
+    res = json.loads(FILE_GPU.read_text())
+    row = next((r for r in res.get("scaling", []) if r["n_obs"] == 10_000_000), None)
+    if row is None or "cache_warm_at_first_call" not in row:  # a record from before the first call was measured so
+        return None
+    return {"seconds": row["fit_seconds_first_call"], "device": res["machine"]["device"],
+            "jax": res["machine"]["jax"], "cache_warm": row["cache_warm_at_first_call"],
+            "fit_seconds_warm": row["fit_seconds"]}
+
+
 def write_outputs(out_dir: Path, args, ins: dict, scal: list[dict], slopes: dict, lo: int, hi: int, prof: dict,
                   machine: dict, start: float, sharded: dict | None = None) -> dict:
     """Write the tables, ``benchmark.json`` and ``benchmark.md`` to ``out_dir``, log the summary and return
@@ -301,6 +328,7 @@ def write_outputs(out_dir: Path, args, ins: dict, scal: list[dict], slopes: dict
         "targets": targets,
         "sharded": sharded,
         "1e8": row_1e8(),
+        "gpu": row_gpu(),
         "machine": machine,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                      if not k.startswith("worker") and k not in ("dtype", "num_steps", "data", "cap", "chunk",

@@ -27,7 +27,7 @@ from lmevi.likelihood import Likelihood
 from lmevi.options import check_bool, check_choice, check_int, check_real
 from lmevi.precision import RowBuffers, on_device, x64
 from lmevi.qfamily import Family
-from lmevi.runtime import sized_jit, small_pages
+from lmevi.runtime import backend_ready, sized_jit, small_pages
 from lmevi.scaling import Scales
 from lmevi.variational import BlockData, QSpec
 
@@ -341,6 +341,7 @@ def make_problem(
             already padded (as :func:`lmevi.scaling.standardise` makes them; each process's own rows then);
             ``None``: every row is an observation, and padding (``pad=True``) appends the rows.
     """
+    backend_ready()  # JAX's backend, started beside the design stage (lmevi.runtime.start_backend)
     n = design.y.shape[0] if n_obs is None else int(n_obs)
     level_mask = None
     if pad:
