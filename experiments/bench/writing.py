@@ -208,7 +208,8 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
                  f"{r['seconds_per_eval'] * 1e3:.3g} | {r['peak_rss_gb']:.2f} | {lm} | {r.get('cores_used', '')} |")
     L.append("")
     L.append("A step of the default fit is one SQUAREM iteration (three coordinate-ascent sweeps). Fit times are "
-             "whole `lmevi.fit` calls (design, compiled loop, results); peak RSS is that of the fitting process "
+             "whole `lmevi.fit` calls (design, compiled loop, results); design is the design stage alone "
+             "(`lmevi.build_model`), median of 3 builds after the fits; peak RSS is that of the fitting process "
              "up to the end of its fits.")
     L.append("")
     L.append("Log-log slopes of time against rows: " + ", ".join(
@@ -238,7 +239,7 @@ def write_markdown(path: Path, ins, rows_t, targets, scal, slopes, prof, machine
         L.append("")
         L.append(f"GPU (separate run, `experiments/benchmark_gpu.py`, {gpu['device']}, JAX {gpu['jax']}: "
                  "`results/benchmark/gpu/gpu.md`): 1e7 rows from a DataFrame, first call in a fresh process "
-                 f"({'warm' if gpu['cache_warm'] else 'empty'} compilation cache) {gpu['seconds']:.2f} s, "
+                 f"({'warm' if gpu['cache_warm'] else 'as found'} compilation cache) {gpu['seconds']:.2f} s, "
                  f"repeated {gpu['fit_seconds_warm']:.2f} s.")
     L.append("")
     L.append(f"### What limits speed now (one sweep at {prof['n_obs']:,} rows)")
