@@ -190,3 +190,20 @@ def kernel_problem(design: Design, spec, fixed_sigma: float | None = None):
     from lmevi.build import make_problem
 
     return make_problem(design, spec, fixed_sigma=fixed_sigma)
+
+
+def dense_kl_part(spec: QSpec, params: VIParams, mean: np.ndarray, cov: np.ndarray) -> float:
+    """``E_q[log p(b)] + H[q]`` for q's dense ``mean`` and ``cov`` (:func:`dense_q`):
+    ``-D/2 log 2 pi + 1/2 log|P| - 1/2 (m^T P m + tr(P C))`` over the random effects plus
+    ``H = 1/2 log|2 pi e C|`` over all of q (beta included when it is in q)."""
+    slices, _, _ = coordinates(spec)
+    b = np.concatenate([np.arange(s.start, s.stop) for s in slices])
+    P = dense_prior_precision(spec, params.model.chol)[np.ix_(b, b)]
+    m_b, C_b = mean[b], cov[np.ix_(b, b)]
+    prior = (
+        -0.5 * len(b) * np.log(2 * np.pi)
+        + 0.5 * np.linalg.slogdet(P)[1]
+        - 0.5 * (m_b @ P @ m_b + np.trace(P @ C_b))
+    )
+    entropy = 0.5 * np.linalg.slogdet(2 * np.pi * np.e * cov)[1]
+    return prior + entropy

@@ -103,7 +103,7 @@ def test_data_must_be_a_data_frame(frame):
     "options, names",
     [
         (dict(family="exact"), "family"),
-        (dict(family="poisson"), "family"),
+        (dict(family="gamma"), "family"),
         (dict(q="exactly"), "q"),
         (dict(method="adam"), "method"),
         (dict(elbo="sampled"), "elbo"),

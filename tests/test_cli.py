@@ -109,7 +109,7 @@ def test_help_exits_zero_and_documents_every_option(capsys):
     for option, words in {
         "--out DIR": "created if missing",
         "--q {structured,meanfield,exact,auto}": "fits lme4's",
-        "--family {gaussian,structured,meanfield}": "likelihood",
+        "--family {gaussian,poisson,binomial,structured,meanfield}": "likelihood",
         "--ml": "ML-like",
         "--method {cavi,optax}": "coordinate ascent",
         "--elbo {closed_form,mc}": "Monte Carlo",

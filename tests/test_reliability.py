@@ -137,7 +137,7 @@ def test_exactly_constant_response_is_refused(frame):
     [
         (dict(reml="no"), TypeError, "reml"),
         (dict(reml="False"), TypeError, "reml"),
-        (dict(reml=None), TypeError, "reml"),
+        (dict(reml=1), TypeError, "reml"),
         (dict(reml=0), TypeError, "reml"),
         (dict(seed="abc"), TypeError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),

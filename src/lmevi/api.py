@@ -32,7 +32,7 @@ def fit(
     *,
     family: str = "gaussian",
     q: str | None = None,
-    reml: bool = True,
+    reml: bool | None = None,
     method: str | None = None,
     elbo: str = "closed_form",
     optimizer: optax.GradientTransformation | None = None,
@@ -58,9 +58,12 @@ def fit(
     Args:
         formula: lme4 syntax, e.g. ``"y ~ service + (1|s) + (1|d) + (1|dept)"``.
         data: one row per observation.
-        family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (the only one for now;
-            :mod:`lmevi.likelihood`). ``family="structured"`` or ``"meanfield"``, the spelling of q before it
-            had its own option, still works with a ``DeprecationWarning``.
+        family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (default, ``lmer``), ``"poisson"``
+            (log link) or ``"binomial"`` (logit link, a 0/1 response; booleans and two-level columns are read
+            as 0/1, the second level as success): :mod:`lmevi.likelihood`, :mod:`lmevi.glm`. The generalized
+            ones have no dispersion, as ``glmer``; coordinate ascent fits them by working-response steps
+            (:mod:`lmevi.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO. ``family="structured"`` or ``"meanfield"``, the spelling
+            of q before it had its own option, still works with a ``DeprecationWarning``.
         q: ``"auto"`` (default: ``"exact"`` when lme4's criterion applies -- Gaussian, sigma estimated, no
             ``blocks``, float64, coordinate ascent -- and its dense block has at most
             ``lmevi.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``
@@ -68,10 +71,12 @@ def fit(
             estimates and log-likelihood), ``"structured"`` (variational: small grouping factors share a
             Gaussian block with the large factor they are nested in, see :mod:`lmevi.variational`) or
             ``"meanfield"`` (the tutorial's fully factorised q).
-        reml: ``True`` (default, as lme4's ``REML = TRUE``) puts beta in q with a flat prior, so the fit
-            targets REML estimates; ``False`` makes beta a point estimate (ML-like, and the tutorial's).
-        method: ``"cavi"`` (closed-form coordinate ascent) or ``"optax"``; default ``"optax"`` when an
-            optimizer is given or ``elbo="mc"``, else ``"cavi"``.
+        reml: ``True`` puts beta in q with a flat prior, so the fit targets REML estimates; ``False`` makes
+            beta a point estimate (ML-like, and the tutorial's). Default (``None``): ``True`` for the Gaussian
+            (lme4's ``lmer``, ``REML = TRUE``), ``False`` for the generalized families (``glmer`` has no REML;
+            ``reml=True`` there integrates beta under q, which gives its posterior covariance).
+        method: ``"cavi"`` (coordinate ascent) or ``"optax"``; default ``"optax"`` when an optimizer is given
+            or ``elbo="mc"``, else ``"cavi"``.
         elbo: ``"closed_form"`` (exact) or ``"mc"`` (Edward's KLqp estimate; optax only).
         optimizer: an optax ``GradientTransformation``; default ``optax.lbfgs()`` for the closed-form ELBO
             and :func:`edward_adam` for ``elbo="mc"``.

@@ -130,7 +130,7 @@ def build_model(
     *,
     family: str = "gaussian",
     q: str = "auto",
-    reml: bool = True,
+    reml: bool | None = None,
     residual_scale: float | None = None,
     blocks=None,
     small_threshold: int = 50,
@@ -162,7 +162,12 @@ def build_model(
     """
     like = likelihood_lib.get(family)
     q = check_choice("q", q, Q_CHOICES)
-    reml = check_bool("reml", reml)
+    reml = check_bool("reml", like.name == "gaussian" if reml is None else reml)  # lmer: REML; glmer: ML
+    if residual_scale is not None and not like.has_dispersion:
+        raise ValueError(f"residual_scale fixes the Gaussian's residual SD; family={family!r} has none")
+    if not like.moment_form and (distributed or devices is not None):
+        raise ValueError(f"family={family!r} fits run in one process on one device: leave devices=None and "
+                         "distributed=False")
     if blocks is not None and q not in ("structured", "auto"):
         raise ValueError("blocks= applies to q='structured' only")
     if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
@@ -190,7 +195,10 @@ def build_model(
     # multiple of its devices), so that standardising and padding them copies nothing
     local_devices, pad_rows = (1 if sharding is None else len(sharding.addressable_devices)), pad
     buffers = RowBuffers(lambda n: padded_rows(int(collective.max(n)), local_devices) if pad_rows else n)
-    raw_design, info = build_design(parse_formula(formula), data, jdtype, missing, collective, buffers)
+    parsed = parse_formula(formula)
+    raw_design, info = build_design(parsed, data, jdtype, missing, collective, buffers, encode_response=like.encode,
+                                     dispersion=like.has_dispersion)
+    like.check(np.asarray(raw_design.y), parsed.response)
     q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
         # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
@@ -202,8 +210,11 @@ def build_model(
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units;
     # raw_design's arrays are standardised in place where they were made in buffers (nothing reads them after)
     n_rows = buffers.n_rows(raw_design.y.shape[0]) if pad else raw_design.y.shape[0]  # exact: no padding
-    design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective, buffers=buffers)
+    design, scales = scaling.standardise(raw_design, n_rows=n_rows, collective=collective, buffers=buffers,
+                                         scale_y=like.standardise_y)
     fixed = None if residual_scale is None else residual_scale / scales.y_scale
+    if not like.has_dispersion:
+        fixed = 1.0  # the ELBO reads no sigma; held at 1 (lme4's dispersion of a Poisson or binomial glmer)
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
                            sharding=sharding, n_obs=n_obs)
     return Model(

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ml",
         action="store_true",
-        help="make the fixed effects a point estimate (ML-like); by default they are in q with a flat "
-        "prior, which targets REML estimates as lme4's default REML = TRUE",
+        help="make the fixed effects a point estimate (ML-like); by default (Gaussian family) they are in q "
+        "with a flat prior, which targets REML estimates as lme4's default REML = TRUE; the poisson and "
+        "binomial families are fitted by ML, as glmer",
     )
     p.add_argument(
         "--method",
@@ -210,7 +211,7 @@ def run_fit(args: argparse.Namespace) -> int:
                 data,
                 family=args.family,
                 q=None if args.family in Q_FAMILIES else args.q,
-                reml=not args.ml,
+                reml=False if args.ml else None,
                 method=args.method,
                 elbo=args.elbo,
                 num_samples=args.num_samples,

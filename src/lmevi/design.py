@@ -131,7 +131,7 @@ class DesignInfo:
 
 def build_design(
     formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise", collective: Local = LOCAL,
-    buffers: RowBuffers | None = None,
+    buffers: RowBuffers | None = None, encode_response=None, dispersion: bool = True,
 ) -> tuple[Design, DesignInfo]:
     """Check ``data`` against ``formula`` and build the arrays of the model.
 
@@ -147,6 +147,11 @@ def build_design(
         buffers: where the fixed-effects matrix, covariates and level codes are made with their padding rows
             (:class:`lmevi.precision.RowBuffers`, which then decides the padded row count, here), so that
             standardising them needs no copy; ``None``: plain arrays.
+        encode_response: the likelihood's ``encode(column, name)`` (:mod:`lmevi.likelihood`), which reads a
+            response column that is not numeric (the binomial's two levels); ``None``: numbers only.
+        dispersion: the likelihood has a residual variance (the Gaussian). Without one (Poisson, binomial) a
+            grouping factor may have a level per row (an observation-level random effect, as in lme4's
+            ``grouseticks`` example): only more random effects than rows is refused.
 
     Returns:
         ``(design, info)``.
@@ -173,12 +178,12 @@ def build_design(
     # float matrices go into buffers only in a float64 design: a float32 design rounds them into a copy, and a
     # buffer held meanwhile would keep the float64 matrix alive (at 1e8 rows 1.6 GB of peak memory)
     float_buffers = buffers if np.dtype(dtype) == np.float64 else None
-    y = _response(formula.response, data, collective)
+    y = _response(formula.response, data, collective, encode_response)
     X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective, float_buffers)
     terms, infos = [], []
     ones: dict = {}  # the intercept column, built once for every intercept-only term
     for term in formula.random:
-        td, ti = _random_term(term, data, dtype, collective, n_obs, ones, buffers, float_buffers)
+        td, ti = _random_term(term, data, dtype, collective, n_obs, ones, buffers, float_buffers, dispersion)
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms, collective)
@@ -342,8 +347,11 @@ def _handle_missing(data: pd.DataFrame, columns, missing: str) -> pd.DataFrame:
     return data.loc[~bad_rows]
 
 
-def _response(expr: str, data: pd.DataFrame, collective: Local = LOCAL) -> np.ndarray:
-    if expr in data.columns:
+def _response(expr: str, data: pd.DataFrame, collective: Local = LOCAL, encode=None) -> np.ndarray:
+    encoded = None if encode is None or expr not in data.columns else encode(data[expr], expr)
+    if encoded is not None:
+        y = encoded
+    elif expr in data.columns:
         col = data[expr]
         if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
             raise ValueError(f"the response {expr!r} must be numeric, but its dtype is {col.dtype}")
@@ -429,6 +437,7 @@ def _check_scales(X: np.ndarray, names: list[str], collective: Local = LOCAL) ->
 def _random_term(
     term: RandomTerm, data: pd.DataFrame, dtype, collective: Local = LOCAL, n_obs: int | None = None,
     ones: dict | None = None, buffers: RowBuffers | None = None, float_buffers: RowBuffers | None = None,
+    dispersion: bool = True,
 ) -> tuple[TermData, TermInfo]:
     """The arrays and labels of one random term. ``ones``: a dict shared by the terms of one design, where the
     covariates of intercept-only terms are kept, so that they share one read-only view of a single 1.0 (a
@@ -447,7 +456,7 @@ def _random_term(
             f"the grouping factor {term.group_name!r} of {term.text} has {used} level "
             "in the data; a random effect needs at least two"
         )
-    if used >= n_obs:
+    if used >= n_obs and dispersion:
         raise ValueError(
             f"the grouping factor {term.group_name!r} of {term.text} has as many levels ({used}) as there are "
             "rows: its variance cannot be told apart from the residual variance"
@@ -487,7 +496,7 @@ def _random_term(
             f"{[coef_names[j] for j in keep]}, so their variances and correlations are not identified; "
             "drop the dependent column(s) from the term"
         )
-    if used * cov.shape[1] >= n_obs:
+    if used * cov.shape[1] > n_obs - dispersion:
         raise ValueError(
             f"the random term {term.text} has {used * cov.shape[1]} random effects for {n_obs} rows: "
             "with at least as many random effects as observations the model is not identifiable"

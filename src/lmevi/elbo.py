@@ -52,7 +52,11 @@ def closed_form(problem, params: VIParams) -> jax.Array:
         ell = like.expected_log_lik_from_sums(sum_of_squares(resid), var_sum, problem.n_obs, params.model.sigma)
     else:
         mean, var = q.row_moments(design, problem.spec, params.blocks, problem.block_data)
-        ell = jnp.sum(like.expected_log_density(design.y, offset + mean, var, params.model.sigma))
+        # padding rows after the data's drop out (their variance set to 1 first: a zero variance has no finite
+        # derivative under quadrature, and NaN times the zero weight of jnp.where's gradient stays NaN)
+        rows = jnp.arange(design.y.shape[0]) < problem.n_rows
+        var = jnp.where(rows, var, 1.0)
+        ell = jnp.sum(jnp.where(rows, like.expected_log_density(design.y, offset + mean, var, params.model.sigma), 0.0))
     return ell + kl_part(problem, params)
 
 

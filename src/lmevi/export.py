@@ -36,7 +36,7 @@ import numpy as np
 
 from lmevi import variational
 from lmevi.precision import x64
-from lmevi.results import FitResult, sd_components
+from lmevi.results import FitResult
 
 FIXED_VAR, FIXED_DIM = "fixef", "coef"
 SD_VAR, SD_DIM = "sd", "component"
@@ -86,7 +86,8 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
     dims[FIXED_VAR] = [FIXED_DIM]
     coords[FIXED_DIM] = fixed_names
 
-    labels, values = sd_components(result.info, result.params.model.chol, float(result.params.model.sigma))
+    sd = result.sd()  # the random coefficients' SDs, and the residual's where the family has one
+    labels, values = list(sd.index), sd.to_numpy()
     posterior[SD_VAR] = np.broadcast_to(values, (1, num_samples, len(values)))
     dims[SD_VAR] = [SD_DIM]
     coords[SD_DIM] = labels

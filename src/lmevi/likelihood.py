@@ -10,12 +10,18 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
 * ``start(X, y, n_obs)``: starting values ``(beta (p,), dispersion ())``;
 * ``moment_form``: ``True`` when the summed expected log-density depends on q only through
   ``sum_i (r_i - mean_i)^2`` and ``sum_i var_i`` (:meth:`Gaussian.expected_log_lik_from_sums`), which is what
-  lets the closed-form ELBO skip the per-row variances and coordinate ascent update q in closed form.
+  lets the closed-form ELBO skip the per-row variances and coordinate ascent update q in closed form;
+* ``standardise_y``: whether the design stage may centre and scale the response (the Gaussian's units are
+  free; a count's or a 0/1 response's are not);
+* ``encode(column, name)``: the response column as numbers where the likelihood reads a non-numeric one (the
+  binomial's two levels), else ``None``; ``check(y, name)``: a ``ValueError`` naming what the response may not
+  hold (counts, 0/1);
+* ``deviance_residuals(y, mu)``: lme4's default ``residuals`` (the response residuals for the Gaussian).
 
-Gaussian is the only one now. A new likelihood (binomial, Poisson) is one new class here with
-``moment_form = False``; the closed-form ELBO then takes the per-row variances from the q seam and the optax
-path fits it (see :mod:`lmevi.fitting`, which refuses ``method="cavi"`` for it). Register it in
-:data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
+The Gaussian lives here; the generalized ones (Poisson, binomial) are one module, :mod:`lmevi.glm`, with
+``moment_form = False``: the closed-form ELBO then takes the per-row variances from the q seam and the optax
+path fits it (:func:`lmevi.fit` takes ``method="optax"`` for them and refuses ``method="cavi"``). Each is
+registered in :data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from lmevi import glm
 from lmevi.precision import wide
 
 LOG_2PI = 1.8378770664093453
@@ -38,6 +45,7 @@ class Likelihood(Protocol):
     link: str
     has_dispersion: bool
     moment_form: bool
+    standardise_y: bool
 
     def log_density(self, y: jax.Array, eta: jax.Array, dispersion: jax.Array) -> jax.Array: ...
 
@@ -49,6 +57,12 @@ class Likelihood(Protocol):
 
     def start(self, X: jax.Array, y: jax.Array, n_obs) -> tuple[jax.Array, jax.Array]: ...
 
+    def encode(self, column, name: str): ...
+
+    def check(self, y, name: str) -> None: ...
+
+    def deviance_residuals(self, y, mu): ...
+
 
 @dataclass(frozen=True)
 class Gaussian:
@@ -58,6 +72,7 @@ class Gaussian:
     link: str = "identity"
     has_dispersion: bool = True
     moment_form: bool = True
+    standardise_y: bool = True
 
     def log_density(self, y, eta, dispersion):
         """``(n_obs,)`` ``log N(y_i | eta_i, sigma^2)``."""
@@ -82,11 +97,20 @@ class Gaussian:
         beta = beta.astype(y.dtype)
         return beta, jnp.sqrt(jnp.sum(wide(y - X @ beta) ** 2) / n_obs).astype(y.dtype)
 
+    def encode(self, column, name: str):
+        return None  # numbers only (lmevi.design says why otherwise)
+
+    def check(self, y, name: str) -> None:
+        return None  # any finite number
+
+    def deviance_residuals(self, y, mu):
+        return y - mu
+
 
 GAUSSIAN = Gaussian()
 
 # lme4's family names -> likelihood objects.
-LIKELIHOODS: dict[str, Likelihood] = {"gaussian": GAUSSIAN}
+LIKELIHOODS: dict[str, Likelihood] = {"gaussian": GAUSSIAN, "poisson": glm.POISSON, "binomial": glm.BINOMIAL}
 
 
 def get(name: str) -> Likelihood:

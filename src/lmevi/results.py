@@ -26,6 +26,7 @@ from lmevi.variational import QSpec, VIParams
 from lmevi.inference import RunInfo, StopRule
 from lmevi.model import cov_sd_corr
 from lmevi import fitting, scaling
+from lmevi import likelihood as likelihood_lib
 from lmevi.precision import to_host, x64
 from lmevi.runtime import sized_jit
 from lmevi.scaling import Scales, relative_chol
@@ -35,7 +36,7 @@ class FitOptions(NamedTuple):
     """The options a fit ran with, as a typed record.
 
     Attributes:
-        family: the likelihood (``"gaussian"``).
+        family: the likelihood (``"gaussian"``, ``"poisson"``, ``"binomial"``).
         q: the variational family (``"structured"`` or ``"meanfield"``).
         reml: whether beta is in q (REML-like).
         method, elbo, num_samples, accelerate, seed: as :func:`lmevi.fit` took them.
@@ -99,7 +100,10 @@ class FitResult:
         """Whether the fit is exact: ``q="exact"`` (lme4's profiled criterion), or a variational q that is the
         exact posterior of the random effects (and of beta when ``reml=True``) given the variance components,
         which holds when everything random lies in one block (one grouping factor, or one large factor with
-        small ones). The ELBO is then the log-likelihood (ML) or the REML log-likelihood."""
+        small ones) under the Gaussian likelihood. The ELBO is then the log-likelihood (ML) or the REML
+        log-likelihood. Never for the Poisson and binomial families, whose posterior is not Gaussian."""
+        if self.options.family != "gaussian":
+            return False
         return self.options.q == "exact" or len(self.spec.blocks) == 1
 
     @property
@@ -266,7 +270,8 @@ class FitResult:
 
         Returns:
             Columns ``grp, var1, var2, vcov, sdcor``: per term a row per coefficient (variance and SD), then
-            a row per pair (covariance and correlation); the residual last as ``Residual``.
+            a row per pair (covariance and correlation); the residual last as ``Residual`` (not for the
+            Poisson and binomial families, which have none, as in lme4).
         """
         rows = []
         for term, grp, L in zip(self.info.terms, term_groups(self.info), self.params.model.chol):
@@ -277,17 +282,26 @@ class FitResult:
                 for b in range(a + 1, len(sd)):
                     rows.append((grp, term.coef_names[a], term.coef_names[b], cov[a, b], corr[a, b]))
         sigma = float(self.params.model.sigma)
-        rows.append(("Residual", None, None, sigma**2, sigma))
+        if self._dispersion:
+            rows.append(("Residual", None, None, sigma**2, sigma))
         return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
+    @property
+    def _dispersion(self) -> bool:
+        return likelihood_lib.get(self.options.family).has_dispersion
+
     def sd(self) -> pd.Series:
-        """SD of every random coefficient and of the residual (:func:`sd_components`' labels)."""
+        """SD of every random coefficient and of the residual (:func:`sd_components`' labels; no residual for
+        the Poisson and binomial families)."""
         labels, values = sd_components(self.info, self.params.model.chol, float(self.params.model.sigma))
+        if not self._dispersion:
+            labels, values = labels[:-1], values[:-1]
         return pd.Series(values, index=labels, name="sd")
 
     @x64
     def predict(
-        self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full", missing: str = "raise"
+        self, data: pd.DataFrame, allow_new_levels: bool = True, re_form: str | None = "full", missing: str = "raise",
+        type: str = "link",
     ) -> np.ndarray:
         """Predictions with posterior means.
 
@@ -300,11 +314,15 @@ class FitResult:
                 population level (fixed effects only), as lme4's ``re.form = NA``.
             missing: ``"raise"`` (default) stops on NA or inf in a column the predictions use, naming it;
                 ``"drop"`` predicts NaN for those rows, with a warning counting them, so rows still align.
+            type: ``"link"`` (default, as lme4's ``predict``: the linear predictor) or ``"response"`` (its
+                inverse link: the mean of a Poisson count, the probability of a binomial success). The same
+                for the Gaussian family.
 
         Returns:
             ``(n_new,)`` predictions, in the rows' order.
         """
         allow_new_levels = check_bool("allow_new_levels", allow_new_levels)
+        check_choice("type", type, ("link", "response"))
         check_choice("re_form", re_form, ("full", None, "~0"))
         check_choice("missing", missing, ("raise", "drop"))
         population = re_form in (None, "~0")
@@ -341,6 +359,8 @@ class FitResult:
                 mean = np.asarray(variational.term_moments(self.spec, self.params.blocks, k)[0])
                 effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
                 pred = pred + np.sum(cov * effect, axis=1)
+        if type == "response":
+            pred = np.asarray(likelihood_lib.get(self.options.family).inverse_link(pred), np.float64)
         out[~bad] = pred
         return out
 
@@ -360,14 +380,15 @@ class FitResult:
         from lmevi.api import fit
 
         o = self.options
-        options = dict(q=o.q, reml=o.reml, residual_scale=o.residual_scale, dtype=o.dtype, missing=o.missing,
-                       progress=False)
+        options = dict(family=o.family, q=o.q, reml=o.reml, residual_scale=o.residual_scale, dtype=o.dtype,
+                       missing=o.missing, progress=False)
         options.update(changes)
         return fit(self.info.formula.text, self.data, **options)
 
     def residuals(self) -> np.ndarray:
-        """Training residuals ``y - fitted``, ``(n_obs,)``, in the caller's row order."""
-        return self.y - self.fitted
+        """Training residuals, ``(n_obs,)``, in the caller's row order: ``y - fitted`` for the Gaussian family, the
+        deviance residuals for the Poisson and binomial ones (lme4's default ``residuals`` of a ``glmer``)."""
+        return np.asarray(likelihood_lib.get(self.options.family).deviance_residuals(self.y, self.fitted))
 
     @x64
     def summary(self) -> str:
@@ -383,6 +404,9 @@ class FitResult:
         else:
             kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
             head = f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)"
+            if not self._dispersion:
+                like = likelihood_lib.get(o.family)
+                head = "Generalized " + head[0].lower() + head[1:] + f"\n Family: {like.name} ( {like.link} )"
             crit = f"ELBO: {self.elbo:.4f}" + (
                 f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
                 if self.exact else "   (q is an approximation: the ELBO is a lower bound)")
@@ -392,7 +416,7 @@ class FitResult:
             "",
             crit,
             "",
-            "Scaled residuals:",
+            "Scaled residuals:" if self._dispersion else "Deviance residuals:",
         ]
         r = self.residuals() / float(self.params.model.sigma)
         q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
@@ -515,6 +539,8 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         linear = local_rows(_linear_predictor(problem, params))
     # this process's rows (all rows but in a multi-process fit), padding dropped
     fitted = scales.y_shift + scales.y_scale * linear[: len(model.y)]
+    if problem.likelihood.link != "identity":  # lme4's fitted values of a glmer: the mean at the modes
+        fitted = np.asarray(problem.likelihood.inverse_link(fitted), np.float64)
     offset = scaling.elbo_offset(scales, n, spec.reml)
 
     def back(p):  # to the data's levels (padding dropped) and units, on the host

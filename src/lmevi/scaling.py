@@ -103,7 +103,8 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None, buffers: RowBuffers |
 
 
 def standardise(
-    design: Design, n_rows: int | None = None, collective: Local = LOCAL, buffers: RowBuffers | None = None
+    design: Design, n_rows: int | None = None, collective: Local = LOCAL, buffers: RowBuffers | None = None,
+    scale_y: bool = True,
 ) -> tuple[Design, Scales]:
     """The design in standardised units, and the scales that map back.
 
@@ -116,6 +117,8 @@ def standardise(
         buffers: the :class:`lmevi.precision.RowBuffers` that the design's arrays were made in, if any: those
             arrays are standardised in place (``design`` then holds standardised numbers afterwards; pass it
             only for a design nothing else reads).
+        scale_y: centre and scale the response (``False``: ``c = 0``, ``s_y = 1``, for a likelihood whose
+            response has units of its own, :mod:`lmevi.glm`).
 
     Returns:
         ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;
@@ -136,8 +139,9 @@ def standardise(
     if const:
         j = const[0]
         shift_coef[j] = 1.0 / first[j]
-        y_shift = float(collective.sum(y.sum()) / collective.sum(n))
-    y_scale = float(column_sd(y[:, None], collective)[0])  # the SD of y - c: shifting changes no SD
+        if scale_y:
+            y_shift = float(collective.sum(y.sum()) / collective.sum(n))
+    y_scale = float(column_sd(y[:, None], collective)[0]) if scale_y else 1.0  # the SD of y - c
     if not y_scale > 0:
         y_scale = 1.0
     z_ranges, z_scale, seen = [], [], {}
