@@ -496,10 +496,14 @@ def _random_term(
             f"{[coef_names[j] for j in keep]}, so their variances and correlations are not identified; "
             "drop the dependent column(s) from the term"
         )
-    if used * cov.shape[1] > n_obs - dispersion:
+    # with a residual variance, as many random effects as rows is already too many; without one (Poisson,
+    # binomial) a level per row is an observation-level effect, and only more effects than rows is refused
+    too_many = used * cov.shape[1] >= n_obs if dispersion else used * cov.shape[1] > n_obs
+    if too_many:
         raise ValueError(
             f"the random term {term.text} has {used * cov.shape[1]} random effects for {n_obs} rows: "
-            "with at least as many random effects as observations the model is not identifiable"
+            f"with {'at least as many random effects as' if dispersion else 'more random effects than'} "
+            "observations the model is not identifiable"
         )
     info = TermInfo(
         group=term.group_name,

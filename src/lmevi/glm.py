@@ -28,6 +28,7 @@ if the GLMM's own ELBO does not fall. ``method="optax"`` maximises the same ELBO
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -42,13 +43,20 @@ from lmevi.runtime import sized_jit
 # softplus the rule's error grows with v (against 300 nodes, at |m| <= 3): with 48 nodes under 1e-15 at v = 1,
 # 4e-10 at v = 4, 3e-7 at v = 9; with 32 nodes 3e-8 at v = 4.
 GH_NODES = 48
-_GH_X, _GH_W = np.polynomial.hermite.hermgauss(GH_NODES)
+
+
+@functools.cache
+def _hermgauss(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights (made at first use: ``numpy.polynomial`` is not needed to import lmevi)."""
+    from numpy.polynomial.hermite import hermgauss
+
+    return hermgauss(nodes)
 
 
 def gauss_hermite(f, mean: jax.Array, var: jax.Array, nodes: int = GH_NODES) -> jax.Array:
     """``E[f(eta)]`` for ``eta ~ N(mean, var)`` elementwise, by Gauss-Hermite quadrature; ``mean``, ``var``
     ``(n,)`` -> ``(n,)``."""
-    x, w = (_GH_X, _GH_W) if nodes == GH_NODES else np.polynomial.hermite.hermgauss(nodes)
+    x, w = _hermgauss(nodes)
     x = jnp.asarray(x, mean.dtype)
     w = jnp.asarray(w / np.sqrt(np.pi), mean.dtype)
     points = mean[:, None] + jnp.sqrt(2.0 * var)[:, None] * x[None, :]
@@ -57,8 +65,9 @@ def gauss_hermite(f, mean: jax.Array, var: jax.Array, nodes: int = GH_NODES) -> 
 
 def _irls_start(X, y, n_obs, mu_of, dmu_deta, var_of, link):
     """Fixed-effects start ``beta (p,)`` by 25 iteratively reweighted least-squares steps of the GLM without
-    random effects (from ``link`` of the response's mean shrunk towards the middle), and the SD scale 1.0 the
-    random effects start from (a fraction of it; :func:`lmevi.variational.init_params`)."""
+    random effects, from every row's predictor at ``link`` of the response's mean; and the scale 1.0 that the
+    random effects' starting SDs are a fraction of (:func:`lmevi.variational.init_params`). Padding rows (X = 0)
+    add nothing to the normal equations."""
     X, y = wide(X), wide(y)
     ybar = jnp.sum(y) / n_obs
     eta = jnp.full_like(y, link(ybar))
