@@ -70,15 +70,14 @@ def compare(m: lmevi.FitResult, ref: dict) -> dict:
     ranef = {}
     for grp, theirs in ref["ranef"].groupby("grpvar"):
         mine = re[re["grpvar"] == grp].set_index("grp").reindex(theirs["grp"].astype(str))
-        ranef[grp] = {
-            "corr": float(np.corrcoef(mine["condval"], theirs["condval"])[0, 1]),
-            "median_abs_diff_in_condsd": float(np.median(np.abs(mine["condval"].to_numpy() - theirs["condval"].to_numpy())
-                                                         / theirs["condsd"].to_numpy())),
-        }
+        diff = np.abs(mine["condval"].to_numpy() - theirs["condval"].to_numpy()) / theirs["condsd"].to_numpy()
+        ranef[grp] = {"corr": float(np.corrcoef(mine["condval"], theirs["condval"])[0, 1]),
+                      "median_abs_diff_in_condsd": float(np.median(diff))}
     return {
         "fixef": dict(zip(fixef["term"], ours.tolist())),
         "fixef_lme4": dict(zip(fixef["term"], fixef["estimate"].tolist())),
-        "fixef_max_diff_in_se": float(np.max(np.abs(ours - fixef["estimate"].to_numpy()) / fixef["std_error"].to_numpy())),
+        "fixef_max_diff_in_se": float(np.max(np.abs(ours - fixef["estimate"].to_numpy())
+                                             / fixef["std_error"].to_numpy())),
         "sd": sd.to_dict(),
         "sd_lme4": sd_ref.to_dict(),
         "sd_rel_diff": ((sd - sd_ref) / sd_ref).to_dict(),

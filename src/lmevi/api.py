@@ -62,8 +62,9 @@ def fit(
             (log link) or ``"binomial"`` (logit link, a 0/1 response; booleans and two-level columns are read
             as 0/1, the second level as success): :mod:`lmevi.likelihood`, :mod:`lmevi.glm`. The generalized
             ones have no dispersion, as ``glmer``; coordinate ascent fits them by working-response steps
-            (:mod:`lmevi.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO. ``family="structured"`` or ``"meanfield"``, the spelling
-            of q before it had its own option, still works with a ``DeprecationWarning``.
+            (:mod:`lmevi.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO.
+            ``family="structured"`` or ``"meanfield"``, the spelling of q before it had its own option, still
+            works with a ``DeprecationWarning``.
         q: ``"auto"`` (default: ``"exact"`` when lme4's criterion applies -- Gaussian, sigma estimated, no
             ``blocks``, float64, coordinate ascent -- and its dense block has at most
             ``lmevi.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``

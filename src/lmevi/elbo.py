@@ -56,7 +56,8 @@ def closed_form(problem, params: VIParams) -> jax.Array:
         # derivative under quadrature, and NaN times the zero weight of jnp.where's gradient stays NaN)
         rows = jnp.arange(design.y.shape[0]) < problem.n_rows
         var = jnp.where(rows, var, 1.0)
-        ell = jnp.sum(jnp.where(rows, like.expected_log_density(design.y, offset + mean, var, params.model.sigma), 0.0))
+        per_row = like.expected_log_density(design.y, offset + mean, var, params.model.sigma)
+        ell = jnp.sum(jnp.where(rows, per_row, 0.0))
     return ell + kl_part(problem, params)
 
 
