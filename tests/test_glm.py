@@ -228,6 +228,10 @@ def test_results_of_a_poisson_fit_read_as_glmer():
     # one block holds every random effect here, but a Gaussian q is not a Poisson posterior: no likelihood
     assert len(m.spec.blocks) == 1 and not m.exact and m.loglik is None and m.aic is None
     assert "lower bound" in text
+    # the singular-fit rules read SDs on the link scale (no residual SD to measure them in); a tolerance
+    # above every SD flags each of them
+    flagged = [s for s in m.singular(tol=10.0) if s.startswith("the SD")]
+    assert len(flagged) == len(m.sd()) and all("on the link scale" in s for s in flagged)
     assert m.to_inference_data(num_samples=10).posterior["sd"].shape[-1] == len(m.sd())
     again = m.refit(reml=True)  # beta integrated under q: its posterior SDs come with it
     assert again.options.family == "poisson" and again.fixef_se() is not None

@@ -43,7 +43,7 @@ def convergence_findings(run: RunInfo, rule: StopRule) -> list[str]:
     return []
 
 
-def singular_findings(info, chol, relative, tol: float = 1e-3) -> list[str]:
+def singular_findings(info, chol, relative, tol: float = 1e-3, unit: str = "residual SDs") -> list[str]:
     """Variance components at the boundary. Three rules, each with tolerance ``tol``: an SD below ``tol``
     residual SDs; a correlation within ``tol`` of +-1; and lme4's ``isSingular`` rule, a diagonal entry of
     a relative Cholesky factor (``theta``, the Cholesky factor of ``Sigma_k / sigma^2``) below ``tol``,
@@ -59,6 +59,8 @@ def singular_findings(info, chol, relative, tol: float = 1e-3) -> list[str]:
         chol: one ``(p_k, p_k)`` Cholesky factor of ``Sigma_k`` per term, in the data's units.
         relative: the same factors relative to sigma in standardised units (unit-free).
         tol: the tolerance of all three rules.
+        unit: what ``relative`` is in, for the sentences: ``"residual SDs"``, or for a family without a
+            residual (Poisson, binomial, sigma held at 1) ``"on the link scale"``.
 
     Returns:
         One sentence per finding.
@@ -72,9 +74,9 @@ def singular_findings(info, chol, relative, tol: float = 1e-3) -> list[str]:
         flagged = set()
         for a, name in enumerate(names):
             if rsd[a] < tol:
-                unit = "" if name == "(Intercept)" else f" per SD of {name}"
+                per = "" if name == "(Intercept)" else f" per SD of {name}"
                 out.append(
-                    f"the SD of {name} for {term.group!r} is {sd[a]:.3g} ({rsd[a]:.2g} residual SDs{unit}), "
+                    f"the SD of {name} for {term.group!r} is {sd[a]:.3g} ({rsd[a]:.2g} {unit}{per}), "
                     "near zero"
                 )
                 flagged.add(a)

@@ -147,7 +147,8 @@ class FitResult:
         :func:`lmevi.checks.singular_findings` for the three rules and why ``tol = 1e-3``."""
         from lmevi.checks import singular_findings
 
-        return singular_findings(self.info, self.params.model.chol, self._relative_chol(), tol)
+        unit = "residual SDs" if self._dispersion else "on the link scale"
+        return singular_findings(self.info, self.params.model.chol, self._relative_chol(), tol, unit)
 
     @property
     def converged(self) -> bool:
