@@ -54,11 +54,17 @@ def closed_form(problem, params: VIParams) -> jax.Array:
         mean, var = q.row_moments(design, problem.spec, params.blocks, problem.block_data)
         # padding rows after the data's drop out (their variance set to 1 first: a zero variance has no finite
         # derivative under quadrature, and NaN times the zero weight of jnp.where's gradient stays NaN)
-        rows = jnp.arange(design.y.shape[0]) < problem.n_rows
+        rows = observed_rows(problem)
         var = jnp.where(rows, var, 1.0)
         per_row = like.expected_log_density(design.y, offset + mean, var, params.model.sigma)
         ell = jnp.sum(jnp.where(rows, per_row, 0.0))
     return ell + kl_part(problem, params)
+
+
+def observed_rows(problem) -> jax.Array:
+    """``(n_rows,)`` ``True`` on the data's rows, ``False`` on the padding rows after them (one process's rows:
+    a multi-process fit interleaves its processes' padding, so the likelihoods that need this run in one)."""
+    return jnp.arange(problem.design.y.shape[0]) < problem.n_rows
 
 
 def sum_of_squares(x: jax.Array) -> jax.Array:

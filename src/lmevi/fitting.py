@@ -180,16 +180,12 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
     if s.method != "cavi" and model.padded:
         raise ValueError("the optax path fits unpadded models only: build the model with pad=False")
     init = initial_params(problem, s.init_scale)
-    if s.method == "cavi" and not problem.likelihood.moment_form:  # a GLMM: working-response steps
-        from lmevi import glm
-
-        params, run = glm.fit_cavi(problem, init, s.rule, progress=s.progress, snapshot_steps=s.snapshot_steps,
-                                   accelerate=s.accelerate)
-    elif s.method == "cavi":
+    if s.method == "cavi":  # Poisson and binomial: working-response steps (lmevi.glm.step)
         params, run = run_cavi(
             problem, init, s.rule, progress=s.progress, snapshot_steps=s.snapshot_steps, accelerate=s.accelerate
         )
-        params, run = _polish_boundary(problem, params, run, s.rule, s.accelerate)
+        if problem.likelihood.moment_form:
+            params, run = _polish_boundary(problem, params, run, s.rule, s.accelerate)
     else:
         start = init
         if s.elbo == "closed_form" and cavi.supports(problem):

@@ -12,7 +12,8 @@ the rows' means and variances under q, ``eta_i ~ N(m_i, v_i)``, and the optax pa
 
 The response is not standardised (its units are the likelihood's), the fixed effects' columns are.
 
-Fitting (:func:`fit_cavi`, ``method="cavi"``, the default): each step replaces the likelihood at the current q
+Fitting (``method="cavi"``, the default; :func:`lmevi.inference.run_cavi` takes :func:`step` as its sweep
+for these likelihoods): each step replaces the likelihood at the current q
 by the Gaussian one of a working response, ``z_i = E eta_i + (y_i - E[A'(eta_i)]) / E[A''(eta_i)]`` with row
 weights ``w_i = E[A''(eta_i)]`` (``A`` the log-partition function: ``exp`` for the Poisson, the softplus for
 the binomial; expectations under q), and takes one coordinate-ascent sweep of the Gaussian model
@@ -37,7 +38,6 @@ import numpy as np
 import pandas as pd
 
 from lmevi.precision import wide
-from lmevi.runtime import sized_jit
 
 # Gauss-Hermite nodes for E[f(eta)], eta ~ N(m, v): E f = sum_k w_k f(m + sqrt(2 v) x_k) / sqrt(pi). For the
 # softplus the rule's error grows with v (against 300 nodes, at |m| <= 3): with 48 nodes under 1e-15 at v = 1,
@@ -63,27 +63,37 @@ def gauss_hermite(f, mean: jax.Array, var: jax.Array, nodes: int = GH_NODES) -> 
     return f(points) @ w
 
 
-def _irls_start(X, y, n_obs, mu_of, dmu_deta, var_of, link):
-    """Fixed-effects start ``beta (p,)`` by 25 iteratively reweighted least-squares steps of the GLM without
-    random effects, from every row's predictor at ``link`` of the response's mean; and the scale 1.0 that the
-    random effects' starting SDs are a fraction of (:func:`lmevi.variational.init_params`). Padding rows (X = 0)
-    add nothing to the normal equations."""
-    X, y = wide(X), wide(y)
-    ybar = jnp.sum(y) / n_obs
-    eta = jnp.full_like(y, link(ybar))
+@dataclass(frozen=True)
+class _NoDispersion:
+    """What the Poisson and binomial likelihoods share: no dispersion, not in moment form, a response in its
+    own units, and a start by iteratively reweighted least squares from their link functions."""
 
-    def step(eta, _):
-        mu = mu_of(eta)
-        d = dmu_deta(eta)
-        w = d**2 / var_of(mu)
-        z = eta + (y - mu) / d
-        XtW = X.T * w
-        beta = jnp.linalg.solve(XtW @ X + 1e-10 * jnp.eye(X.shape[1], dtype=X.dtype), XtW @ z)
-        return X @ beta, beta
+    has_dispersion: bool = False
+    moment_form: bool = False
+    standardise_y: bool = False
 
-    _, betas = jax.lax.scan(step, eta, None, length=25)
-    beta = betas[-1]
-    return beta, jnp.asarray(1.0, X.dtype)
+    def start(self, X, y, n_obs):
+        """Fixed-effects start ``beta (p,)`` by 25 iteratively reweighted least-squares steps of the GLM
+        without random effects, from every row's predictor at the link of the response's mean; and the scale
+        1.0 that the random effects' starting SDs are a fraction of (:func:`lmevi.variational.init_params`).
+        Padding rows (X = 0) add nothing to the normal equations."""
+        Xw, yw = wide(X), wide(y)
+        eta = jnp.full_like(yw, self._link(jnp.sum(yw) / n_obs))
+
+        def step(eta, _):
+            mu = self.inverse_link(eta)
+            d = self._dmu_deta(eta)
+            w = d**2 / self._variance(mu)
+            z = eta + (yw - mu) / d
+            XtW = Xw.T * w
+            beta = jnp.linalg.solve(XtW @ Xw + 1e-10 * jnp.eye(Xw.shape[1], dtype=Xw.dtype), XtW @ z)
+            return Xw @ beta, beta
+
+        _, betas = jax.lax.scan(step, eta, None, length=25)
+        return betas[-1].astype(y.dtype), jnp.asarray(1.0, y.dtype)
+
+    def encode(self, column: pd.Series, name: str) -> np.ndarray | None:
+        return None  # numbers
 
 
 def _two_levels(column: pd.Series, name: str) -> np.ndarray | None:
@@ -104,14 +114,11 @@ def _two_levels(column: pd.Series, name: str) -> np.ndarray | None:
 
 
 @dataclass(frozen=True)
-class Poisson:
+class Poisson(_NoDispersion):
     """``y_i ~ Poisson(exp(eta_i))``, log link; no dispersion."""
 
     name: str = "poisson"
     link: str = "log"
-    has_dispersion: bool = False
-    moment_form: bool = False
-    standardise_y: bool = False
 
     def log_density(self, y, eta, dispersion):
         """``(n_obs,)`` ``y_i eta_i - exp(eta_i) - log(y_i!)``."""
@@ -129,12 +136,13 @@ class Poisson:
         mu = jnp.exp(mean + 0.5 * var)
         return mu, mu
 
-    def start(self, X, y, n_obs):
-        beta, scale = _irls_start(X, y, n_obs, jnp.exp, jnp.exp, lambda mu: mu, lambda m: jnp.log(m))
-        return beta.astype(y.dtype), scale.astype(y.dtype)
+    # the link, d mu / d eta and the variance function, for the start (_NoDispersion.start)
+    _link = staticmethod(jnp.log)
+    _dmu_deta = staticmethod(jnp.exp)
 
-    def encode(self, column: pd.Series, name: str) -> np.ndarray | None:
-        return None  # counts are numbers
+    @staticmethod
+    def _variance(mu):
+        return mu
 
     def check(self, y: np.ndarray, name: str) -> None:
         """Counts: non-negative whole numbers."""
@@ -155,15 +163,12 @@ def _softplus(x):
 
 
 @dataclass(frozen=True)
-class Binomial:
+class Binomial(_NoDispersion):
     """``y_i ~ Bernoulli(1 / (1 + exp(-eta_i)))``, logit link, a 0/1 response (booleans and two-level columns
     are read as 0/1); no dispersion."""
 
     name: str = "binomial"
     link: str = "logit"
-    has_dispersion: bool = False
-    moment_form: bool = False
-    standardise_y: bool = False
 
     def log_density(self, y, eta, dispersion):
         """``(n_obs,)`` ``y_i eta_i - log(1 + exp(eta_i))``."""
@@ -181,11 +186,18 @@ class Binomial:
         sig = jax.nn.sigmoid
         return gauss_hermite(sig, mean, var), gauss_hermite(lambda e: sig(e) * sig(-e), mean, var)
 
-    def start(self, X, y, n_obs):
-        sig = jax.nn.sigmoid
-        beta, scale = _irls_start(X, y, n_obs, sig, lambda e: sig(e) * (1.0 - sig(e)), lambda mu: mu * (1.0 - mu),
-                                  lambda m: jnp.log(m / (1.0 - m)))
-        return beta.astype(y.dtype), scale.astype(y.dtype)
+    # the link, d mu / d eta and the variance function, for the start (_NoDispersion.start)
+    @staticmethod
+    def _link(mu):
+        return jnp.log(mu / (1.0 - mu))
+
+    @staticmethod
+    def _dmu_deta(eta):
+        return jax.nn.sigmoid(eta) * (1.0 - jax.nn.sigmoid(eta))
+
+    @staticmethod
+    def _variance(mu):
+        return mu * (1.0 - mu)
 
     def encode(self, column: pd.Series, name: str) -> np.ndarray | None:
         return _two_levels(column, name)
@@ -208,9 +220,13 @@ POISSON = Poisson()
 BINOMIAL = Binomial()
 
 
-def observed_rows(problem) -> jax.Array:
-    """``(n_rows,)`` 1 on the data's rows, 0 on the padding rows after them (one process's rows)."""
-    return (jnp.arange(problem.design.y.shape[0]) < problem.n_rows).astype(problem.design.y.dtype)
+def supports(problem) -> bool:
+    """Whether coordinate ascent can take :func:`step`: the block-Gaussian q of :mod:`lmevi.variational` and a
+    likelihood outside moment form that gives the moments the working problem needs (``moments``)."""
+    from lmevi import variational
+
+    like = problem.likelihood
+    return problem.q.implementation is variational and not like.moment_form and hasattr(like, "moments")
 
 
 def working_problem(problem, params):
@@ -225,7 +241,7 @@ def working_problem(problem, params):
     from lmevi.likelihood import GAUSSIAN
 
     design = problem.design
-    rows = observed_rows(problem)
+    rows = elbo_lib.observed_rows(problem).astype(design.y.dtype)
     mean, var = problem.q.row_moments(design, problem.spec, params.blocks, problem.block_data)
     eta = elbo_lib.fixed_part(design, params) + mean
     d1, d2 = problem.likelihood.moments(eta, var)
@@ -246,35 +262,3 @@ def step(problem, params):
 
     new, _ = cavi.sweep(working_problem(problem, params), params)
     return new, elbo_lib.closed_form(problem, new)
-
-
-@sized_jit(static_argnames=("window", "accelerate"))
-def _chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
-    from lmevi import variational
-    from lmevi.inference import _chunk_loop, squarem_step
-
-    mask = None
-    if accelerate and problem.level_mask is not None:
-        mask = variational.coordinate_mask(problem.spec, carry, problem.level_mask)
-
-    def one(params, t):
-        if accelerate:
-            return squarem_step(lambda p: step(problem, p), params, problem.sigma_if_fixed, mask)
-        return step(problem, params)
-
-    return _chunk_loop(one, carry, trace, t0, t_end, tol, window)
-
-
-def fit_cavi(problem, params, rule, *, chunk: int = 50, progress=None, snapshot_steps=(), accelerate: bool = True):
-    """Fit a GLMM by the working-response steps of the module docstring; as :func:`lmevi.inference.run_cavi`
-    (one step is one such step, or with ``accelerate`` one SQUAREM iteration of three). Returns
-    ``(params, run)``."""
-    from functools import partial
-
-    from lmevi.inference import RunInfo, _drive, final_grad_norm
-
-    run_chunk = partial(_chunk, problem, window=rule.window, accelerate=accelerate)
-    params, trace, steps, done, seconds, snaps = _drive(
-        run_chunk, params, rule, chunk, progress, problem.design.y.dtype, "lmevi glmm", (snapshot_steps, lambda c: c)
-    )
-    return params, RunInfo(trace, steps, done, seconds, float(final_grad_norm(problem, params)), snaps)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from lmevi import cavi, variational
+from lmevi import cavi, glm, variational
 from lmevi import elbo as elbo_lib
 from lmevi.runtime import sized_jit
 from lmevi.variational import VIParams
@@ -309,7 +309,9 @@ def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = N
 @sized_jit(static_argnames=("window", "accelerate"))
 def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     def sweep(params):
-        return cavi.sweep(problem, params)
+        if problem.likelihood.moment_form:
+            return cavi.sweep(problem, params)
+        return glm.step(problem, params)  # Poisson, binomial: a sweep on the Gaussian working problem
 
     # which parameters belong to padding levels does not change along the loop: built once, outside it
     mask = None
@@ -344,10 +346,10 @@ def run_cavi(
     Returns:
         ``(params, info)``.
     """
-    if not cavi.supports(problem):
+    if not (cavi.supports(problem) or glm.supports(problem)):
         raise ValueError(
-            f"coordinate ascent needs the block-Gaussian q and a Gaussian likelihood "
-            f"(family={problem.likelihood.name!r}); use method='optax'"
+            f"coordinate ascent needs the block-Gaussian q and a Gaussian likelihood or one with working-response "
+            f"steps (family={problem.likelihood.name!r}); use method='optax'"
         )
     run_chunk = partial(_cavi_chunk, problem, window=rule.window, accelerate=accelerate)
     params, trace, steps, done, seconds, snaps = _drive(

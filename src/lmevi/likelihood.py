@@ -19,9 +19,9 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
 * ``deviance_residuals(y, mu)``: lme4's default ``residuals`` (the response residuals for the Gaussian).
 
 The Gaussian lives here; the generalized ones (Poisson, binomial) are one module, :mod:`lmevi.glm`, with
-``moment_form = False``: the closed-form ELBO then takes the per-row variances from the q seam and the optax
-path fits it (:func:`lmevi.fit` takes ``method="optax"`` for them and refuses ``method="cavi"``). Each is
-registered in :data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
+``moment_form = False``: the closed-form ELBO then takes the per-row variances from the q seam, the optax path
+fits them as it is, and coordinate ascent takes :func:`lmevi.glm.step` as its sweep. Each is registered in
+:data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
 """
 
 from __future__ import annotations
