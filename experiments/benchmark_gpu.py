@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
 
 def first_call_variants(wargs) -> dict:
     """The first call at the target size again (compilation cache warm), each in a fresh process: without
-    lmevi's helper thread that starts JAX's backend beside the design stage (``lmevi.runtime.start_backend``),
+    lmevi's helper thread that starts JAX's backend beside the design stage (``lmevi.runtime.xla.start_backend``),
     and with JAX's memory preallocation off (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), which a user can set."""
     out = {}
     log("  the same first call without the backend thread ...")

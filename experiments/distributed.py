@@ -13,7 +13,7 @@ What it does:
    ``jax.distributed.initialize(coordinator, num_processes, process_id)``, reads only its own file with
    ``pandas.read_parquet`` and calls ``lmevi.fit(formula, its_rows, distributed=True)``. The levels of each
    grouping factor, the scales and q's blocks come from small summaries exchanged between the processes
-   (:mod:`lmevi.collective`); the rows stay where they were read, sharded over the processes' devices, and
+   (:mod:`lmevi.runtime.collective`); the rows stay where they were read, sharded over the processes' devices, and
    XLA reduces per-level sums across processes inside the compiled fit;
 3. fits the same rows in this process (one process, one device) and compares: estimates, the ELBO, every
    random effect, and the fitted values of each process's rows.

@@ -21,7 +21,7 @@ against size, one line per q. Writes ``results/families/``: ``families.csv``, ``
 ``sd_error.png``, ``condsd_ratio.png``, ``seconds.png`` and ``families.md``.
 
 The exact fit's time against its dense block size also gives ``q="auto"``'s crossover
-(``lmevi.build.AUTO_EXACT_MAX``): the block at which an exact fit reaches :data:`BUDGET_SECONDS` of warm wall
+(``lmevi.fitting.build.AUTO_EXACT_MAX``): the block at which an exact fit reaches :data:`BUDGET_SECONDS` of warm wall
 time on this machine.
 
 Usage: ``python experiments/families.py [--quick] [--out DIR]``.
@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import lmevi  # noqa: E402
-from lmevi import exact  # noqa: E402
+from lmevi.exact import structure
 
 ROOT = Path(__file__).resolve().parents[1]
 QS = ("meanfield", "structured", "exact")
@@ -109,7 +109,7 @@ def compare(design: str, size: int, formula: str, data: pd.DataFrame) -> list[di
     for q, (m, first, warm) in fits.items():
         sd = m.sd()
         row = {"design": design, "size": size, "q": q, "n_obs": len(data),
-               "dense_block": exact.dense_block_size(model.problem.design),
+               "dense_block": structure.dense_block_size(model.problem.design),
                "first_seconds": first, "warm_seconds": warm, "steps": int(m.steps), "converged": bool(m.converged)}
         floor = 1e-3 * ref_sd["Residual"]  # an SD at zero in the exact fit: errors relative to 1e-3 sigma
         for k in ref_sd.index:
@@ -132,7 +132,7 @@ def crossover(table: pd.DataFrame) -> dict:
     slope, icpt = np.polyfit(np.log(ex["dense_block"]), np.log(ex["warm_seconds"]), 1)
     at = float(np.exp((np.log(BUDGET_SECONDS) - icpt) / slope))
     return {"dense_block_at_budget": at, "slope": float(slope), "budget_seconds": BUDGET_SECONDS,
-            "auto_exact_max": lmevi.build.AUTO_EXACT_MAX}
+            "auto_exact_max": lmevi.fitting.build.AUTO_EXACT_MAX}
 
 
 def figures(table: pd.DataFrame, out: Path) -> None:
@@ -205,7 +205,7 @@ def markdown(table: pd.DataFrame, cross: dict) -> str:
     if at:
         parts.append(f"The exact fit's warm time grows as (dense block)^{cross['slope']:.2f} over blocks of 200 and "
                      f"more; it reaches {cross['budget_seconds']:g} s at a dense block of about {at:.0f} "
-                     f"coefficients (q='auto' uses the exact q up to lmevi.build.AUTO_EXACT_MAX = "
+                     f"coefficients (q='auto' uses the exact q up to lmevi.fitting.build.AUTO_EXACT_MAX = "
                      f"{cross['auto_exact_max']}).")
     return "\n".join(parts) + "\n"
 

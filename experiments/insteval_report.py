@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
-from lmevi.results import FitResult
+from lmevi.result.fitresult import FitResult
 
 
 # ----------------------------------------------------------------------------------------------------

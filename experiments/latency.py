@@ -221,9 +221,9 @@ def subsets(seed: int, n_rows: int, first_size: int, count: int) -> list[list[in
 def worker_corpus(args) -> dict:
     """Fit every selected corpus model (REML, then ML) once; per-fit wall times of ``lmevi.fit`` alone."""
     import lmevi
-    from lmevi import runtime
 
-    entries_before = cache_files(runtime.cache_dir())
+    from lmevi.runtime import cache
+    entries_before = cache_files(cache.cache_dir())
     fits = []
     for spec in select_models(args):
         try:
@@ -253,8 +253,8 @@ def worker_corpus(args) -> dict:
                 row["warnings"] = dict(collections.Counter(w.category.__name__ for w in caught))
             fits.append(row)
     return {"fits": fits, "total_seconds": sum(f["seconds"] or 0.0 for f in fits),
-            "cache_dir": None if runtime.cache_dir() is None else str(runtime.cache_dir()),
-            "cache_files_before": entries_before, "cache_files_after": cache_files(runtime.cache_dir())}
+            "cache_dir": None if cache.cache_dir() is None else str(cache.cache_dir()),
+            "cache_files_before": entries_before, "cache_files_after": cache_files(cache.cache_dir())}
 
 
 def worker_inprocess(args) -> dict:
@@ -282,9 +282,9 @@ def worker_inprocess(args) -> dict:
     for formula in NEW_STRUCTURES[: args.structures]:
         secs, _ = timed(formula, data)
         structures.append({"formula": formula, "seconds": secs})
-    from lmevi import runtime
 
-    folder = runtime.cache_dir()
+    from lmevi.runtime import cache
+    folder = cache.cache_dir()
     return {"first_fit_seconds": first, "sd": {k: float(v) for k, v in fit.sd().items()}, "new_sizes": sizes,
             "new_structures": structures, "cache_dir": None if folder is None else str(folder)}
 

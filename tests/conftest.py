@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 
 import lmevi  # noqa: E402
 from dense import Problem, make_problem  # noqa: E402
-from lmevi import variational  # noqa: E402
-from lmevi.variational import QSpec  # noqa: E402
+from lmevi.q import variational  # noqa: E402
+from lmevi.q.variational import QSpec  # noqa: E402
 
 # Two crossed grouping factors, one of them with a correlated random slope.
 CROSSED_FORMULA = "y ~ x + (1 + x | g) + (1 | h)"

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from lmevi.design import Design, DesignInfo, build_design
-from lmevi.variational import BlockParams, QSpec, VIParams
-from lmevi.formula import parse_formula
-from lmevi.model import ModelParams
+from lmevi.frame.design import Design, DesignInfo, build_design
+from lmevi.q.variational import BlockParams, QSpec, VIParams
+from lmevi.frame.formula import parse_formula
+from lmevi.q.model import ModelParams
 
 
 class Problem(NamedTuple):
@@ -25,7 +25,7 @@ class Problem(NamedTuple):
 
     Attributes:
         frame: the data.
-        design, info: what :func:`lmevi.design.build_design` made of it.
+        design, info: what :func:`lmevi.frame.design.build_design` made of it.
         Z: one dense ``(n_obs, J_k p_k)`` matrix per random term, built row by row from ``frame``.
         X: ``(n_obs, p)`` fixed-effects design.
     """
@@ -186,8 +186,8 @@ def dense_prior_precision(spec: QSpec, chol) -> np.ndarray:
 
 
 def kernel_problem(design: Design, spec, fixed_sigma: float | None = None):
-    """The kernels' :class:`lmevi.build.Problem` for ``design`` under ``spec`` (Gaussian likelihood)."""
-    from lmevi.build import make_problem
+    """The kernels' :class:`lmevi.fitting.build.Problem` for ``design`` under ``spec`` (Gaussian likelihood)."""
+    from lmevi.fitting.build import make_problem
 
     return make_problem(design, spec, fixed_sigma=fixed_sigma)
 

@@ -149,7 +149,7 @@ def test_final_gradient_norm_is_near_zero_at_the_optimum_only(frame, result):
     """The convergence check's gradient norm (closed-form -ELBO per observation, unconstrained coordinates):
     at the coordinate-ascent optimum it is at rounding level (measured ~1e-9 here; 1e-6 leaves room), after one
     plain sweep from the start it is far above lmevi's 1e-3 threshold (measured ~0.05)."""
-    from lmevi.checks import GRAD_TOL
+    from lmevi.result.checks import GRAD_TOL
 
     assert result.run.grad_norm < 1e-6
     with pytest.warns(lmevi.ConvergenceWarning, match="gradient norm"):

@@ -21,8 +21,10 @@ from dense import (
     make_problem,
     random_params,
 )
-from lmevi import cavi, elbo, variational
-from lmevi.likelihood import GAUSSIAN
+from lmevi.q import cavi
+from lmevi.q import elbo
+from lmevi.q import variational
+from lmevi.families.likelihood import GAUSSIAN
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")
 closed_form = jax.jit(elbo.closed_form)
@@ -201,7 +203,7 @@ def test_float32_block_with_nested_small_term_survives_huge_counts():
         i = next(i for i, b in enumerate(problem.spec.blocks) if b.small)
         block = problem.spec.blocks[i]
         assert block.large == 1 and block.small == (2,) and block.fixed
-        params = lmevi.fitting.initial_params(problem, 0.1)
+        params = lmevi.fitting.stage.initial_params(problem, 0.1)
 
         def widened(tree):
             return jax.tree_util.tree_map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a, tree)

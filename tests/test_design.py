@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmevi import labels as labels_lib
-from lmevi.design import build_design, term_rows
-from lmevi.formula import parse_formula
+from lmevi.frame import labels as labels_lib
+from lmevi.frame.design import build_design, term_rows
+from lmevi.frame.formula import parse_formula
 
 
 def build(formula: str, frame: pd.DataFrame):
@@ -54,7 +54,7 @@ def test_intercept_only_terms_are_the_row_weight_before_and_after_standardising(
     not so marked (``unit=False``, scanned and divided by its scale) would be."""
     import dataclasses
 
-    from lmevi.scaling import standardise
+    from lmevi.fitting.scaling import standardise
 
     design, _ = build_design(parse_formula("y ~ x + (1 | g) + (1 + x | b)"), frame)
     assert [t.unit for t in design.terms] == [True, False]
@@ -163,8 +163,8 @@ def test_plain_numeric_sides_match_formulaic(frame, side):
     and values (bit for bit: both copy the columns), for fitting and for new rows."""
     from formulaic import model_matrix
 
-    from lmevi.design import PlainSpec, _design_matrix
-    from lmevi.rsyntax import to_formulaic
+    from lmevi.frame.design import PlainSpec, _design_matrix
+    from lmevi.frame.rsyntax import to_formulaic
 
     # an integer column, a float32 one and a pandas nullable integer one (an extension type)
     data = frame.assign(w=np.arange(len(frame)) % 7, u=np.linspace(-1, 1, len(frame), dtype=np.float32),
@@ -180,14 +180,14 @@ def test_plain_numeric_sides_match_formulaic(frame, side):
 
 @pytest.mark.parametrize("side", ["f", "x + f", "log(abs(x))", "x:w", "0 + 1", "1 + x - 1", "I(x^2)"])
 def test_other_sides_go_to_formulaic(frame, side):
-    from lmevi.design import PlainSpec, _design_matrix
+    from lmevi.frame.design import PlainSpec, _design_matrix
 
     _, _, spec = _design_matrix(side, frame.assign(w=1.0))
     assert not isinstance(spec, PlainSpec)
 
 
 def test_boolean_and_categorical_columns_are_not_plain(frame):
-    from lmevi.design import _plain_spec
+    from lmevi.frame.design import _plain_spec
 
     data = frame.assign(t=frame["x"] > 0, c=pd.Categorical(frame["a"]))
     assert _plain_spec("x", data) is not None
@@ -217,7 +217,7 @@ def test_a_plain_formula_fits_without_importing_formulaic():
 def test_incomplete_rows_finds_every_kind_of_missing_value():
     """Each column type by its own rule (NumPy integers and booleans cannot hold NA and are not read row by row;
     floats by one isfinite pass; categoricals by their codes): NaN, inf, None, pd.NA and a missing category."""
-    from lmevi.design import incomplete_rows
+    from lmevi.frame.design import incomplete_rows
 
     frame = pd.DataFrame({
         "f": [1.0, np.nan, 2.0, np.inf, 0.0, 1.0],
@@ -239,7 +239,7 @@ def test_incomplete_rows_finds_every_kind_of_missing_value():
 def test_counting_codes_piece_by_piece_is_bincount(dtype):
     """labels.count_codes counts long narrow code arrays in pieces (so that NumPy's widening copy stays small):
     the counts are exactly np.bincount's, also with levels that never occur."""
-    from lmevi.labels import COUNT_CHUNK, count_codes
+    from lmevi.frame.labels import COUNT_CHUNK, count_codes
 
     n_levels = 100
     codes = np.random.default_rng(1).integers(0, n_levels - 3, 3 * COUNT_CHUNK + 17).astype(dtype)
@@ -259,7 +259,7 @@ def test_counting_codes_piece_by_piece_is_bincount(dtype):
 )
 def test_integer_ids_are_coded_as_pandas_codes_them(values):
     """Integer grouping columns are coded by counting where their range is at most a few times the rows
-    (:func:`lmevi.labels._dense_integer_codes`): the same codes and labels as ``pd.factorize(sort=True)``, the
+    (:func:`lmevi.frame.labels._dense_integer_codes`): the same codes and labels as ``pd.factorize(sort=True)``, the
     user's column untouched, and the codes read-only (they may be the column's own array)."""
     col = pd.Series(values.copy())
     codes, labels, counts = labels_lib._factorize(col)
@@ -288,12 +288,12 @@ def test_integer_ids_give_the_fit_of_their_labels(frame):
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @pytest.mark.parametrize("extra_rows", [0, 9])
 def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype, extra_rows):
-    """A design made in :class:`lmevi.precision.RowBuffers` is standardised in place (its padded arrays are
+    """A design made in :class:`lmevi.runtime.precision.RowBuffers` is standardised in place (its padded arrays are
     the results, none copied) and gives exactly the numbers of the copying path (``x / s`` either way), with
     slopes in a random term, a column that is not standardised (the intercept) and padding rows. The user's
     columns are never written."""
-    from lmevi.precision import DEVICE_ALIGNMENT, RowBuffers
-    from lmevi.scaling import standardise
+    from lmevi.runtime.precision import DEVICE_ALIGNMENT, RowBuffers
+    from lmevi.fitting.scaling import standardise
 
     frame = frame.assign(x=frame["x"] * 1e3 + 5.0)  # scales far from 1
     before = frame.copy(deep=True)
@@ -324,12 +324,12 @@ def test_standardising_in_place_equals_the_copying_path_bit_for_bit(frame, dtype
 
 
 def test_aligned_host_arrays_are_placed_on_the_cpu_without_a_copy(monkeypatch):
-    """``jax.device_put`` shares an aligned host array of the device's dtype (what ``lmevi.build.place_rows``
+    """``jax.device_put`` shares an aligned host array of the device's dtype (what ``lmevi.fitting.build.place_rows``
     relies on to keep one copy of a design's rows), and copies a plainly allocated large NumPy array (16 bytes
     into a page). A model's placed arrays are the standardised host arrays themselves."""
     import lmevi
-    from lmevi import scaling
-    from lmevi.precision import aligned_zeros
+    from lmevi.fitting import scaling
+    from lmevi.runtime.precision import aligned_zeros
 
     with jax.enable_x64(True):
         for dtype, shape in ((np.float64, (1 << 16, 2)), (np.int32, (1 << 16,)), (np.float32, (1 << 16,))):
@@ -349,7 +349,7 @@ def test_aligned_host_arrays_are_placed_on_the_cpu_without_a_copy(monkeypatch):
         standardised.append(out[0])
         return out
 
-    monkeypatch.setattr("lmevi.build.scaling.standardise", spy)
+    monkeypatch.setattr("lmevi.fitting.build.scaling.standardise", spy)
     model = lmevi.build_model("y ~ x + (1 + x | g)", frame, q="structured")
     placed = jax.tree_util.tree_leaves(model.problem.design)
     hosts = jax.tree_util.tree_leaves(standardised[0])

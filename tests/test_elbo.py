@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from dense import dense_design, dense_kl_part, dense_q, kernel_problem, random_params
-from lmevi import elbo
+from lmevi.q import elbo
 
 # Compiled once per family (``spec`` is static in the problem): eager JAX would compile every primitive separately.
 closed_form = jax.jit(elbo.closed_form)

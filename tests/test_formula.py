@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lmevi import FormulaError, parse_formula
-from lmevi.formula import RandomTerm
+from lmevi.frame.formula import RandomTerm
 
 
 def terms(text: str) -> list[tuple[str, tuple[str, ...]]]:

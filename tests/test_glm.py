@@ -1,4 +1,4 @@
-"""Poisson and binomial mixed models (lmevi.glm): the expected log-densities and their derivatives, the ELBO
+"""Poisson and binomial mixed models (lmevi.families.glm): the expected log-densities and their derivatives, the ELBO
 against a dense computation, the fitting steps' fixed point, and fits against lme4's glmer."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from scipy import special
 
 import lmevi
 from dense import dense_design, dense_kl_part, dense_q, random_params
-from lmevi import elbo, glm
-from lmevi.build import make_problem
-from lmevi.design import Design
+from lmevi.q import elbo
+from lmevi.families import glm
+from lmevi.fitting.build import make_problem
+from lmevi.frame.design import Design
 
 LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
 LIKES = {"poisson": glm.POISSON, "binomial": glm.BINOMIAL}
@@ -132,7 +133,7 @@ def test_fixed_point_of_the_steps_is_a_stationary_point_of_the_elbo(name):
     data = simulate_counts(family=name)
     steps = _fit(COUNT_FORMULA, data, family=name, tol=1e-13, num_steps=3000)
     assert steps.options.reml is False and steps.options.method == "cavi"
-    # the final gradient norm of -ELBO / n over the unconstrained coordinates (lmevi.inference), measured
+    # the final gradient norm of -ELBO / n over the unconstrained coordinates (lmevi.fitting.loops), measured
     # 1.4e-7 and 3e-8 at the stop rule's relative ELBO change of 1e-13; lmevi's own convergence check warns
     # above 1e-3, and a step whose fixed point were off (a wrong weight or working response) leaves 1e-3 or more
     assert steps.run.grad_norm < 1e-6
@@ -143,8 +144,8 @@ def test_fixed_point_of_the_steps_is_a_stationary_point_of_the_elbo(name):
         np.testing.assert_allclose(steps.sd().to_numpy(), lbfgs.sd().to_numpy(), rtol=1e-4)
         np.testing.assert_allclose(steps.fixef().to_numpy(), lbfgs.fixef().to_numpy(), rtol=1e-4, atol=1e-6)
 
-    from lmevi import fitting
-    from lmevi.results import make_result
+    from lmevi.fitting import stage as fitting
+    from lmevi.result.fitresult import make_result
 
     model = lmevi.build_model(COUNT_FORMULA, data, family=name, pad=False)
     how = fitting.settings(tol=1e-13, num_steps=3000)

@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 import lmevi
-from lmevi import elbo, variational, inference
-from lmevi.inference import StopRule
-from lmevi.likelihood import GAUSSIAN
+from lmevi.q import elbo
+from lmevi.q import variational
+from lmevi.fitting import loops as inference
+from lmevi.fitting.loops import StopRule
+from lmevi.families.likelihood import GAUSSIAN
 from conftest import simulate_departments
 from dense import kernel_problem
 
@@ -189,7 +191,7 @@ def test_fit_loop_keeps_few_row_length_temporaries(dtype):
         model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", simulate_departments(n, n // 25, n // 65),
                                   q="structured", dtype=dtype)
         problem = model.problem
-        init = lmevi.fitting.initial_params(problem, 0.1)
+        init = lmevi.fitting.stage.initial_params(problem, 0.1)
         trace = jax.numpy.zeros(50, problem.design.y.dtype)
         compiled = inference._cavi_chunk.full.lower(problem, init, trace, 0, 50, 1e-6, window=1,
                                                     accelerate=True).compile()

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from dense import random_lower
-from lmevi import model
-from lmevi.model import ModelParams
+from lmevi.q import model
+from lmevi.q.model import ModelParams
 
 log_joint = jax.jit(model.log_joint)
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import lmevi
 from lmevi.cli import main as cli_main
-from lmevi.design import build_design
-from lmevi.formula import parse_formula
+from lmevi.frame.design import build_design
+from lmevi.frame.formula import parse_formula
 
 FORMULA = "y ~ x + (1 + x | g)"
 # A converged coordinate-ascent fit stops at a relative ELBO change of 1e-10, and an exact fit at a trust region
@@ -495,8 +495,8 @@ def test_optax_optimizer_object_is_accepted(frame, reference):
 def test_float32_default_tolerance_is_one_float32_can_see(frame):
     """A float32 fit's default stop tolerance is FLOAT32_TOL (a relative ELBO change of 1e-10 is below what
     float32 resolves, and such a fit may run to its step budget); an explicit tol is kept; float64 keeps 1e-10."""
-    assert lmevi.fitting.settings(dtype="float32").rule.tol == lmevi.fitting.FLOAT32_TOL == 1e-6
-    assert lmevi.fitting.settings(dtype="float32", tol=1e-9).rule.tol == 1e-9
-    assert lmevi.fitting.settings().rule.tol == 1e-10
+    assert lmevi.fitting.stage.settings(dtype="float32").rule.tol == lmevi.fitting.stage.FLOAT32_TOL == 1e-6
+    assert lmevi.fitting.stage.settings(dtype="float32", tol=1e-9).rule.tol == 1e-9
+    assert lmevi.fitting.stage.settings().rule.tol == 1e-10
     result, _ = fit_quietly(FORMULA, frame, dtype="float32")
     assert result.converged and result.options.stop_rule.tol == 1e-6

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 import lmevi
-from lmevi.formula import parse_formula
-from lmevi.rsyntax import lme4_name, required_columns, to_formulaic
+from lmevi.frame.formula import parse_formula
+from lmevi.frame.rsyntax import lme4_name, required_columns, to_formulaic
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,8 @@ def test_boundary_under_an_approximate_structured_q_names_the_factor_and_the_rem
     approximation's, and the warning says so, naming the factor and q='exact'."""
     import dataclasses
 
-    from lmevi import checks, variational
+    from lmevi.result import checks
+    from lmevi.q import variational
 
     sig = float(crossed_fit.params.model.sigma)
     chol = (np.diag([1e-6 * sig, 1e-6 * sig]), *crossed_fit.params.model.chol[1:])

@@ -1,4 +1,4 @@
-"""Kept executables (:mod:`lmevi.runtime`): what their key depends on, which calls are never kept, and that an
+"""Kept executables (:mod:`lmevi.runtime.jit`): what their key depends on, which calls are never kept, and that an
 executable JAX's own cache served is used but not written out again."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmevi import runtime
+from lmevi.runtime import jit as runtime
 
 
 def _scaled(x, factor, power=1):
@@ -102,7 +102,8 @@ SERVED_BY_JAX = textwrap.dedent(
     import jax, numpy as np
     jax.config.update("jax_compilation_cache_dir", sys.argv[1])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    from lmevi import runtime
+    from lmevi.runtime import jit as runtime
+    from lmevi.runtime import lapack
     def f(x):
         return jax.numpy.linalg.cholesky(x @ x.T + np.eye(3)).sum()
     x = np.arange(9.0).reshape(3, 3)
@@ -173,8 +174,9 @@ LINK_WITHOUT_SCIPY_LINALG = textwrap.dedent(
     """
     import json, sys
     import numpy as np
-    from lmevi import runtime
-    runtime._link_lapack()
+    from lmevi.runtime import jit as runtime
+    from lmevi.runtime import lapack
+    lapack._link_lapack()
     linked_alone = "scipy.linalg" not in sys.modules and "scipy.linalg.cython_lapack" in sys.modules
     import jax
     jax.config.update("jax_enable_x64", True)

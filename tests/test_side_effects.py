@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from lmevi import runtime
+from lmevi.runtime import pages
 from conftest import CROSSED_FORMULA, simulate_crossed
 
 SCRIPT = textwrap.dedent(
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     frame = simulate_crossed()
     m = lmevi.fit({formula!r}, frame, q="structured", tol=1e-14, num_steps=3000, progress=False)
     import threading
-    backend_thread = dict(started=len(lmevi.runtime._starting),
+    backend_thread = dict(started=len(lmevi.runtime.xla._starting),
                           alive=[t.name for t in threading.enumerate() if t.name.startswith("lmevi")])
     ranef = m.ranef()
     pred = m.predict(frame)
@@ -43,8 +43,8 @@ SCRIPT = textwrap.dedent(
         flags_after_fit=os.environ.get("XLA_FLAGS", ""), backend_thread=backend_thread,
         sd=[float(v) for v in m.sd()], condsd=[float(v) for v in ranef.condsd], pred=[float(v) for v in pred],
         sigma_dtype=str(m.params.model.sigma.dtype),
-        cache_dir=jax.config.jax_compilation_cache_dir, executables=lmevi.runtime.EXECUTABLE_STATS,
-        cached=sorted(p.name for p in lmevi.runtime.cache_dir().rglob("*")) if lmevi.runtime.cache_dir() else [],
+        cache_dir=jax.config.jax_compilation_cache_dir, executables=lmevi.runtime.jit.EXECUTABLE_STATS,
+        cached=sorted(p.name for p in lmevi.runtime.cache.cache_dir().rglob("*")) if lmevi.runtime.cache.cache_dir() else [],
     )))
     """
 )
@@ -98,7 +98,7 @@ def test_xla_cpu_workaround_only_when_lmevi_starts_jax(fresh):
 
 def test_backend_started_beside_the_design_stage_only_when_lmevi_starts_jax(fresh):
     """At the first fit, when JAX has not started, lmevi starts JAX's backend on one helper thread while the
-    design stage runs (lmevi.runtime.start_backend; on a GPU that hides JAX's memory reservation behind the
+    design stage runs (lmevi.runtime.xla.start_backend; on a GPU that hides JAX's memory reservation behind the
     design), and joins it before the first transfer: none is left running after the fit. A user whose JAX ran
     first gets no thread."""
     assert fresh["backend_thread"] == {"started": 1, "alive": []}
@@ -161,7 +161,7 @@ def test_a_small_exact_fit_compiles_nothing_and_loads_no_scipy():
 
 def _huge_pages() -> bool:
     """NumPy's current huge-page request setting (read by setting it and putting it back)."""
-    setter = runtime._madvise_setter()
+    setter = pages._madvise_setter()
     previous = setter(True)
     setter(previous)
     return bool(previous)
@@ -172,27 +172,27 @@ def test_numpy_huge_pages_off_only_while_lmevi_builds(monkeypatch, user_choice):
     """lmevi turns NumPy's huge-page requests off while it builds and fits (fresh memory at 1e7 rows was 25 %
     faster without them) and restores the caller's setting; a user who set NUMPY_MADVISE_HUGEPAGE keeps it."""
     import lmevi
-    import lmevi.build
+    import lmevi.fitting.build
 
-    if runtime._madvise_setter() is None:
+    if pages._madvise_setter() is None:
         pytest.skip("this NumPy has no huge-page switch")
     if user_choice is None:
         monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
     else:
         monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", user_choice)
     seen = []
-    real = lmevi.build.build_design
+    real = lmevi.fitting.build.build_design
 
     def probe(*args, **kwargs):
         seen.append(_huge_pages())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lmevi.build, "build_design", probe)
-    original = runtime._madvise_setter()(True)
+    monkeypatch.setattr(lmevi.fitting.build, "build_design", probe)
+    original = pages._madvise_setter()(True)
     try:
         lmevi.fit(CROSSED_FORMULA, simulate_crossed(), q="structured", progress=False)
         after = _huge_pages()
     finally:
-        runtime._madvise_setter()(original)
+        pages._madvise_setter()(original)
     assert seen == [user_choice is not None]
     assert after is True

@@ -11,9 +11,12 @@ import pandas as pd
 import pytest
 
 import lmevi
-from lmevi import cavi, elbo, inference, likelihood
-from lmevi.build import make_problem
-from lmevi.fitting import settings
+from lmevi.q import cavi
+from lmevi.q import elbo
+from lmevi.fitting import loops as inference
+from lmevi.families import likelihood
+from lmevi.fitting.build import make_problem
+from lmevi.fitting.stage import settings
 
 FORMULA = "y ~ x + (1 | g) + (0 + x | g) + (1 | h)"
 
@@ -188,7 +191,7 @@ def test_data_of_a_new_size_compiles_nothing(frame):
 
 
 def test_bucket_ladder():
-    from lmevi.build import bucket
+    from lmevi.fitting.build import bucket
 
     assert [bucket(n, 8) for n in (1, 8, 9, 18, 1024, 1025, 1300, 2049)] == [8, 8, 16, 32, 1024, 1280, 1536, 2560]
     for n in range(1025, 20000, 37):

@@ -14,16 +14,16 @@ import pytest
 import lmevi
 from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
-from lmevi import variational
-from lmevi.likelihood import GAUSSIAN
-from lmevi.variational import Block
+from lmevi.q import variational
+from lmevi.families.likelihood import GAUSSIAN
+from lmevi.q.variational import Block
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")
 
 
 @partial(jax.jit, static_argnames="spec")
 def summary_of_q(design, spec, blocks, data):
-    """Every moment of q that :mod:`lmevi.variational` computes, in one compiled call per family."""
+    """Every moment of q that :mod:`lmevi.q.variational` computes, in one compiled call per family."""
     terms = range(len(spec.n_levels))
     out = {
         "rows": variational.row_moments(design, spec, blocks, data),
@@ -222,7 +222,7 @@ def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
 def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
     """Per-row mean and variance of each block against ``W`` built densely here:
     ``Var(eta_i) = |T_g^T z_i|^2 + (K_g^T z_i + w_i)^T U U^T (K_g^T z_i + w_i)``; and the variances' sum
-    from the cross-products alone (:func:`lmevi.variational.row_var_sum`)."""
+    from the cross-products alone (:func:`lmevi.q.variational.row_var_sum`)."""
     problem, with_large, without_large = small_parts
     spec = with_large if which == "with-large" else without_large
     with jax.enable_x64(True):
@@ -447,7 +447,7 @@ def test_float32_sums_over_rows_accumulate_in_float64():
     exact_levels = np.bincount(index, r.astype(np.float64), minlength=14)
     with jax.enable_x64(True):
         rj, Xj, ij = jnp.asarray(r), jnp.asarray(X), jnp.asarray(index)
-        dot = jax.jit(lmevi.precision.row_dot)(rj, Xj)
+        dot = jax.jit(lmevi.runtime.precision.row_dot)(rj, Xj)
         levels = jax.jit(variational.weighted_level_sums, static_argnums=(3, 4))(Xj[:, :1], rj, ij, 14, True)
         naive = np.asarray(jax.jit(lambda a, b: a @ b)(rj, Xj))
     assert dot.dtype == jnp.float32 and levels.dtype == jnp.float32

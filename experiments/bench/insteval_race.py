@@ -104,23 +104,24 @@ def time_exact(df, repeats: int, cold_repeats: int) -> dict:
 
 
 def time_exact_optimisers(df, repeats: int) -> dict:
-    """The exact fit's optimisation alone (``lmevi.exact.fit_exact``, from the structured fit's start, as
+    """The exact fit's optimisation alone (``lmevi.exact.optimise.fit_exact``, from the structured fit's start, as
     ``lmevi.fit`` runs it) with each gradient optimiser, side by side: seconds (median), evaluations, and the
     REML criterion reached."""
     import jax
     import numpy as np
 
     import lmevi
-    from lmevi import exact
-    from lmevi.fitting import _exact_start
+    from lmevi.exact import structure
+    from lmevi.exact import optimise
+    from lmevi.fitting.stage import _exact_start
 
     model = lmevi.build_model(FORMULA, df)
     out = {}
     with jax.enable_x64(True):
         start = _exact_start(model)
-        s = exact.build_structure(model.problem.design, model.reml)
+        s = structure.build_structure(model.problem.design, model.reml)
         for name in ("newton", "lbfgsb"):
-            fits = [exact.fit_exact(model.problem.design, model.reml, theta0=start, structure=s, optimizer=name)
+            fits = [optimise.fit_exact(model.problem.design, model.reml, theta0=start, structure=s, optimizer=name)
                     for _ in range(repeats + 1)]  # the first compiles
             out[name] = {"seconds": float(np.median([f.seconds for f in fits[1:]])), "evaluations": fits[-1].n_evals,
                          "optimizer": fits[-1].optimizer, "criterion": float(fits[-1].objective)}

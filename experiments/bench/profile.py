@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from bench.accuracy import FACTORS, FORMULA
+from bench.accuracy import FACTORS
 from bench.harness import log, time_call, worker
 from bench.scaling import simulate
 from bench.stages import (jitted_block_updates, jitted_elbo, jitted_m_step, jitted_row_moments, jitted_sweep,

@@ -246,7 +246,7 @@ def worker_scale(args) -> dict:
     import lmevi
 
     if getattr(args, "no_backend_thread", False):  # side by side: JAX's backend started by the fit itself
-        lmevi.runtime.start_backend = lambda: False
+        lmevi.runtime.xla.start_backend = lambda: False
     df, truth = simulate(args.n_obs, args.seed)
     if args.csv:
         out = df.copy()

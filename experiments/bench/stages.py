@@ -22,7 +22,7 @@ def structured_problem(frame, model=None):
 
     if model is None:
         model = lmevi.build_model(FORMULA, frame, q="structured")
-    params, _ = lmevi.fit_model(model, lmevi.fitting.settings(method="cavi"))
+    params, _ = lmevi.fit_model(model, lmevi.fitting.stage.settings(method="cavi"))
     return model.problem, params
 
 
@@ -30,7 +30,7 @@ def jitted_sweep():
     """One coordinate-ascent sweep: block updates, then the M-step."""
     import jax
 
-    from lmevi import cavi
+    from lmevi.q import cavi
 
     return jax.jit(cavi.sweep)
 
@@ -39,7 +39,7 @@ def jitted_block_updates():
     """The block updates of a sweep."""
     import jax
 
-    from lmevi import cavi
+    from lmevi.q import cavi
 
     return jax.jit(cavi.update_blocks)
 
@@ -48,7 +48,7 @@ def jitted_m_step():
     """The M-step of a sweep (row moments, sigma, Sigma_k, ELBO)."""
     import jax
 
-    from lmevi import cavi
+    from lmevi.q import cavi
 
     return jax.jit(cavi.m_step)
 
@@ -57,7 +57,7 @@ def jitted_row_moments():
     """Mean and variance under q of every row's random part."""
     import jax
 
-    from lmevi import variational
+    from lmevi.q import variational
 
     return jax.jit(lambda pr, p: variational.row_moments(pr.design, pr.spec, p.blocks, pr.block_data))
 
@@ -66,7 +66,7 @@ def jitted_elbo():
     """The closed-form ELBO."""
     import jax
 
-    from lmevi import elbo as elbo_lib
+    from lmevi.q import elbo as elbo_lib
 
     return jax.jit(elbo_lib.closed_form)
 
@@ -75,6 +75,6 @@ def jitted_elbo_and_grad():
     """The closed-form ELBO and its gradient in the parameters."""
     import jax
 
-    from lmevi import elbo as elbo_lib
+    from lmevi.q import elbo as elbo_lib
 
     return jax.jit(jax.value_and_grad(elbo_lib.closed_form, argnums=1))

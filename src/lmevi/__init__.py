@@ -8,24 +8,24 @@
 The stages ``fit`` composes are public, as lme4's ``lFormula``/``optimizeLmer``/``mkMerMod``:
 
     >>> model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", df)   # design, q's blocks
-    >>> params, run = lmevi.fit_model(model, lmevi.fitting.settings(method="cavi"))
-    >>> m = lmevi.make_result(model, lmevi.fitting.settings(method="cavi"), params, run)
+    >>> params, run = lmevi.fit_model(model, lmevi.fitting.stage.settings(method="cavi"))
+    >>> m = lmevi.make_result(model, lmevi.fitting.stage.settings(method="cavi"), params, run)
 
 Importing lmevi changes nothing for the rest of the process: 64-bit arithmetic is switched on only
-inside lmevi's own computations (:mod:`lmevi.precision`; fits run in float64 by default, as lme4 does,
+inside lmevi's own computations (:mod:`lmevi.runtime.precision`; fits run in float64 by default, as lme4 does,
 ``dtype="float32"`` for single precision), and an XLA CPU workaround is applied at the first fit only if
-JAX has not started yet (:mod:`lmevi.runtime`). No matplotlib backend is chosen.
+JAX has not started yet (:mod:`lmevi.runtime.jit`). No matplotlib backend is chosen.
 """
 
-from lmevi import fitting
+
 from lmevi.api import fit
-from lmevi.build import Model, build_model
-from lmevi.checks import ConvergenceWarning, SingularFitWarning
-from lmevi.compare import RefitWarning, anova
-from lmevi.fitting import FitSettings, edward_adam, fit_model
-from lmevi.data import load_insteval, train_test_split
-from lmevi.formula import FormulaError, parse_formula
-from lmevi.results import FitResult, make_result
+from lmevi.fitting.build import Model, build_model
+from lmevi.result.checks import ConvergenceWarning, SingularFitWarning
+from lmevi.result.compare import RefitWarning, anova
+from lmevi.fitting.stage import FitSettings, edward_adam, fit_model
+from lmevi.frame.data import load_insteval, train_test_split
+from lmevi.frame.formula import FormulaError, parse_formula
+from lmevi.result.fitresult import FitResult, make_result
 
 __all__ = [
     "ConvergenceWarning",

@@ -2,8 +2,8 @@
 
     build_model (lFormula)  ->  fit_model (optimizeLmer)  ->  make_result (mkMerMod)  ->  checks (checkConv)
 
-Each stage is public (:func:`lmevi.build_model`, :func:`lmevi.fitting.settings`, :func:`lmevi.fit_model`,
-:func:`lmevi.results.make_result`, :mod:`lmevi.checks`), so scripts never rebuild the pipeline by hand.
+Each stage is public (:func:`lmevi.build_model`, :func:`lmevi.fitting.stage.settings`, :func:`lmevi.fit_model`,
+:func:`lmevi.result.fitresult.make_result`, :mod:`lmevi.result.checks`), so scripts never rebuild the pipeline by hand.
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from lmevi import checks, fitting, runtime, variational
-from lmevi.build import build_model
-from lmevi.precision import x64
-from lmevi.runtime import small_pages
-from lmevi.results import FitResult, make_result
+from lmevi.result import checks
+from lmevi.fitting import stage as fitting
+from lmevi.runtime import xla
+from lmevi.q import variational
+from lmevi.fitting.build import build_model
+from lmevi.runtime.precision import x64
+from lmevi.runtime.pages import small_pages
+from lmevi.result.fitresult import FitResult, make_result
 
 if TYPE_CHECKING:  # optax is imported when a fit takes the gradient path (0.1 s that exact fits do not pay)
     import optax
@@ -60,17 +63,17 @@ def fit(
         data: one row per observation.
         family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (default, ``lmer``), ``"poisson"``
             (log link) or ``"binomial"`` (logit link, a 0/1 response; booleans and two-level columns are read
-            as 0/1, the second level as success): :mod:`lmevi.likelihood`, :mod:`lmevi.glm`. The generalized
+            as 0/1, the second level as success): :mod:`lmevi.families.likelihood`, :mod:`lmevi.families.glm`. The generalized
             ones have no dispersion, as ``glmer``; coordinate ascent fits them by working-response steps
-            (:mod:`lmevi.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO.
+            (:mod:`lmevi.families.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO.
             ``family="structured"`` or ``"meanfield"``, the spelling of q before it had its own option, still
             works with a ``DeprecationWarning``.
         q: ``"auto"`` (default: ``"exact"`` when lme4's criterion applies -- Gaussian, sigma estimated, no
             ``blocks``, float64, coordinate ascent -- and its dense block has at most
-            ``lmevi.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``
-            and summary say which ran), ``"exact"`` (lme4's profiled criterion, :mod:`lmevi.exact`: lme4's
+            ``lmevi.fitting.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``
+            and summary say which ran), ``"exact"`` (lme4's profiled criterion, :mod:`lmevi.exact.criterion`: lme4's
             estimates and log-likelihood), ``"structured"`` (variational: small grouping factors share a
-            Gaussian block with the large factor they are nested in, see :mod:`lmevi.variational`) or
+            Gaussian block with the large factor they are nested in, see :mod:`lmevi.q.variational`) or
             ``"meanfield"`` (the tutorial's fully factorised q).
         reml: ``True`` puts beta in q with a flat prior, so the fit targets REML estimates; ``False`` makes
             beta a point estimate (ML-like, and the tutorial's). Default (``None``): ``True`` for the Gaussian
@@ -83,8 +86,8 @@ def fit(
             and :func:`edward_adam` for ``elbo="mc"``.
         num_samples: draws per Monte Carlo ELBO estimate.
         residual_scale: fix sigma at this value (the tutorial's 1.0); ``None`` estimates it.
-        num_steps, tol, window: the stop rule (see :mod:`lmevi.inference`); defaults depend on the method, and
-            the default ``tol`` is at least 1e-6 under ``dtype="float32"`` (:data:`lmevi.fitting.FLOAT32_TOL`).
+        num_steps, tol, window: the stop rule (see :mod:`lmevi.fitting.loops`); defaults depend on the method, and
+            the default ``tol`` is at least 1e-6 under ``dtype="float32"`` (:data:`lmevi.fitting.stage.FLOAT32_TOL`).
         seed: seed of the Monte Carlo draws; the same seed gives the same fit.
         progress: show a progress bar (``None``: when writing to a terminal).
         blocks: ``q="structured"`` only, blocks named by grouping factor (``[("d", "dept", "fixed"), ("s",)]``).
@@ -109,9 +112,9 @@ def fit(
             The fitted values and residuals of the result are this process's rows.
 
     Returns:
-        A :class:`~lmevi.results.FitResult`.
+        A :class:`~lmevi.result.fitresult.FitResult`.
     """
-    runtime.prepare()
+    xla.prepare()
     family, q = _family_and_q(family, q)
     if q == "exact" and (method is not None or optimizer is not None or elbo != "closed_form"):
         raise ValueError("q='exact' optimises lme4's profiled criterion: method, optimizer and elbo do not apply")

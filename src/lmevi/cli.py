@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 
 from lmevi.api import fit
-from lmevi.checks import ConvergenceWarning
-from lmevi.fitting import ELBOS, METHODS
-from lmevi.likelihood import LIKELIHOODS
-from lmevi.build import Q_CHOICES
-from lmevi.variational import Q_FAMILIES
-from lmevi.results import FitResult
+from lmevi.result.checks import ConvergenceWarning
+from lmevi.fitting.stage import ELBOS, METHODS
+from lmevi.families.likelihood import LIKELIHOODS
+from lmevi.fitting.build import Q_CHOICES
+from lmevi.q.variational import Q_FAMILIES
+from lmevi.result.fitresult import FitResult
 
 PROG = "lmevi"
 EXIT_BAD_INPUT = 2
@@ -175,14 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_warmup(args: argparse.Namespace) -> int:
     """The ``warmup`` command: fit the workload, one line per fit."""
-    from lmevi import runtime, warmup
+    from lmevi import warmup
 
+    from lmevi.runtime import cache
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in warmup.SIZES]
     if unknown or not sizes:
         _error(f"--sizes takes {', '.join(warmup.SIZES)}, got {args.sizes!r}")
         return EXIT_BAD_INPUT
-    folder = runtime.cache_dir()
+    folder = cache.cache_dir()
     if folder is None:
         print(f"{PROG}: warning: the compilation cache is off (LMEVI_CACHE_DIR), so warm-up lasts only for "
               "this process", file=sys.stderr)

@@ -3,9 +3,9 @@ workload does, so that a user's first fit of such a model in a new process loads
 compiling them (``lmevi warmup`` on the command line).
 
 A compiled program depends on the model's structure (its random terms, REML or ML, q, dtype) and on the
-size buckets of rows and levels (:func:`lmevi.build.bucket`), not on the data. The workload fits each of
+size buckets of rows and levels (:func:`lmevi.fitting.build.bucket`), not on the data. The workload fits each of
 :data:`STRUCTURES` on simulated data of each size in :data:`SIZES`, by REML and by ML, with the structured
-q; each fit stores its programs in the cache (:mod:`lmevi.runtime`). The default ``q="auto"`` fits models
+q; each fit stores its programs in the cache (:mod:`lmevi.runtime.jit`). The default ``q="auto"`` fits models
 this small exactly, in NumPy, which compiles nothing: the warm-up is for the variational path, which
 ``q="auto"`` takes for large models and any fit asks for with ``q="structured"`` or ``"meanfield"``.
 """

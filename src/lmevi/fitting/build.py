@@ -1,6 +1,6 @@
 """Model stage, as lme4's ``lFormula``: formula and data in, everything a fit needs out.
 
-:func:`build_model` parses the formula, builds the design arrays, standardises them (:mod:`lmevi.scaling`),
+:func:`build_model` parses the formula, builds the design arrays, standardises them (:mod:`lmevi.fitting.scaling`),
 chooses the blocks of q and computes their design-only cross-products. It returns a :class:`Model`: the host
 side (labels, scales, the response in the data's units) and the :class:`Problem` the compiled kernels take
 as their first argument.
@@ -18,23 +18,26 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from lmevi import collective as collective_lib
-from lmevi import likelihood as likelihood_lib
-from lmevi import scaling, variational
-from lmevi.design import Design, DesignInfo, TermData, build_design
-from lmevi.formula import parse_formula
-from lmevi.likelihood import Likelihood
-from lmevi.options import check_bool, check_choice, check_int, check_real
-from lmevi.precision import RowBuffers, on_device, x64
-from lmevi.qfamily import Family
-from lmevi.runtime import backend_ready, sized_jit, small_pages
-from lmevi.scaling import Scales
-from lmevi.variational import BlockData, QSpec
+from lmevi.runtime import collective as collective_lib
+from lmevi.families import likelihood as likelihood_lib
+from lmevi.fitting import scaling
+from lmevi.q import variational
+from lmevi.frame.design import Design, DesignInfo, TermData, build_design
+from lmevi.frame.formula import parse_formula
+from lmevi.families.likelihood import Likelihood
+from lmevi.runtime.options import check_bool, check_choice, check_int, check_real
+from lmevi.runtime.precision import RowBuffers, on_device, x64
+from lmevi.q.protocol import Family
+from lmevi.runtime.xla import backend_ready
+from lmevi.runtime.jit import sized_jit
+from lmevi.runtime.pages import small_pages
+from lmevi.fitting.scaling import Scales
+from lmevi.q.variational import BlockData, QSpec
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
-# The q's a user can ask for: the variational layouts of lmevi.variational, "exact" (lme4's profiled
-# criterion, lmevi.exact) and "auto" (exact when its dense block is at most AUTO_EXACT_MAX coefficients).
+# The q's a user can ask for: the variational layouts of lmevi.q.variational, "exact" (lme4's profiled
+# criterion, lmevi.exact.criterion) and "auto" (exact when its dense block is at most AUTO_EXACT_MAX coefficients).
 Q_CHOICES = ("structured", "meanfield", "exact", "auto")
 AUTO_EXACT_MAX = 2048
 
@@ -50,14 +53,14 @@ class Problem:
 
     Attributes:
         design: the standardised arrays (``y`` ``(n_obs,)``, ``X`` ``(n_obs, p)``, one term per random term).
-        block_data: one :class:`~lmevi.variational.BlockData` per block of q.
+        block_data: one :class:`~lmevi.q.variational.BlockData` per block of q.
         fixed_sigma: ``()`` the residual SD in standardised units when it is fixed (ignored otherwise).
         n_rows: ``()`` the number of rows of the data (the arrays may hold zero padding rows after them).
         level_mask: ``None``, or per term a ``(J_k,)`` 0/1 array: 1 for the data's levels, 0 for padding.
         spec: the blocks of q (static).
-        likelihood: the response distribution (static, :mod:`lmevi.likelihood`).
-        q: the module implementing the variational family (static; a :class:`~lmevi.qfamily.Family` naming
-            :mod:`lmevi.variational`).
+        likelihood: the response distribution (static, :mod:`lmevi.families.likelihood`).
+        q: the module implementing the variational family (static; a :class:`~lmevi.q.protocol.Family` naming
+            :mod:`lmevi.q.variational`).
         estimate_sigma: whether sigma is estimated (static).
 
     Compiled code depends on the static fields and on the arrays' shapes only, so a fixed sigma of another
@@ -154,7 +157,7 @@ def build_model(
         distributed: ``data`` is this process's share of the rows of a multi-process job
             (``jax.distributed.initialize`` has run in every process, and every process calls this with its
             own rows): the model is the one all the rows make (levels, counts, scales and q's blocks from
-            every process, :mod:`lmevi.collective`), its rows sharded over the devices of all processes.
+            every process, :mod:`lmevi.runtime.collective`), its rows sharded over the devices of all processes.
             Numeric fixed effects and covariates only; variational q (``q="auto"`` takes the structured one).
 
     Returns:
@@ -201,7 +204,7 @@ def build_model(
     like.check(np.asarray(raw_design.y), parsed.response)
     q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
     if q == "exact":
-        # lme4's criterion (lmevi.exact); results use the mean-field layout, one block per term, holding the
+        # lme4's criterion (lmevi.exact.criterion); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
         spec, pad = variational.meanfield_spec(info, reml), False
     else:
@@ -232,7 +235,7 @@ def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks,
                          "(no residual_scale)")
     if q != "auto":
         return q
-    from lmevi.exact import dense_block_size
+    from lmevi.exact.structure import dense_block_size
 
     if exact_ok and blocks is None and not sharded and dtype == "float64" and dense_block_size(design) <= AUTO_EXACT_MAX:
         return "exact"
@@ -302,7 +305,7 @@ def row_sharding(devices):
 def place_rows(design: Design, sharding=None) -> Design:
     """Every per-row array of ``design`` copied to the device once: with ``sharding`` (rows split over its
     devices), or on the default device. An array that several fields share (the row weight of every
-    intercept-only term, :func:`lmevi.scaling.standardise`) is copied once and shared on the device too."""
+    intercept-only term, :func:`lmevi.fitting.scaling.standardise`) is copied once and shared on the device too."""
     placed: dict[int, Any] = {}  # id of a host array (alive in ``design`` meanwhile) -> its device copy
 
     def put(a):
@@ -340,7 +343,7 @@ def make_problem(
 
     Args:
         design: the arrays (standardised by :func:`build_model`; any units work for the kernels).
-        spec: q's blocks (``lmevi.variational.Q_FAMILIES``) with the data's level counts.
+        spec: q's blocks (``lmevi.q.variational.Q_FAMILIES``) with the data's level counts.
         likelihood: the response distribution.
         fixed_sigma: the fixed residual SD in the arrays' units, or ``None`` to estimate it.
         pad: pad rows and levels to their buckets (:func:`bucket`, :func:`pad_design`).
@@ -349,10 +352,10 @@ def make_problem(
         sharding: a ``jax.sharding.Sharding`` of the rows (:func:`row_sharding`) to place every per-row array
             with, after padding the rows to a multiple of its device count; needs ``pad=True``.
         n_obs: the number of observations (over every process, in a multi-process fit) when the arrays are
-            already padded (as :func:`lmevi.scaling.standardise` makes them; each process's own rows then);
+            already padded (as :func:`lmevi.fitting.scaling.standardise` makes them; each process's own rows then);
             ``None``: every row is an observation, and padding (``pad=True``) appends the rows.
     """
-    backend_ready()  # JAX's backend, started beside the design stage (lmevi.runtime.start_backend)
+    backend_ready()  # JAX's backend, started beside the design stage (lmevi.runtime.xla.start_backend)
     n = design.y.shape[0] if n_obs is None else int(n_obs)
     level_mask = None
     if pad:

@@ -114,9 +114,9 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
 class RowBuffers:
     """The row arrays of one model, made once with their padding rows, so that standardising writes in place.
 
-    The design stage (:func:`lmevi.design.build_design`) asks for its fixed-effects matrix, covariates and
+    The design stage (:func:`lmevi.frame.design.build_design`) asks for its fixed-effects matrix, covariates and
     level codes here: each is the first ``n`` rows of an :func:`aligned_zeros` array of ``n_rows`` rows.
-    Standardising (:func:`lmevi.scaling.standardise`) then finds the whole array of such a head through
+    Standardising (:func:`lmevi.fitting.scaling.standardise`) then finds the whole array of such a head through
     :meth:`whole` and divides it in place instead of copying it into a fresh padded array (at 1e7 rows each
     copy is fresh memory, whose page faults were most of the design stage), and ``jax.device_put`` shares it.
     Only arrays made here are ever written in place: any other array (the user's, or one the design stage

@@ -16,7 +16,7 @@ of all of them, as lme4's ``ranef(m)$g`` does. A grouping factor whose name woul
 variable or dimension (``fixef``, ``sd``, ``chain``, ``draw``, ``coef``, ``component``, ``<other>_level``,
 ...) is prefixed with ``ranef_``.
 
-The ``sd`` labels follow :meth:`lmevi.results.FitResult.sd`: ``<group>`` when the grouping factor has one
+The ``sd`` labels follow :meth:`lmevi.result.fitresult.FitResult.sd`: ``<group>`` when the grouping factor has one
 coefficient, ``<group>:<coef>`` when it has several (``Subject:Days``), and ``Residual``.
 
 Unlike a sampler's output, the draws are independent by construction, so the diagnostics of
@@ -34,9 +34,9 @@ import arviz as az
 import jax
 import numpy as np
 
-from lmevi import variational
-from lmevi.precision import x64
-from lmevi.results import FitResult
+from lmevi.q import variational
+from lmevi.runtime.precision import x64
+from lmevi.result.fitresult import FitResult
 
 FIXED_VAR, FIXED_DIM = "fixef", "coef"
 SD_VAR, SD_DIM = "sd", "component"

@@ -1,187 +1,18 @@
-"""What lmevi needs of the JAX runtime, set up at the first fit and never at import.
+"""Compiled programs: ``sized_jit``, and executables kept on disk between processes.
 
-XLA on CPU: with jaxlib 0.10's default concurrency-optimised CPU scheduler, fits of 1e7 rows deadlocked
-inside XLA's CPU runtime on every try on a 2-core machine; with that scheduler off they never did, and the
-InstEval and 1e6-row fits ran 10-20 % faster. XLA reads ``XLA_FLAGS`` once, when JAX starts its backend. So
-at the first fit, and only if JAX has not started yet (lmevi is the first to run anything on JAX) and the
-user has not set the flag, lmevi adds ``--xla_cpu_enable_concurrency_optimized_scheduler=false`` to
-``XLA_FLAGS``. If JAX already runs (you imported JAX and computed something first), nothing is changed: set
-the flag yourself before JAX starts if you fit very large data on CPU. Importing lmevi changes nothing.
-
-Compilation cache: XLA's compile of a fitting program takes seconds on CPU, much longer than a small fit.
-lmevi keeps every program it compiles, as an executable, in ``<user cache folder>/lmevi/executables``
-(platformdirs; e.g. ``~/.cache/lmevi/executables`` on Linux): a later process that fits a model of the same
-shapes loads the executable and runs it without tracing, lowering or compiling (see "Executables kept on
-disk" below; InstEval's default fit in a fresh process: 2.8 s -> 2.0 s). At the first fit, if JAX has not
-started yet and you have not chosen a JAX cache folder yourself, lmevi also points JAX's persistent
-compilation cache at ``<user cache folder>/lmevi/jax-cache-<version>``, where what lmevi does not keep
-itself (a few small array operations, and the programs of fits that cannot be keyed, such as sharded ones)
-is cached by JAX; JAX has one cache per process, so your own JAX programs compiled after that point are
-cached there too.
-``LMEVI_CACHE_DIR=/some/folder`` moves both, ``LMEVI_CACHE_DIR=off`` turns both off (or call
-:func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when lmevi
-first fits, JAX has decided for the whole process that it has no cache, and lmevi leaves it so (its own
-executables are still kept).
-
-Backend start: at the first fit, if JAX has not started, lmevi starts JAX's backend and the default device's
-memory on a helper thread while the design stage builds the host arrays, and waits for it before the first
-transfer (:func:`start_backend`). The fit would start both anyway, after the design; on a GPU, JAX's
-reservation of most of the device's memory at the first allocation took 1.7-2.3 s on an H200.
-
-Huge pages: NumPy asks the kernel for transparent huge pages on every large new array. Where the kernel's
-``defrag`` setting is ``madvise`` (common), a page fault in such an array may first compact memory, and once
-earlier arrays have fragmented it, fresh memory for a 10^7-row design cost 0.1-0.3 s per 80 MB here. While
-``fit`` and ``build_model`` run, lmevi turns NumPy's request off and restores it when they return
-(:func:`small_pages`): at 10^7 rows ``build_model`` took 2.9 s instead of 3.7-4.0 s and a repeated fit 8.3 s
-instead of 9.0 s, side by side. If you set ``NUMPY_MADVISE_HUGEPAGE`` yourself, lmevi leaves NumPy's setting
-as you chose it.
+lmevi keeps every program it compiles, as an executable, in its cache folder (:mod:`lmevi.runtime.cache`): a later
+process that fits a model of the same shapes loads the executable and runs it without tracing, lowering or
+compiling (see "Executables kept on disk" below).
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
-XLA_SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
-
-
-def _backends_started() -> bool:
-    try:
-        from jax._src import xla_bridge
-
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):  # a JAX without this query: assume started, change nothing
-        return True
-
-
-def _madvise_setter():
-    """NumPy's switch for its huge-page requests (``_set_madvise_hugepage(bool) -> previous``), or ``None``."""
-    import numpy as np
-
-    for module in ("_core", "core"):
-        setter = getattr(getattr(getattr(np, module, None), "multiarray", None), "_set_madvise_hugepage", None)
-        if setter is not None:
-            return setter
-    return None
-
-
-def small_pages(fn):
-    """Run ``fn`` with NumPy's huge-page requests off (see the module docstring), restoring NumPy's setting
-    afterwards; unchanged where the user set ``NUMPY_MADVISE_HUGEPAGE`` or NumPy lacks the switch."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        setter = None if "NUMPY_MADVISE_HUGEPAGE" in os.environ else _madvise_setter()
-        if setter is None:
-            return fn(*args, **kwargs)
-        previous = setter(False)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            setter(previous)
-
-    return wrapper
-
-
-CACHE_ENV = "LMEVI_CACHE_DIR"
-_OFF = ("", "0", "off", "false", "none", "no")
-_cache_choice: list = []  # what set_cache_dir chose, if called: [Path | None]
-
-
-def set_cache_dir(path: str | os.PathLike | None) -> None:
-    """Choose lmevi's compilation-cache folder (``None``: no cache) for this process; call it before the
-    first fit. It overrides ``LMEVI_CACHE_DIR``."""
-    _cache_choice[:] = [None if path is None else Path(path)]
-
-
-def cache_dir() -> Path | None:
-    """lmevi's cache folder (its executables and JAX's compilation cache live in it), or ``None`` when turned
-    off."""
-    if _cache_choice:
-        return _cache_choice[0]
-    env = os.environ.get(CACHE_ENV)
-    if env is not None:
-        return None if env.strip().lower() in _OFF else Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lmevi"))
-
-
-def prepare() -> dict[str, bool]:
-    """At a fit: apply the CPU scheduler workaround and the compilation cache if JAX has not started (see
-    the module docstring), then start JAX's backend on a helper thread (:func:`start_backend`). Returns what
-    was set, ``{"xla_flag": ..., "cache": ..., "backend_thread": ...}``."""
-    if _backends_started():
-        return {"xla_flag": False, "cache": False, "backend_thread": False}
-    done = {"xla_flag": _scheduler_flag(), "cache": _compilation_cache()}
-    done["backend_thread"] = start_backend()
-    return done
-
-
-# The helper thread of start_backend (at most one per process), joined by backend_ready.
-_starting: list = []
-_starting_lock = threading.Lock()
-
-
-def start_backend() -> bool:
-    """Start JAX's backend and its default device's memory pool on a helper thread, once per process and only
-    if JAX has not started, so that they are ready when the design stage (host NumPy work) has built the
-    arrays: the fit would start both at its first transfer anyway (:func:`lmevi.build.place_rows`), but then
-    after the design, not beside it. On a GPU, JAX reserves most of the device's memory at its first
-    allocation: on an H200 (JAX 0.11) starting the backend took 0.4-0.5 s and that first allocation 1.7-2.3
-    s, more than the 0.9 s the design stage of a 10^7-row fit takes. On a CPU both take milliseconds. Nothing
-    else changes: the same backend, the same device, the same settings (:func:`prepare` has applied its own
-    before). Returns whether the thread was started."""
-    with _starting_lock:
-        if _starting or _backends_started():
-            return False
-        thread = threading.Thread(target=_start_backend, name="lmevi-backend-start", daemon=True)
-        _starting.append(thread)
-    thread.start()
-    return True
-
-
-def _start_backend() -> None:
-    try:
-        import jax
-        import numpy as np
-
-        jax.device_put(np.zeros(1, np.float32)).block_until_ready()
-    except Exception:  # noqa: BLE001 - the fit meets the same error, where it would have without this thread
-        pass
-
-
-def backend_ready() -> None:
-    """Wait for :func:`start_backend`'s thread, if one was started (before the first transfer to a device)."""
-    if _starting:
-        _starting[0].join()
-
-
-def _scheduler_flag() -> bool:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if XLA_SCHEDULER_FLAG in flags:
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} --{XLA_SCHEDULER_FLAG}=false".strip()
-    return True
-
-
-def _compilation_cache() -> bool:
-    import jax
-
-    folder = cache_dir()
-    if folder is None or jax.config.jax_compilation_cache_dir:  # turned off, or the user chose a cache
-        return False
-    folder = folder / f"jax-cache-{jax.__version__}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: fit without a cache
-        return False
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return True
+from lmevi.runtime.cache import cache_dir
+from lmevi.runtime.lapack import _link_lapack
 
 
 # Programs for models up to this many (padded) rows are compiled at XLA's lowest backend optimisation level:
@@ -200,8 +31,8 @@ def _rows(first) -> int:
 def sized_jit(fn=None, *, sized: bool = True, name: str | None = None, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs)`` whose compiled programs are kept as executables (see :func:`executable`).
 
-    With ``sized`` (the default), programs for a first argument (a :class:`~lmevi.build.Problem` or a
-    :class:`~lmevi.design.Design`) of at most :data:`SMALL_ROWS` rows are compiled with :data:`FAST_COMPILE`.
+    With ``sized`` (the default), programs for a first argument (a :class:`~lmevi.fitting.build.Problem` or a
+    :class:`~lmevi.frame.design.Design`) of at most :data:`SMALL_ROWS` rows are compiled with :data:`FAST_COMPILE`.
     ``name`` (default: the function's module and qualified name) must tell the program apart from every other
     one: give it where ``fn`` wraps another function (a gradient). ``_cache_size()`` counts the distinct
     programs the function has compiled or loaded in this process."""
@@ -522,81 +353,6 @@ def _load(folder: Path, digest: str, treedef):
         return None
     EXECUTABLE_STATS["loaded"] += 1
     return compiled
-
-
-_lapack_linked: list = []
-
-
-def _link_lapack() -> None:
-    """Make jaxlib look up its LAPACK kernels, once per process. jaxlib does that when it first lowers a
-    linear-algebra operation; a loaded executable skips lowering, and its LAPACK calls would jump to null
-    pointers (a segmentation fault, seen on InstEval's starting point). JAX's lowering rules call
-    ``initialize_lapack``; where a JAX lacks it, lowering one small Cholesky does the same."""
-    if not _lapack_linked:
-        try:  # JAX's own hook, as its lowering rules call it
-            from jax._src.lax.linalg import initialize_lapack
-
-            _preload_scipy_lapack()
-            initialize_lapack()
-        except (ImportError, AttributeError):  # a JAX without it: the public route (0.03 s more)
-            import jax
-            import numpy as np
-
-            jax.jit(jax.numpy.linalg.cholesky).lower(np.eye(1, dtype=np.float32))
-        _lapack_linked.append(True)
-
-
-# The extension modules whose exported C functions (``__pyx_capi__``) jaxlib's CPU kernels call.
-_SCIPY_LAPACK = ("scipy.linalg.cython_blas", "scipy.linalg.cython_lapack")
-
-
-def _preload_scipy_lapack() -> None:
-    """Load SciPy's ``cython_blas`` and ``cython_lapack`` extension modules from their files
-    (:func:`scipy_linalg_extension`), so that jaxlib, which imports them by name, finds them loaded. Imported
-    the usual way they first run ``scipy.linalg``'s package initialisation, which imports all of
-    ``scipy.linalg`` (0.1-0.3 s of a fresh process's first fit, for two tables of function pointers). Where
-    SciPy is laid out otherwise, nothing is preloaded and jaxlib imports them as usual."""
-    for name in _SCIPY_LAPACK:
-        if scipy_linalg_extension(name) is None:
-            return
-
-
-def scipy_linalg_extension(name: str):
-    """The extension module ``name`` of ``scipy.linalg`` (``"scipy.linalg._flapack"``, ...), loaded from its
-    file without running ``scipy.linalg``'s package initialisation, or ``None`` where it cannot be found.
-
-    Nothing else changes: ``scipy.linalg`` itself is not loaded (unless it already was: then its module is
-    returned), and when the user imports it, it finds the module already there."""
-    import importlib
-    import importlib.machinery
-    import importlib.util
-    import sys
-
-    if name in sys.modules:
-        return sys.modules[name]
-    if "scipy.linalg" in sys.modules:
-        return importlib.import_module(name)
-    try:
-        spec = importlib.util.find_spec("scipy")  # a top-level name: finding it imports nothing
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        folder = os.path.join(list(spec.submodule_search_locations)[0], "linalg")
-        finder = importlib.machinery.FileFinder(
-            folder, (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
-        )
-        found = finder.find_spec(name)
-        if found is None:
-            return None
-        module = importlib.util.module_from_spec(found)
-        sys.modules[name] = module
-        try:
-            found.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(name, None)
-            raise
-        return module
-    except Exception:  # noqa: BLE001 - the callers have another route
-        return None
 
 
 def _store(folder: Path, digest: str, compiled) -> None:

@@ -7,9 +7,9 @@ import warnings
 
 import numpy as np
 
-from lmevi.inference import RunInfo, StopRule
-from lmevi.model import cov_sd_corr
-from lmevi.options import user_stacklevel
+from lmevi.fitting.loops import RunInfo, StopRule
+from lmevi.q.model import cov_sd_corr
+from lmevi.runtime.options import user_stacklevel
 
 # Convergence check: the largest gradient norm of the closed-form ELBO per observation, in the unconstrained
 # coordinates, that still counts as an optimum (see inference.final_grad_norm).
@@ -55,7 +55,7 @@ def singular_findings(info, chol, relative, tol: float = 1e-3, unit: str = "resi
     the Cholesky entry to zero).
 
     Args:
-        info: the design's names (:class:`lmevi.design.DesignInfo`).
+        info: the design's names (:class:`lmevi.frame.design.DesignInfo`).
         chol: one ``(p_k, p_k)`` Cholesky factor of ``Sigma_k`` per term, in the data's units.
         relative: the same factors relative to sigma in standardised units (unit-free).
         tol: the tolerance of all three rules.
@@ -103,7 +103,7 @@ def warn_convergence(run: RunInfo, rule: StopRule) -> None:
 
 
 def warn_singular(result) -> None:
-    """The result's :meth:`~lmevi.results.FitResult.singular` findings as :class:`SingularFitWarning`\\ s,
+    """The result's :meth:`~lmevi.result.fitresult.FitResult.singular` findings as :class:`SingularFitWarning`\\ s,
     with the remedy when the approximate q may be the cause: mean-field q drains nested factors' variances;
     the structured q keeps the blocks of different large factors independent, which can pull a variance
     towards zero that the exact posterior keeps (never silently: each message names the factor)."""

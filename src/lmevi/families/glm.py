@@ -1,7 +1,7 @@
 r"""Generalized linear mixed models: the Poisson (log link) and binomial (logit link) likelihoods, lme4's
 ``glmer(..., family = poisson)`` and ``glmer(..., family = binomial)`` for a 0/1 response.
 
-Each is one frozen class behind the seam of :mod:`lmevi.likelihood` (registered there under lme4's family
+Each is one frozen class behind the seam of :mod:`lmevi.families.likelihood` (registered there under lme4's family
 name). Neither has a dispersion (lme4 fixes it at 1), neither is in moment form, so the closed-form ELBO takes
 the rows' means and variances under q, ``eta_i ~ N(m_i, v_i)``, and the optax path maximises it:
 
@@ -12,12 +12,12 @@ the rows' means and variances under q, ``eta_i ~ N(m_i, v_i)``, and the optax pa
 
 The response is not standardised (its units are the likelihood's), the fixed effects' columns are.
 
-Fitting (``method="cavi"``, the default; :func:`lmevi.inference.run_cavi` takes :func:`step` as its sweep
+Fitting (``method="cavi"``, the default; :func:`lmevi.fitting.loops.run_cavi` takes :func:`step` as its sweep
 for these likelihoods): each step replaces the likelihood at the current q
 by the Gaussian one of a working response, ``z_i = E eta_i + (y_i - E[A'(eta_i)]) / E[A''(eta_i)]`` with row
 weights ``w_i = E[A''(eta_i)]`` (``A`` the log-partition function: ``exp`` for the Poisson, the softplus for
 the binomial; expectations under q), and takes one coordinate-ascent sweep of the Gaussian model
-(:func:`lmevi.cavi.sweep`) on the rows scaled by ``sqrt(w_i)``, sigma fixed at 1. A block's update then sets
+(:func:`lmevi.q.cavi.sweep`) on the rows scaled by ``sqrt(w_i)``, sigma fixed at 1. A block's update then sets
 its precision to ``Z^T W Z`` plus the prior's, and moves its mean by that precision's inverse times the ELBO's
 gradient: the fixed point of Gaussian variational inference for these likelihoods (Opper & Archambeau 2009;
 natural-gradient steps of size 1, Khan & Lin 2017), so every fixed point of the step is a stationary point of
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from lmevi.precision import wide
+from lmevi.runtime.precision import wide
 
 # Gauss-Hermite nodes for E[f(eta)], eta ~ N(m, v): E f = sum_k w_k f(m + sqrt(2 v) x_k) / sqrt(pi). For the
 # softplus the rule's error grows with v (against 300 nodes, at |m| <= 3): with 48 nodes under 1e-15 at v = 1,
@@ -75,7 +75,7 @@ class _NoDispersion:
     def start(self, X, y, n_obs):
         """Fixed-effects start ``beta (p,)`` by 25 iteratively reweighted least-squares steps of the GLM
         without random effects, from every row's predictor at the link of the response's mean; and the scale
-        1.0 that the random effects' starting SDs are a fraction of (:func:`lmevi.variational.init_params`).
+        1.0 that the random effects' starting SDs are a fraction of (:func:`lmevi.q.variational.init_params`).
         Padding rows (X = 0) add nothing to the normal equations."""
         Xw, yw = wide(X), wide(y)
         eta = jnp.full_like(yw, self._link(jnp.sum(yw) / n_obs))
@@ -221,9 +221,9 @@ BINOMIAL = Binomial()
 
 
 def supports(problem) -> bool:
-    """Whether coordinate ascent can take :func:`step`: the block-Gaussian q of :mod:`lmevi.variational` and a
+    """Whether coordinate ascent can take :func:`step`: the block-Gaussian q of :mod:`lmevi.q.variational` and a
     likelihood outside moment form that gives the moments the working problem needs (``moments``)."""
-    from lmevi import variational
+    from lmevi.q import variational
 
     like = problem.likelihood
     return problem.q.implementation is variational and not like.moment_form and hasattr(like, "moments")
@@ -235,10 +235,10 @@ def working_problem(problem, params):
     keep weight 0. Same shapes and structure as ``problem``, so its programs compile once."""
     import dataclasses
 
-    from lmevi import elbo as elbo_lib
-    from lmevi import variational
-    from lmevi.design import Design, TermData
-    from lmevi.likelihood import GAUSSIAN
+    from lmevi.q import elbo as elbo_lib
+    from lmevi.q import variational
+    from lmevi.frame.design import Design, TermData
+    from lmevi.families.likelihood import GAUSSIAN
 
     design = problem.design
     rows = elbo_lib.observed_rows(problem).astype(design.y.dtype)
@@ -256,9 +256,9 @@ def working_problem(problem, params):
 
 
 def step(problem, params):
-    """One step of the GLMM fit: ``(params, elbo)``, the ELBO the GLMM's own (:func:`lmevi.elbo.closed_form`)."""
-    from lmevi import cavi
-    from lmevi import elbo as elbo_lib
+    """One step of the GLMM fit: ``(params, elbo)``, the ELBO the GLMM's own (:func:`lmevi.q.elbo.closed_form`)."""
+    from lmevi.q import cavi
+    from lmevi.q import elbo as elbo_lib
 
     new, _ = cavi.sweep(working_problem(problem, params), params)
     return new, elbo_lib.closed_form(problem, new)

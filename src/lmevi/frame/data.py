@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lmevi.labels import as_factor
+from lmevi.frame.labels import as_factor
 
 INSTEVAL_FACTORS = ("s", "d", "dept")
 

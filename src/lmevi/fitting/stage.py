@@ -1,5 +1,5 @@
-"""Fitting stage, as lme4's ``optimizeLmer``: a :class:`~lmevi.build.Model` in, point estimates, q and a run
-record out, all in the model's standardised units (:mod:`lmevi.results` maps them back).
+"""Fitting stage, as lme4's ``optimizeLmer``: a :class:`~lmevi.fitting.build.Model` in, point estimates, q and a run
+record out, all in the model's standardised units (:mod:`lmevi.result.fitresult` maps them back).
 
 :class:`FitSettings` is the typed record of how a fit runs (method, ELBO estimator, optimizer, stop rule,
 seed); :func:`settings` checks and completes user options into one; :func:`fit_model` runs it.
@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmevi import cavi
-from lmevi.build import Model, Problem
-from lmevi.inference import RunInfo, StopRule, run_cavi, run_optax
-from lmevi.options import check_bool, check_choice, check_int, check_optional_bool, check_real
-from lmevi.precision import x64
-from lmevi.runtime import sized_jit
-from lmevi.model import ModelParams
-from lmevi.variational import BlockParams, VIParams
+from lmevi.q import cavi
+from lmevi.fitting.build import Model, Problem
+from lmevi.fitting.loops import RunInfo, StopRule, run_cavi, run_optax
+from lmevi.runtime.options import check_bool, check_choice, check_int, check_optional_bool, check_real
+from lmevi.runtime.precision import x64
+from lmevi.runtime.jit import sized_jit
+from lmevi.q.model import ModelParams
+from lmevi.q.variational import BlockParams, VIParams
 
 if TYPE_CHECKING:  # imported where used: 0.1 s that exact fits do not pay
     import optax
@@ -180,7 +180,7 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
     if s.method != "cavi" and model.padded:
         raise ValueError("the optax path fits unpadded models only: build the model with pad=False")
     init = initial_params(problem, s.init_scale)
-    if s.method == "cavi":  # Poisson and binomial: working-response steps (lmevi.glm.step)
+    if s.method == "cavi":  # Poisson and binomial: working-response steps (lmevi.families.glm.step)
         params, run = run_cavi(
             problem, init, s.rule, progress=s.progress, snapshot_steps=s.snapshot_steps, accelerate=s.accelerate
         )
@@ -204,7 +204,7 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
 
 @sized_jit(static_argnums=1)
 def initial_params(problem: Problem, init_scale: float) -> VIParams:
-    """The q family's starting point for ``problem`` (see :func:`lmevi.variational.init_params`)."""
+    """The q family's starting point for ``problem`` (see :func:`lmevi.q.variational.init_params`)."""
     return problem.q.init_params(
         problem.design, problem.spec, problem.likelihood, problem.sigma_if_fixed, init_scale, problem.n_obs
     )
@@ -224,14 +224,14 @@ def psd_factor(cov) -> np.ndarray:
 
 
 def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
-    """lme4's profiled criterion (:func:`lmevi.exact.fit_exact`) on the standardised design, returned in the
+    """lme4's profiled criterion (:func:`lmevi.exact.optimise.fit_exact`) on the standardised design, returned in the
     mean-field layout of ``model.spec``: per term the conditional modes and ``condVar`` per level, beta's
     ``vcov`` as its block under REML (and in ``RunInfo.beta_cov`` under both). The run's "ELBO" is the
     (restricted) log-likelihood; the stop rule's ``num_steps`` bounds the criterion evaluations and its ``tol``
-    is the optimiser's relative tolerance (see :func:`lmevi.exact.fit_exact`)."""
-    from lmevi import exact
+    is the optimiser's relative tolerance (see :func:`lmevi.exact.optimise.fit_exact`)."""
 
-    fit = exact.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
+    from lmevi.exact import optimise
+    fit = optimise.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
                           max_evals=s.rule.num_steps)
     blocks = []
     for block in model.spec.blocks:
@@ -260,17 +260,19 @@ EXACT_START_TOL = 1e-6
 def _exact_start(model: Model):
     """``theta`` from a structured-q variational fit of ``model`` when its dense block is large, else ``None``
     (lme4's start)."""
-    from lmevi import exact, variational
-    from lmevi.build import make_problem
+    from lmevi.exact import theta
+    from lmevi.exact import structure
+    from lmevi.q import variational
+    from lmevi.fitting.build import make_problem
 
     design = model.problem.design
-    if exact.dense_block_size(design) < EXACT_WARM_START:
+    if structure.dense_block_size(design) < EXACT_WARM_START:
         return None
     spec = variational.structured_spec(design, model.info, model.reml)
     problem = make_problem(design, spec, likelihood=model.problem.likelihood)
     params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, EXACT_START_TOL, 1),
                          progress=False, with_grad_norm=False)
-    return exact.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
+    return theta.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
 
 
 # A coefficient whose SD is below this many residual SDs (in standardised units) may be heading for zero.

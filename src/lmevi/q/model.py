@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmevi.design import Design
-from lmevi.likelihood import GAUSSIAN, LOG_2PI, Likelihood
-from lmevi.precision import level_rows
+from lmevi.frame.design import Design
+from lmevi.families.likelihood import GAUSSIAN, LOG_2PI, Likelihood
+from lmevi.runtime.precision import level_rows
 
 
 class ModelParams(NamedTuple):

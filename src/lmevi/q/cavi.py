@@ -3,7 +3,7 @@ r"""Coordinate ascent: closed-form block updates of q and the M-step of variatio
 Each step maximises the closed-form ELBO exactly in one group of variables with the rest held fixed, so
 the ELBO never decreases (Bishop 2006, sec. 10.1; Blei, Kucukelbir & McAuliffe 2017, CAVI).
 
-Block update (one large term L plus small part w; see :mod:`lmevi.variational`). With ``r`` the response minus
+Block update (one large term L plus small part w; see :mod:`lmevi.q.variational`). With ``r`` the response minus
 everything outside the block, the optimal q_B is Gaussian with precision ``Lambda = [[D, C], [C^T, A]]``::
 
     D_j = sum_{i in j} z_i z_i^T / sigma^2 + Sigma_L^{-1}        (p_L x p_L per level)
@@ -12,7 +12,7 @@ everything outside the block, the optimal q_B is Gaussian with precision ``Lambd
     h_L = segment_sum(z_i r_i) / sigma^2,   h_w = W^T r / sigma^2
 
 ``W`` is never formed: ``W^T r`` is one segment sum per small term plus ``X^T r``, and the cross-products
-``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.variational.block_data`.
+``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.q.variational.block_data`.
 
 and, through the Schur complement ``S = A - sum_j C_j^T D_j^{-1} C_j``,
 ``m_w = S^{-1}(h_w - sum_j C_j^T D_j^{-1} h_Lj)``, ``m_Lj = D_j^{-1}(h_Lj - C_j m_w)``,
@@ -28,12 +28,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmevi import elbo as elbo_lib
-from lmevi import variational
-from lmevi.design import Design
-from lmevi.variational import Block, BlockData, BlockParams, QSpec, VIParams
-from lmevi.model import ModelParams
-from lmevi.precision import row_dot, row_gram
+from lmevi.q import elbo as elbo_lib
+from lmevi.q import variational
+from lmevi.frame.design import Design
+from lmevi.q.variational import Block, BlockData, BlockParams, QSpec, VIParams
+from lmevi.q.model import ModelParams
+from lmevi.runtime.precision import row_dot, row_gram
 
 
 def _prior_precision(L: jax.Array) -> jax.Array:
@@ -161,9 +161,9 @@ def update_block(
 
 
 def supports(problem) -> bool:
-    """Whether coordinate ascent's closed-form updates hold: the block-Gaussian q of :mod:`lmevi.variational`
+    """Whether coordinate ascent's closed-form updates hold: the block-Gaussian q of :mod:`lmevi.q.variational`
     under a likelihood whose expected log-density is a function of the rows' mean and variance sums (the
-    Gaussian one; :mod:`lmevi.likelihood`)."""
+    Gaussian one; :mod:`lmevi.families.likelihood`)."""
     return problem.q.implementation is variational and problem.likelihood.moment_form
 
 
@@ -211,7 +211,7 @@ def m_step(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
 def _m_step(problem, params: VIParams, mean: jax.Array):
     """:func:`m_step` given the rows' ``E_q`` of the random part, ``mean`` ``(n_obs,)``.
 
-    The rows' variances enter only through their sum, which :func:`lmevi.variational.row_var_sum` takes from the
+    The rows' variances enter only through their sum, which :func:`lmevi.q.variational.row_var_sum` takes from the
     per-level cross-products: the M-step's one pass over the rows is the residual sum of squares.
     """
     design, spec, data = problem.design, problem.spec, problem.block_data

@@ -25,11 +25,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from lmevi.precision import RowBuffers, aligned_zeros, to_host
-from lmevi.collective import LOCAL, Local
-from lmevi.design import Design, TermData, column_sd
-from lmevi.variational import QSpec, VIParams
-from lmevi.model import ModelParams
+from lmevi.runtime.precision import RowBuffers, aligned_zeros, to_host
+from lmevi.runtime.collective import LOCAL, Local
+from lmevi.frame.design import Design, TermData, column_sd
+from lmevi.q.variational import QSpec, VIParams
+from lmevi.q.model import ModelParams
 
 
 class Scales(NamedTuple):
@@ -78,7 +78,7 @@ def _padded(a: np.ndarray, n_rows: int, dtype, scale=None, buffers: RowBuffers |
     """``a`` (divided column by column by ``scale``, when given) as a C-ordered array of ``dtype`` with zero
     rows appended up to ``n_rows``: one allocation of the final array. At 10^7 rows fresh memory is the cost
     of this stage (page faults), so no intermediate copy is made; and none at all where ``a`` is the head of a
-    padded array of ``buffers`` (:class:`lmevi.precision.RowBuffers`): that array is divided in place (only its
+    padded array of ``buffers`` (:class:`lmevi.runtime.precision.RowBuffers`): that array is divided in place (only its
     columns whose scale is not 1; ``x / s`` elementwise either way, so the same numbers) and returned."""
     whole = None if buffers is None else buffers.whole(a)
     # a buffer padded otherwise (q="exact" takes no padding rows) is copied below
@@ -111,14 +111,14 @@ def standardise(
     Args:
         design: arrays in the data's units, ``n`` rows.
         n_rows: the row count of the result: ``n_rows - n`` zero rows (y, X, covariates 0, level code 0) are
-            appended, as :func:`lmevi.build.pad_design` would, but without a second copy. ``None``: ``n``.
+            appended, as :func:`lmevi.fitting.build.pad_design` would, but without a second copy. ``None``: ``n``.
         collective: in a multi-process fit, the processes whose rows together set the scales (each
             process standardises its own rows with them).
-        buffers: the :class:`lmevi.precision.RowBuffers` that the design's arrays were made in, if any: those
+        buffers: the :class:`lmevi.runtime.precision.RowBuffers` that the design's arrays were made in, if any: those
             arrays are standardised in place (``design`` then holds standardised numbers afterwards; pass it
             only for a design nothing else reads).
         scale_y: centre and scale the response (``False``: ``c = 0``, ``s_y = 1``, for a likelihood whose
-            response has units of its own, :mod:`lmevi.glm`).
+            response has units of its own, :mod:`lmevi.families.glm`).
 
     Returns:
         ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;

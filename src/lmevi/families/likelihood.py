@@ -18,9 +18,9 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
   hold (counts, 0/1);
 * ``deviance_residuals(y, mu)``: lme4's default ``residuals`` (the response residuals for the Gaussian).
 
-The Gaussian lives here; the generalized ones (Poisson, binomial) are one module, :mod:`lmevi.glm`, with
+The Gaussian lives here; the generalized ones (Poisson, binomial) are one module, :mod:`lmevi.families.glm`, with
 ``moment_form = False``: the closed-form ELBO then takes the per-row variances from the q seam, the optax path
-fits them as it is, and coordinate ascent takes :func:`lmevi.glm.step` as its sweep. Each is registered in
+fits them as it is, and coordinate ascent takes :func:`lmevi.families.glm.step` as its sweep. Each is registered in
 :data:`LIKELIHOODS` under the name lme4's ``family=`` uses.
 """
 
@@ -32,8 +32,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from lmevi import glm
-from lmevi.precision import wide
+from lmevi.families import glm
+from lmevi.runtime.precision import wide
 
 LOG_2PI = 1.8378770664093453
 
@@ -98,7 +98,7 @@ class Gaussian:
         return beta, jnp.sqrt(jnp.sum(wide(y - X @ beta) ** 2) / n_obs).astype(y.dtype)
 
     def encode(self, column, name: str):
-        return None  # numbers only (lmevi.design says why otherwise)
+        return None  # numbers only (lmevi.frame.design says why otherwise)
 
     def check(self, y, name: str) -> None:
         return None  # any finite number

@@ -4,7 +4,7 @@ Two paths maximise the same ELBO:
 
 * :func:`run_optax`: gradient steps of any optax ``GradientTransformation`` on the unconstrained
   parameters (Adam as in the tutorial, with either ELBO; L-BFGS on the closed-form ELBO).
-* :func:`run_cavi`: coordinate ascent with closed-form block updates and M-steps (:mod:`lmevi.cavi`).
+* :func:`run_cavi`: coordinate ascent with closed-form block updates and M-steps (:mod:`lmevi.q.cavi`).
 
 Both run a ``lax.while_loop`` in chunks of ``chunk`` steps between which a progress bar advances, and both
 stop on the same rule: the mean ELBO over the last ``window`` steps changed by at most ``tol`` relative to
@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from lmevi import cavi, glm, variational
-from lmevi import elbo as elbo_lib
-from lmevi.runtime import sized_jit
-from lmevi.variational import VIParams
+from lmevi.q import cavi
+from lmevi.families import glm
+from lmevi.q import variational
+from lmevi.q import elbo as elbo_lib
+from lmevi.runtime.jit import sized_jit
+from lmevi.q.variational import VIParams
 
 if TYPE_CHECKING:  # imported where used: 0.1 s that exact fits do not pay
     import optax
@@ -57,7 +59,7 @@ class RunInfo(NamedTuple):
         beta_cov: ``(p, p)`` the fixed effects' covariance when the fit estimates one outside q (lme4's
             ``vcov`` of an exact fit, also under ML); ``None`` otherwise.
         optimizer: the optimiser of an exact fit (``"BOBYQA"``, ``"Newton"``, ``"Newton, then L-BFGS-B"`` or
-            ``"L-BFGS-B"``: :func:`lmevi.exact.fit_exact`); ``None`` otherwise.
+            ``"L-BFGS-B"``: :func:`lmevi.exact.optimise.fit_exact`); ``None`` otherwise.
     """
 
     elbo_trace: np.ndarray
@@ -226,7 +228,7 @@ def run_optax(
     """Maximise the ELBO with an optax optimizer.
 
     Args:
-        problem: the model's arrays and structure (:class:`lmevi.build.Problem`).
+        problem: the model's arrays and structure (:class:`lmevi.fitting.build.Problem`).
         params: starting point (constrained).
         optimizer: an optax ``GradientTransformation``; L-BFGS (``optax.lbfgs``) needs
             ``estimator="closed_form"``.
@@ -274,7 +276,7 @@ def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = N
     when its ELBO is at least that of the two plain sweeps (else those are), so the ELBO never decreases.
     The three sweeps run in one ``fori_loop`` so that the sweep is compiled once.
 
-    ``mask`` (0/1 shaped as ``params``, :func:`lmevi.variational.coordinate_mask`) keeps padding levels out
+    ``mask`` (0/1 shaped as ``params``, :func:`lmevi.q.variational.coordinate_mask`) keeps padding levels out
     of the step length and of the extrapolation, so a padded fit takes the steps of the unpadded one.
 
     Returns:

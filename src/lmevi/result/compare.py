@@ -1,7 +1,7 @@
 """Comparing fits, as lme4's ``anova(m1, m2, ...)``: likelihood-ratio tests of nested models.
 
 Only exact log-likelihoods are compared (``q="exact"``, or a variational fit whose q is exact,
-:attr:`~lmevi.results.FitResult.exact`): an ELBO is a lower bound whose gap differs between models, so a
+:attr:`~lmevi.result.fitresult.FitResult.exact`): an ELBO is a lower bound whose gap differs between models, so a
 difference of ELBOs is not a likelihood ratio. ``approximate=True`` compares ELBOs anyway and says so.
 REML fits are refitted by maximum likelihood first, as lme4 does (REML likelihoods of models with different
 fixed effects are not comparable), with a :class:`RefitWarning` in place of lme4's message.
@@ -13,8 +13,8 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from lmevi.options import check_bool
-from lmevi.results import FitResult
+from lmevi.runtime.options import check_bool
+from lmevi.result.fitresult import FitResult
 
 
 class RefitWarning(UserWarning):

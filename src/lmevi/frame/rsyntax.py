@@ -24,8 +24,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from lmevi.formula import FormulaError
-from lmevi.labels import as_factor
+from lmevi.frame.formula import FormulaError
+from lmevi.frame.labels import as_factor
 
 # identifiers with a dot that are not calls (``log.NIF``, ``avg.IQ.ver.cen``, but not ``as.factor(``)
 _DOTTED = re.compile(r"(?<![\w.`])([A-Za-z_][\w]*(?:\.[\w]+)+|\.[A-Za-z_][\w.]*)(?![\w.`]*\s*\()")
@@ -43,7 +43,7 @@ _UNSUPPORTED = {
 
 def _factor(x) -> pd.Series:
     """R's ``factor``: levels in R's order, labels as R prints them (``1``, not ``1.0``; see
-    :mod:`lmevi.labels`)."""
+    :mod:`lmevi.frame.labels`)."""
     return pd.Series(as_factor(x), index=getattr(x, "index", None))
 
 

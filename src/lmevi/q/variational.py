@@ -52,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmevi.collective import LOCAL, Local
-from lmevi.design import Design, DesignInfo
-from lmevi.model import LOG_2PI, ModelParams, log_abs_diag
-from lmevi.precision import level_rows, row_dot, row_segment_sum, wide
+from lmevi.runtime.collective import LOCAL, Local
+from lmevi.frame.design import Design, DesignInfo
+from lmevi.q.model import LOG_2PI, ModelParams, log_abs_diag
+from lmevi.runtime.precision import level_rows, row_dot, row_segment_sum, wide
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ class _Piece(NamedTuple):
         covariates: ``(n_obs, p)`` covariates ``z_ik`` (``X`` for beta).
         n_levels: ``J`` (1 for beta).
         offset: where the piece starts in ``w``; it takes ``J p`` slots, level-major.
-        unit: the covariates are the row weight (:attr:`lmevi.design.TermData.unit`).
+        unit: the covariates are the row weight (:attr:`lmevi.frame.design.TermData.unit`).
     """
 
     index: jax.Array | None
@@ -462,7 +462,7 @@ def weighted_level_sums(
     accumulated in float64 and returned in ``dtype`` (default: ``r``'s).
 
     One 1-D segment sum per column: on XLA's CPU backend a segment sum of ``(n_obs, 1)`` rows ran 3x slower
-    than of ``(n_obs,)`` at 1e6 rows. ``unit``: ``z`` is the row weight (:attr:`lmevi.design.TermData.unit`)
+    than of ``(n_obs,)`` at 1e6 rows. ``unit``: ``z`` is the row weight (:attr:`lmevi.frame.design.TermData.unit`)
     and ``r`` is already 0 on padding rows, so ``z`` is not read (a residual of the sweeps always is: the
     response, the covariates and therefore every mean are 0 there).
     """
@@ -892,13 +892,13 @@ def to_constrained(raw: VIParams, fixed_sigma) -> VIParams:
 
 # ----------------------------------------------------------------------------------------------------
 # Registration: q's name -> its block layout, ``(design, info, reml, small_threshold, blocks) -> QSpec``.
-# Both layouts share this module's kernels (the :class:`lmevi.qfamily.QFamily` interface).
+# Both layouts share this module's kernels (the :class:`lmevi.q.protocol.QFamily` interface).
 
 Q_FAMILIES = {"structured": structured_spec, "meanfield": _meanfield}
 
 
 # ----------------------------------------------------------------------------------------------------
-# Padding levels (shape buckets, :mod:`lmevi.build`): masks and the map back to the data's levels
+# Padding levels (shape buckets, :mod:`lmevi.fitting.build`): masks and the map back to the data's levels
 
 
 def coordinate_mask(spec: QSpec, params: VIParams, level_mask) -> VIParams:

@@ -4,7 +4,7 @@ Every table speaks in the data's level labels, in the layouts of lme4's ``as.dat
 user can merge ours with lme4's on ``grp``.
 
 Differences from lme4 to keep in mind: ``condsd`` is the posterior SD under q, which under the mean-field
-family is too small wherever factors are crossed or nested (see :mod:`lmevi.variational`); the variance
+family is too small wherever factors are crossed or nested (see :mod:`lmevi.q.variational`); the variance
 components are the point estimates of variational EM (ML-like, or REML-like when ``reml=True``).
 """
 
@@ -19,17 +19,18 @@ import jax
 import numpy as np
 import pandas as pd
 
-from lmevi import variational
-from lmevi.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
-from lmevi.options import check_bool, check_choice, check_real, user_stacklevel
-from lmevi.variational import QSpec, VIParams
-from lmevi.inference import RunInfo, StopRule
-from lmevi.model import cov_sd_corr
-from lmevi import fitting, scaling
-from lmevi import likelihood as likelihood_lib
-from lmevi.precision import to_host, x64
-from lmevi.runtime import sized_jit
-from lmevi.scaling import Scales, relative_chol
+from lmevi.q import variational
+from lmevi.frame.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
+from lmevi.runtime.options import check_bool, check_choice, check_real, user_stacklevel
+from lmevi.q.variational import QSpec, VIParams
+from lmevi.fitting.loops import RunInfo, StopRule
+from lmevi.q.model import cov_sd_corr
+from lmevi.fitting import stage as fitting
+from lmevi.fitting import scaling
+from lmevi.families import likelihood as likelihood_lib
+from lmevi.runtime.precision import to_host, x64
+from lmevi.runtime.jit import sized_jit
+from lmevi.fitting.scaling import Scales, relative_chol
 
 
 class FitOptions(NamedTuple):
@@ -74,7 +75,7 @@ class FitResult:
         options: the options the fit ran with (:class:`FitOptions`).
         fitted: ``(n_obs,)`` fitted values on the training rows (posterior means).
         y: ``(n_obs,)`` the training response.
-        scales: the standardisation the fit ran in (:mod:`lmevi.scaling`); the singular-fit rules read the
+        scales: the standardisation the fit ran in (:mod:`lmevi.fitting.scaling`); the singular-fit rules read the
             estimates in those units, so they mean the same whatever the data's units.
     """
 
@@ -144,8 +145,8 @@ class FitResult:
 
     def singular(self, tol: float = 1e-3) -> list[str]:
         """Variance components at the boundary, one sentence per finding; see
-        :func:`lmevi.checks.singular_findings` for the three rules and why ``tol = 1e-3``."""
-        from lmevi.checks import singular_findings
+        :func:`lmevi.result.checks.singular_findings` for the three rules and why ``tol = 1e-3``."""
+        from lmevi.result.checks import singular_findings
 
         unit = "residual SDs" if self._dispersion else "on the link scale"
         return singular_findings(self.info, self.params.model.chol, self._relative_chol(), tol, unit)
@@ -186,7 +187,7 @@ class FitResult:
         if not add_dropped or not self.info.dropped_fixed:
             return est
         names = list(self.info.fixed_spec.column_names)
-        from lmevi.rsyntax import lme4_name
+        from lmevi.frame.rsyntax import lme4_name
 
         return est.reindex([lme4_name(n) for n in names])
 
@@ -367,8 +368,8 @@ class FitResult:
 
     @x64
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
-        """Draws from q as an ArviZ ``InferenceData``; see :func:`lmevi.export.to_inference_data`."""
-        from lmevi.export import to_inference_data  # arviz loads only when exporting
+        """Draws from q as an ArviZ ``InferenceData``; see :func:`lmevi.result.export.to_inference_data`."""
+        from lmevi.result.export import to_inference_data  # arviz loads only when exporting
 
         return to_inference_data(self, num_samples, rng_key)
 
@@ -526,9 +527,9 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     and wrap it with its labels and options.
 
     Args:
-        model: the :class:`~lmevi.build.Model` that was fitted.
-        fit_settings: the :class:`~lmevi.fitting.FitSettings` it ran with.
-        params: point estimates and q in standardised units, as :func:`lmevi.fitting.fit_model` returns them.
+        model: the :class:`~lmevi.fitting.build.Model` that was fitted.
+        fit_settings: the :class:`~lmevi.fitting.stage.FitSettings` it ran with.
+        params: point estimates and q in standardised units, as :func:`lmevi.fitting.stage.fit_model` returns them.
         run: the run record.
     """
     problem, scales, spec = model.problem, model.scales, model.spec

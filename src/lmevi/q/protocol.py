@@ -1,15 +1,15 @@
 """q seam: what a variational family provides, so that a new family is one new module.
 
 A family is a module with these functions, which ``Problem.q`` refers to by name (a :class:`Family`, see
-:mod:`lmevi.build`). Shapes:
+:mod:`lmevi.fitting.build`). Shapes:
 ``n_obs`` rows, ``J_k`` levels and ``p_k`` coefficients of term ``k``, ``p`` fixed effects. ``spec`` is
-the family's static description (for :mod:`lmevi.variational`, a :class:`~lmevi.variational.QSpec`),
+the family's static description (for :mod:`lmevi.q.variational`, a :class:`~lmevi.q.variational.QSpec`),
 ``blocks`` its parameters (a pytree) and ``data`` its design-only arrays, computed once per fit.
 
-The block-Gaussian family of :mod:`lmevi.variational` implements it; its two layouts ``"structured"`` and
-``"meanfield"`` are registered in ``lmevi.variational.Q_FAMILIES``. A new family adds one module with these
-functions and one entry in a registry of layouts; :mod:`lmevi.elbo` and the optax path need nothing else.
-Coordinate ascent (:mod:`lmevi.cavi`) is the closed-form update of the block-Gaussian family under a
+The block-Gaussian family of :mod:`lmevi.q.variational` implements it; its two layouts ``"structured"`` and
+``"meanfield"`` are registered in ``lmevi.q.variational.Q_FAMILIES``. A new family adds one module with these
+functions and one entry in a registry of layouts; :mod:`lmevi.q.elbo` and the optax path need nothing else.
+Coordinate ascent (:mod:`lmevi.q.cavi`) is the closed-form update of the block-Gaussian family under a
 likelihood with ``moment_form`` and says so (``cavi.supports``).
 """
 
@@ -26,7 +26,7 @@ import jax
 class Family:
     """A family module by its import name, as ``Problem.q`` holds it: attribute access reaches the module's
     functions (``problem.q.init_params``), and unlike a module object it can be pickled, so that a compiled
-    program whose static metadata holds it can be kept on disk (:mod:`lmevi.runtime`)."""
+    program whose static metadata holds it can be kept on disk (:mod:`lmevi.runtime.jit`)."""
 
     module: str
 

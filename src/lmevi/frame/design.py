@@ -6,7 +6,7 @@ matrix ``Z_k`` is the covariate row ``z_ik`` placed in the slot of level ``g_k(i
 MixedModels.jl keeps ``refs`` and lme4 keeps ``Ztlist`` in sparse form.
 
 Levels: the levels that occur in the data, in R's order (a ``Categorical``'s category order, sorted
-numbers, sorted strings), unused categories dropped as lme4 drops them; labels follow :mod:`lmevi.labels`
+numbers, sorted strings), unused categories dropped as lme4 drops them; labels follow :mod:`lmevi.frame.labels`
 (one rule for fit, ``predict``, ``ranef`` and the export). A level of an interaction ``a:b`` is the pair
 of its parents' labels, shown as ``"<a label>:<b label>"``.
 """
@@ -24,12 +24,12 @@ import numpy as np
 import pandas as pd
 
 
-from lmevi.precision import RowBuffers, host_array
-from lmevi.formula import Formula, RandomTerm
-from lmevi.collective import LOCAL, Local
-from lmevi.labels import Levels, levels_of
-from lmevi.options import user_stacklevel
-from lmevi.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
+from lmevi.runtime.precision import RowBuffers, host_array
+from lmevi.frame.formula import Formula, RandomTerm
+from lmevi.runtime.collective import LOCAL, Local
+from lmevi.frame.labels import Levels, levels_of
+from lmevi.runtime.options import user_stacklevel
+from lmevi.frame.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels", "unit"])
@@ -44,8 +44,8 @@ class TermData:
         unit: (static) the covariates are one column that is 1 on every observed row and 0 on every padding
             row, i.e. the row weight: an intercept-only term ``(1 | g)`` in standardised units. The sweeps then
             skip reading them where the other factor is already 0 on padding rows
-            (:func:`lmevi.variational.weighted_level_sums`) or share one read among such terms
-            (:func:`lmevi.variational.block_mean`). ``False`` is always correct.
+            (:func:`lmevi.q.variational.weighted_level_sums`) or share one read among such terms
+            (:func:`lmevi.q.variational.block_mean`). ``False`` is always correct.
     """
 
     index: jax.Array
@@ -81,7 +81,7 @@ class TermInfo:
         coef_names: ``(p_k,)`` coefficient names as lme4 prints them (``"(Intercept)"``, ``"Days"``).
         levels: ``(J_k,)`` level labels; ``levels[code]`` is the label of a code.
         counts: ``(J_k,)`` number of rows at each level.
-        level_keys: the levels' identities (:class:`lmevi.labels.Levels`): new rows are matched on these,
+        level_keys: the levels' identities (:class:`lmevi.frame.labels.Levels`): new rows are matched on these,
             never on the joined label.
     """
 
@@ -141,13 +141,13 @@ def build_design(
         dtype: float dtype of ``y``, ``X`` and the covariates.
         missing: ``"raise"`` (default) stops on NA or inf in a column the formula uses; ``"drop"`` drops
             those rows (only those columns count) with a warning saying how many.
-        collective: :data:`lmevi.collective.LOCAL`, or the processes of a multi-process fit, each with its
+        collective: :data:`lmevi.runtime.collective.LOCAL`, or the processes of a multi-process fit, each with its
             own rows of ``data``: levels, counts, checks and ``n_obs`` are then those of all processes' rows,
             and the arrays hold this process's rows coded with the global levels.
         buffers: where the fixed-effects matrix, covariates and level codes are made with their padding rows
-            (:class:`lmevi.precision.RowBuffers`, which then decides the padded row count, here), so that
+            (:class:`lmevi.runtime.precision.RowBuffers`, which then decides the padded row count, here), so that
             standardising them needs no copy; ``None``: plain arrays.
-        encode_response: the likelihood's ``encode(column, name)`` (:mod:`lmevi.likelihood`), which reads a
+        encode_response: the likelihood's ``encode(column, name)`` (:mod:`lmevi.families.likelihood`), which reads a
             response column that is not numeric (the binomial's two levels); ``None``: numbers only.
         dispersion: the likelihood has a residual variance (the Gaussian). Without one (Poisson, binomial) a
             grouping factor may have a level per row (an observation-level random effect, as in lme4's
@@ -187,7 +187,7 @@ def build_design(
         terms.append(td)
         infos.append(ti)
     _check_shared_factors(formula.random, infos, terms, collective)
-    # host (NumPy) arrays: standardising and padding happen on the host, and lmevi.build.make_problem copies
+    # host (NumPy) arrays: standardising and padding happen on the host, and lmevi.fitting.build.make_problem copies
     # the final arrays to the device once
     design = Design(y=host_array(y, dtype), X=host_array(X, dtype), terms=tuple(terms))
     numeric = tuple(
@@ -527,7 +527,7 @@ def _random_term(
 
 
 def global_levels(data: pd.DataFrame, columns: tuple[str, ...], collective: Local) -> Levels:
-    """The levels of ``columns`` over every process's rows, in R's order (:func:`lmevi.labels.levels_of`): each
+    """The levels of ``columns`` over every process's rows, in R's order (:func:`lmevi.frame.labels.levels_of`): each
     process contributes its distinct combinations (one row per level it holds), and the union is ordered
     as one frame of all rows would be."""
     parts = collective.gather(data[list(columns)].drop_duplicates())
@@ -599,7 +599,7 @@ def _check_shared_factors(random: tuple[RandomTerm, ...], infos, terms, collecti
 @dataclass(frozen=True)
 class PlainSpec:
     """The model matrix of a formula side that is only numeric columns and the intercept
-    (:func:`lmevi.rsyntax.plain_terms`), built without a formula engine: as formulaic builds it (the same
+    (:func:`lmevi.frame.rsyntax.plain_terms`), built without a formula engine: as formulaic builds it (the same
     columns, names and values), in a few array copies, with no formulaic import. Offers the part of formulaic's
     ``ModelSpec`` that lmevi uses (``column_names``, ``get_model_matrix``), so that new data is encoded the
     same way."""

@@ -12,8 +12,8 @@ r"""The evidence lower bound, two ways (Blei, Kucukelbir & McAuliffe 2017).
   :func:`closed_form`.
 
 When beta is in q (``reml=True``) its flat prior contributes no term, so the bound is on the restricted
-(REML) likelihood up to a constant. Every function takes the :class:`~lmevi.build.Problem` first and asks
-its likelihood and its q family (the seams of :mod:`lmevi.likelihood` and :mod:`lmevi.qfamily`).
+(REML) likelihood up to a constant. Every function takes the :class:`~lmevi.fitting.build.Problem` first and asks
+its likelihood and its q family (the seams of :mod:`lmevi.families.likelihood` and :mod:`lmevi.q.protocol`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmevi.model import linear_predictor
-from lmevi.variational import VIParams
+from lmevi.q.model import linear_predictor
+from lmevi.q.variational import VIParams
 
 
 def fixed_part(design, params: VIParams) -> jax.Array:
@@ -41,7 +41,7 @@ def kl_part(problem, params: VIParams) -> jax.Array:
 
 def closed_form(problem, params: VIParams) -> jax.Array:
     """The exact ELBO; one pass over the rows (for the means: under a likelihood with ``moment_form`` the
-    variances' sum comes from the q's design-only arrays, see :func:`lmevi.variational.row_var_sum`).
+    variances' sum comes from the q's design-only arrays, see :func:`lmevi.q.variational.row_var_sum`).
     Returns ``()``."""
     design, q, like = problem.design, problem.q, problem.likelihood
     offset = fixed_part(design, params)
