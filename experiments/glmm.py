@@ -116,7 +116,7 @@ def run_case(name: str, lme4_root: Path) -> dict:
 def markdown(res: dict) -> str:
     L = ["## Poisson and binomial mixed models against lme4's glmer", "",
          f"glmer: Laplace approximation, lme4 {res['lme4_version']} defaults; its time {res['lme4_timing']}. "
-         "lmevi: variational EM (working-response steps, `lmevi.families.glm`), ML, float64; first call in the process "
+         "lmevi: variational EM (working-response steps, `lmevi.fitting.glmm`), ML, float64; first call in the process "
          "(compilation included) and the median of 3 warm fits. Random effects joined by level label; lme4's are "
          "conditional modes, lmevi's the means under q.", ""]
     for name, case in res["cases"].items():

@@ -24,7 +24,7 @@ from dense import (
 from lmevi.q import cavi
 from lmevi.q import elbo
 from lmevi.q import variational
-from lmevi.families.likelihood import GAUSSIAN
+from lmevi.families.gaussian import GAUSSIAN
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")
 closed_form = jax.jit(elbo.closed_form)

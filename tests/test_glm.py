@@ -1,4 +1,4 @@
-"""Poisson and binomial mixed models (lmevi.families.glm): the expected log-densities and their derivatives, the ELBO
+"""Poisson and binomial mixed models (lmevi.families, lmevi.fitting.glmm): the expected log-densities and their derivatives, the ELBO
 against a dense computation, the fitting steps' fixed point, and fits against lme4's glmer."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from scipy import special
 import lmevi
 from dense import dense_design, dense_kl_part, dense_q, random_params
 from lmevi.q import elbo
-from lmevi.families import glm
+from lmevi.families.binomial import BINOMIAL
+from lmevi.families.poisson import POISSON
+from lmevi.families.quadrature import GH_NODES, gauss_hermite
 from lmevi.fitting.build import make_problem
 from lmevi.frame.design import Design
 
 LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
-LIKES = {"poisson": glm.POISSON, "binomial": glm.BINOMIAL}
+LIKES = {"poisson": POISSON, "binomial": BINOMIAL}
 
 
 def _grid():
@@ -45,9 +47,9 @@ def test_expected_log_density_matches_quadrature_with_many_nodes(name):
     m, v = _grid()
     y = _responses(name, m.shape[0])
     got = like.expected_log_density(y, m, v, 1.0)
-    want = glm.gauss_hermite(lambda e: like.log_density(y[:, None], e, 1.0), m, v, nodes=200)
+    want = gauss_hermite(lambda e: like.log_density(y[:, None], e, 1.0), m, v, nodes=200)
     # the Poisson's closed form and 200 nodes agree to rounding; the binomial's 48-node rule is off by up to
-    # 4e-10 at v = 4 (glm.GH_NODES); 1e-8 allows that and catches any wrong term (e.g. v instead of v / 2)
+    # 4e-10 at v = 4 (GH_NODES = 48); 1e-8 allows that and catches any wrong term (e.g. v instead of v / 2)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-8, atol=1e-8)
 
 
@@ -62,11 +64,11 @@ def test_moments_are_the_derivatives_of_the_expected_log_density(name):
     y = _responses(name, m.shape[0])
     f = lambda mm, vv: jnp.sum(like.expected_log_density(y, mm, vv, 1.0))  # noqa: E731
     dm, dv = jax.grad(f, argnums=(0, 1))(m, v)
-    d1, d2 = like.moments(m, v)
+    g, h = like.working_moments(y, m, v, 1.0)
     # Bonnet's identity holds for the quadrature rule exactly (its points move with m): rounding only. Price's
     # holds for the 48-node rule up to its quadrature error, largest at v = 4
-    np.testing.assert_allclose(np.asarray(dm), np.asarray(y - d1), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(np.asarray(dv), np.asarray(-0.5 * d2), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(dm), np.asarray(g), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(dv), np.asarray(-0.5 * h), rtol=1e-7, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,12 +146,11 @@ def test_fixed_point_of_the_steps_is_a_stationary_point_of_the_elbo(name):
         np.testing.assert_allclose(steps.sd().to_numpy(), lbfgs.sd().to_numpy(), rtol=1e-4)
         np.testing.assert_allclose(steps.fixef().to_numpy(), lbfgs.fixef().to_numpy(), rtol=1e-4, atol=1e-6)
 
-    from lmevi.fitting import stage as fitting
     from lmevi.result.fitresult import make_result
 
     model = lmevi.build_model(COUNT_FORMULA, data, family=name, pad=False)
-    how = fitting.settings(tol=1e-13, num_steps=3000)
-    unpadded = make_result(model, how, *fitting.fit_model(model, how))
+    how = lmevi.fit_settings(tol=1e-13, num_steps=3000)
+    unpadded = make_result(model, how, *lmevi.fit_model(model, how))
     # padding rows and levels drop out of every sum, and SQUAREM's steps ignore padding levels: the same
     # iterates up to float64 rounding
     np.testing.assert_allclose(unpadded.sd().to_numpy(), steps.sd().to_numpy(), rtol=1e-9)

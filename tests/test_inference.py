@@ -14,7 +14,7 @@ from lmevi.q import elbo
 from lmevi.q import variational
 from lmevi.fitting import loops as inference
 from lmevi.fitting.loops import StopRule
-from lmevi.families.likelihood import GAUSSIAN
+from lmevi.families.gaussian import GAUSSIAN
 from conftest import simulate_departments
 from dense import kernel_problem
 

@@ -495,8 +495,8 @@ def test_optax_optimizer_object_is_accepted(frame, reference):
 def test_float32_default_tolerance_is_one_float32_can_see(frame):
     """A float32 fit's default stop tolerance is FLOAT32_TOL (a relative ELBO change of 1e-10 is below what
     float32 resolves, and such a fit may run to its step budget); an explicit tol is kept; float64 keeps 1e-10."""
-    assert lmevi.fitting.stage.settings(dtype="float32").rule.tol == lmevi.fitting.stage.FLOAT32_TOL == 1e-6
-    assert lmevi.fitting.stage.settings(dtype="float32", tol=1e-9).rule.tol == 1e-9
-    assert lmevi.fitting.stage.settings().rule.tol == 1e-10
+    assert lmevi.fit_settings(dtype="float32").rule.tol == lmevi.fitting.control.FLOAT32_TOL == 1e-6
+    assert lmevi.fit_settings(dtype="float32", tol=1e-9).rule.tol == 1e-9
+    assert lmevi.fit_settings().rule.tol == 1e-10
     result, _ = fit_quietly(FORMULA, frame, dtype="float32")
     assert result.converged and result.options.stop_rule.tol == 1e-6

@@ -15,7 +15,7 @@ import lmevi
 from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
 from lmevi.q import variational
-from lmevi.families.likelihood import GAUSSIAN
+from lmevi.families.gaussian import GAUSSIAN
 from lmevi.q.variational import Block
 
 block_data = jax.jit(variational.block_data, static_argnames="spec")

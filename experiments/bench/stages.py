@@ -22,7 +22,7 @@ def structured_problem(frame, model=None):
 
     if model is None:
         model = lmevi.build_model(FORMULA, frame, q="structured")
-    params, _ = lmevi.fit_model(model, lmevi.fitting.stage.settings(method="cavi"))
+    params, _ = lmevi.fit_model(model, lmevi.fit_settings(method="cavi"))
     return model.problem, params
 
 

@@ -8,8 +8,8 @@
 The stages ``fit`` composes are public, as lme4's ``lFormula``/``optimizeLmer``/``mkMerMod``:
 
     >>> model = lmevi.build_model("y ~ service + (1|s) + (1|d) + (1|dept)", df)   # design, q's blocks
-    >>> params, run = lmevi.fit_model(model, lmevi.fitting.stage.settings(method="cavi"))
-    >>> m = lmevi.make_result(model, lmevi.fitting.stage.settings(method="cavi"), params, run)
+    >>> params, run = lmevi.fit_model(model, lmevi.fit_settings(method="cavi"))
+    >>> m = lmevi.make_result(model, lmevi.fit_settings(method="cavi"), params, run)
 
 Importing lmevi changes nothing for the rest of the process: 64-bit arithmetic is switched on only
 inside lmevi's own computations (:mod:`lmevi.runtime.precision`; fits run in float64 by default, as lme4 does,
@@ -22,7 +22,9 @@ from lmevi.api import fit
 from lmevi.fitting.build import Model, build_model
 from lmevi.result.checks import ConvergenceWarning, SingularFitWarning
 from lmevi.result.compare import RefitWarning, anova
-from lmevi.fitting.stage import FitSettings, edward_adam, fit_model
+from lmevi.fitting.control import FitSettings, edward_adam
+from lmevi.fitting.control import settings as fit_settings
+from lmevi.fitting.stage import fit_model
 from lmevi.frame.data import load_insteval, train_test_split
 from lmevi.frame.formula import FormulaError, parse_formula
 from lmevi.result.fitresult import FitResult, make_result
@@ -40,7 +42,7 @@ __all__ = [
     "edward_adam",
     "fit",
     "fit_model",
-    "fitting",
+    "fit_settings",
     "make_result",
     "load_insteval",
     "parse_formula",

@@ -2,8 +2,10 @@
 
     build_model (lFormula)  ->  fit_model (optimizeLmer)  ->  make_result (mkMerMod)  ->  checks (checkConv)
 
-Each stage is public (:func:`lmevi.build_model`, :func:`lmevi.fitting.stage.settings`, :func:`lmevi.fit_model`,
-:func:`lmevi.result.fitresult.make_result`, :mod:`lmevi.result.checks`), so scripts never rebuild the pipeline by hand.
+Each stage is public (:func:`lmevi.build_model`, :func:`lmevi.fit_settings`, :func:`lmevi.fit_model`,
+:func:`lmevi.make_result`, :mod:`lmevi.result.checks`), so scripts never rebuild the pipeline by hand. The
+rules for combining them live in the stages themselves (:func:`lmevi.fitting.build.resolve_q`,
+:func:`lmevi.fitting.stage.fit_model`), not here.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from lmevi.result import checks
-from lmevi.fitting import stage as fitting
-from lmevi.runtime import xla
-from lmevi.q import variational
+from lmevi.fitting import control
 from lmevi.fitting.build import build_model
+from lmevi.fitting.stage import fit_model
+from lmevi.q import variational
+from lmevi.result import checks
+from lmevi.runtime import xla
 from lmevi.runtime.precision import x64
 from lmevi.runtime.pages import small_pages
 from lmevi.result.fitresult import FitResult, make_result
@@ -34,6 +37,7 @@ def fit(
     data: pd.DataFrame,
     *,
     family: str = "gaussian",
+    link: str | None = None,
     q: str | None = None,
     reml: bool | None = None,
     method: str | None = None,
@@ -63,11 +67,15 @@ def fit(
         data: one row per observation.
         family: the likelihood, in lme4's ``glmer`` words: ``"gaussian"`` (default, ``lmer``), ``"poisson"``
             (log link) or ``"binomial"`` (logit link, a 0/1 response; booleans and two-level columns are read
-            as 0/1, the second level as success): :mod:`lmevi.families.likelihood`, :mod:`lmevi.families.glm`. The generalized
-            ones have no dispersion, as ``glmer``; coordinate ascent fits them by working-response steps
-            (:mod:`lmevi.families.glm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO.
+            as 0/1, the second level as success): :mod:`lmevi.families`, registered in
+            :data:`lmevi.families.registry.LIKELIHOODS`. The generalized ones have no dispersion, as
+            ``glmer``; coordinate ascent fits them by working-response steps
+            (:mod:`lmevi.fitting.glmm`), ``method="optax"`` by L-BFGS on the same closed-form ELBO.
             ``family="structured"`` or ``"meanfield"``, the spelling of q before it had its own option, still
             works with a ``DeprecationWarning``.
+        link: the link function, one the family allows (R's ``binomial(link = "probit")``): binomial
+            ``"logit"`` (default), ``"probit"``, ``"cloglog"``; Poisson ``"log"`` (default), ``"identity"``,
+            ``"sqrt"`` (:mod:`lmevi.families.links`).
         q: ``"auto"`` (default: ``"exact"`` when lme4's criterion applies -- Gaussian, sigma estimated, no
             ``blocks``, float64, coordinate ascent -- and its dense block has at most
             ``lmevi.fitting.build.AUTO_EXACT_MAX`` coefficients, else ``"structured"``; the result's ``options.q``
@@ -87,7 +95,7 @@ def fit(
         num_samples: draws per Monte Carlo ELBO estimate.
         residual_scale: fix sigma at this value (the tutorial's 1.0); ``None`` estimates it.
         num_steps, tol, window: the stop rule (see :mod:`lmevi.fitting.loops`); defaults depend on the method, and
-            the default ``tol`` is at least 1e-6 under ``dtype="float32"`` (:data:`lmevi.fitting.stage.FLOAT32_TOL`).
+            the default ``tol`` is at least 1e-6 under ``dtype="float32"`` (:data:`lmevi.fitting.control.FLOAT32_TOL`).
         seed: seed of the Monte Carlo draws; the same seed gives the same fit.
         progress: show a progress bar (``None``: when writing to a terminal).
         blocks: ``q="structured"`` only, blocks named by grouping factor (``[("d", "dept", "fixed"), ("s",)]``).
@@ -116,23 +124,17 @@ def fit(
     """
     xla.prepare()
     family, q = _family_and_q(family, q)
-    if q == "exact" and (method is not None or optimizer is not None or elbo != "closed_form"):
-        raise ValueError("q='exact' optimises lme4's profiled criterion: method, optimizer and elbo do not apply")
-    how = fitting.settings(
+    how = control.settings(
         method=method, elbo=elbo, optimizer=optimizer, num_samples=num_samples, num_steps=num_steps, tol=tol,
         window=window, seed=seed, progress=progress, accelerate=accelerate, init_scale=init_scale,
         snapshot_steps=snapshot_steps, dtype=dtype,
     )
-    if q == "auto" and (how.method != "cavi" or how.snapshot_steps or not how.accelerate):
-        # options of the variational loop (optax, snapshots during training, plain coordinate ascent) ask
-        # for variational EM: auto's exact choice does not apply
-        q = "structured"
     model = build_model(
-        formula, data, family=family, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
-        small_threshold=small_threshold, dtype=dtype, missing=missing, pad=how.method == "cavi", devices=devices,
-        distributed=distributed,
+        formula, data, family=family, link=link, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
+        small_threshold=small_threshold, dtype=dtype, missing=missing, devices=devices, distributed=distributed,
+        fit_settings=how,
     )
-    params, run = fitting.fit_model(model, how)
+    params, run = fit_model(model, how)
     checks.warn_convergence(run, how.rule)
     result = make_result(model, how, params, run)
     checks.warn_singular(result)

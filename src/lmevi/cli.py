@@ -26,8 +26,8 @@ import pandas as pd
 
 from lmevi.api import fit
 from lmevi.result.checks import ConvergenceWarning
-from lmevi.fitting.stage import ELBOS, METHODS
-from lmevi.families.likelihood import LIKELIHOODS
+from lmevi.fitting.control import ELBOS, METHODS
+from lmevi.families.registry import LIKELIHOODS
 from lmevi.fitting.build import Q_CHOICES
 from lmevi.q.variational import Q_FAMILIES
 from lmevi.result.fitresult import FitResult

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmevi.families.likelihood import LOG_2PI
+from lmevi.families.base import LOG_2PI
 from lmevi.exact.structure import Structure
 from lmevi.exact.theta import lambdas
 from lmevi.runtime.jit import sized_jit

@@ -19,12 +19,14 @@ import numpy as np
 import pandas as pd
 
 from lmevi.runtime import collective as collective_lib
-from lmevi.families import likelihood as likelihood_lib
+from lmevi.families import registry as likelihood_lib
 from lmevi.fitting import scaling
 from lmevi.q import variational
 from lmevi.frame.design import Design, DesignInfo, TermData, build_design
 from lmevi.frame.formula import parse_formula
-from lmevi.families.likelihood import Likelihood
+from lmevi.families.base import Likelihood
+from lmevi.families.gaussian import GAUSSIAN
+from lmevi.fitting.control import variational_only
 from lmevi.runtime.options import check_bool, check_choice, check_int, check_real
 from lmevi.runtime.precision import RowBuffers, on_device, x64
 from lmevi.q.protocol import Family
@@ -58,7 +60,7 @@ class Problem:
         n_rows: ``()`` the number of rows of the data (the arrays may hold zero padding rows after them).
         level_mask: ``None``, or per term a ``(J_k,)`` 0/1 array: 1 for the data's levels, 0 for padding.
         spec: the blocks of q (static).
-        likelihood: the response distribution (static, :mod:`lmevi.families.likelihood`).
+        likelihood: the response distribution (static, :mod:`lmevi.families.base`).
         q: the module implementing the variational family (static; a :class:`~lmevi.q.protocol.Family` naming
             :mod:`lmevi.q.variational`).
         estimate_sigma: whether sigma is estimated (static).
@@ -132,6 +134,7 @@ def build_model(
     data: pd.DataFrame,
     *,
     family: str = "gaussian",
+    link: str | None = None,
     q: str = "auto",
     reml: bool | None = None,
     residual_scale: float | None = None,
@@ -139,16 +142,21 @@ def build_model(
     small_threshold: int = 50,
     dtype: str = "float64",
     missing: str = "raise",
-    pad: bool = True,
+    pad: bool | None = None,
     devices=None,
     distributed: bool = False,
+    fit_settings=None,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
     Args: as :func:`lmevi.fit` (``family`` names the likelihood, ``q`` the variational family), and
         pad: pad rows and levels up to size buckets (:func:`bucket`) so that data of another size compiles
             nothing new; the fit is the same (padding rows and levels drop out of every sum). Coordinate
-            ascent only: the optax path needs ``pad=False``.
+            ascent only: the optax path needs ``pad=False``. Default: pad unless ``fit_settings`` take the
+            optax path.
+        fit_settings: the :class:`~lmevi.fitting.control.FitSettings` the model will be fitted with, if known:
+            ``q="auto"`` then takes a variational q where they ask for variational EM, and ``q="exact"``
+            refuses them (:func:`resolve_q`).
         devices: shard the rows over these JAX devices (a number: the first that many of ``jax.devices()``;
             or a sequence of devices); ``None`` (default) keeps every array on the default device. Padding rows
             make the row count a multiple of the number of devices; per-level arrays are replicated and XLA
@@ -163,9 +171,12 @@ def build_model(
     Returns:
         A :class:`Model` (in a multi-process job: ``y`` and the data are this process's rows).
     """
-    like = likelihood_lib.get(family)
+    like = likelihood_lib.get(family, link)
     q = check_choice("q", q, Q_CHOICES)
-    reml = check_bool("reml", like.name == "gaussian" if reml is None else reml)  # lmer: REML; glmer: ML
+    if pad is None:
+        pad = fit_settings is None or fit_settings.method == "cavi"
+    # lmer's default is REML, glmer's ML: REML is defined where the likelihood is the Gaussian's (moment form)
+    reml = check_bool("reml", like.moment_form if reml is None else reml)
     if residual_scale is not None and not like.has_dispersion:
         raise ValueError(f"residual_scale fixes the Gaussian's residual SD; family={family!r} has none")
     if not like.moment_form and (distributed or devices is not None):
@@ -202,7 +213,8 @@ def build_model(
     raw_design, info = build_design(parsed, data, jdtype, missing, collective, buffers, encode_response=like.encode,
                                      dispersion=like.has_dispersion)
     like.check(np.asarray(raw_design.y), parsed.response)
-    q = _resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None)
+    q = resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None,
+                  fit_settings=fit_settings)
     if q == "exact":
         # lme4's criterion (lmevi.exact.criterion); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
@@ -226,18 +238,25 @@ def build_model(
     )
 
 
-def _resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str, sharded: bool = False) -> str:
-    """``"auto"``: exact when lme4's criterion applies (Gaussian, sigma estimated, no user blocks, float64, rows
-    not sharded) and its dense block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
-    exact_ok = like.name == "gaussian" and residual_scale is None
+def resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str, sharded: bool = False,
+              fit_settings=None) -> str:
+    """The one rule for ``q="auto"``, and the refusals of ``q="exact"``: exact when lme4's criterion applies (a
+    likelihood in moment form, the Gaussian's, with sigma estimated; no user blocks; float64; rows not sharded;
+    settings that do not ask for variational EM, :func:`lmevi.fitting.control.variational_only`) and its dense
+    block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
+    exact_ok = like.moment_form and residual_scale is None
+    asked = None if fit_settings is None else variational_only(fit_settings)
     if q == "exact" and not exact_ok:
         raise ValueError("q='exact' fits lme4's criterion: a Gaussian likelihood with sigma estimated "
                          "(no residual_scale)")
+    if q == "exact" and asked is not None:
+        raise ValueError(f"q='exact' optimises lme4's profiled criterion: {asked} applies to variational EM only")
     if q != "auto":
         return q
     from lmevi.exact.structure import dense_block_size
 
-    if exact_ok and blocks is None and not sharded and dtype == "float64" and dense_block_size(design) <= AUTO_EXACT_MAX:
+    if (exact_ok and asked is None and blocks is None and not sharded and dtype == "float64"
+            and dense_block_size(design) <= AUTO_EXACT_MAX):
         return "exact"
     return "structured"
 
@@ -331,7 +350,7 @@ def make_problem(
     design: Design,
     spec: QSpec,
     *,
-    likelihood: Likelihood = likelihood_lib.GAUSSIAN,
+    likelihood: Likelihood = GAUSSIAN,
     fixed_sigma: float | None = None,
     pad: bool = False,
     with_block_data: bool = True,

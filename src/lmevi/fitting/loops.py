@@ -25,7 +25,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from lmevi.q import cavi
-from lmevi.families import glm
+from lmevi.fitting import glmm
 from lmevi.q import variational
 from lmevi.q import elbo as elbo_lib
 from lmevi.runtime.jit import sized_jit
@@ -313,7 +313,7 @@ def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     def sweep(params):
         if problem.likelihood.moment_form:
             return cavi.sweep(problem, params)
-        return glm.step(problem, params)  # Poisson, binomial: a sweep on the Gaussian working problem
+        return glmm.step(problem, params)  # Poisson, binomial: a sweep on the Gaussian working problem
 
     # which parameters belong to padding levels does not change along the loop: built once, outside it
     mask = None
@@ -348,7 +348,7 @@ def run_cavi(
     Returns:
         ``(params, info)``.
     """
-    if not (cavi.supports(problem) or glm.supports(problem)):
+    if not (cavi.supports(problem) or glmm.supports(problem)):
         raise ValueError(
             f"coordinate ascent needs the block-Gaussian q and a Gaussian likelihood or one with working-response "
             f"steps (family={problem.likelihood.name!r}); use method='optax'"

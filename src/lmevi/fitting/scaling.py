@@ -118,7 +118,7 @@ def standardise(
             arrays are standardised in place (``design`` then holds standardised numbers afterwards; pass it
             only for a design nothing else reads).
         scale_y: centre and scale the response (``False``: ``c = 0``, ``s_y = 1``, for a likelihood whose
-            response has units of its own, :mod:`lmevi.families.glm`).
+            response has units of its own, :mod:`lmevi.fitting.glmm`).
 
     Returns:
         ``(scaled, scales)``: ``scaled`` has ``y' = (y - c) / s_y``, ``X' = X / s_x``, ``z'_k = z_k / s_k``;

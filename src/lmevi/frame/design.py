@@ -147,7 +147,7 @@ def build_design(
         buffers: where the fixed-effects matrix, covariates and level codes are made with their padding rows
             (:class:`lmevi.runtime.precision.RowBuffers`, which then decides the padded row count, here), so that
             standardising them needs no copy; ``None``: plain arrays.
-        encode_response: the likelihood's ``encode(column, name)`` (:mod:`lmevi.families.likelihood`), which reads a
+        encode_response: the likelihood's ``encode(column, name)`` (:mod:`lmevi.families.base`), which reads a
             response column that is not numeric (the binomial's two levels); ``None``: numbers only.
         dispersion: the likelihood has a residual variance (the Gaussian). Without one (Poisson, binomial) a
             grouping factor may have a level per row (an observation-level random effect, as in lme4's

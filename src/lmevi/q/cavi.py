@@ -163,7 +163,7 @@ def update_block(
 def supports(problem) -> bool:
     """Whether coordinate ascent's closed-form updates hold: the block-Gaussian q of :mod:`lmevi.q.variational`
     under a likelihood whose expected log-density is a function of the rows' mean and variance sums (the
-    Gaussian one; :mod:`lmevi.families.likelihood`)."""
+    Gaussian one; :mod:`lmevi.families.base`)."""
     return problem.q.implementation is variational and problem.likelihood.moment_form
 
 

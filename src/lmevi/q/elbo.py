@@ -13,7 +13,7 @@ r"""The evidence lower bound, two ways (Blei, Kucukelbir & McAuliffe 2017).
 
 When beta is in q (``reml=True``) its flat prior contributes no term, so the bound is on the restricted
 (REML) likelihood up to a constant. Every function takes the :class:`~lmevi.fitting.build.Problem` first and asks
-its likelihood and its q family (the seams of :mod:`lmevi.families.likelihood` and :mod:`lmevi.q.protocol`).
+its likelihood and its q family (the seams of :mod:`lmevi.families.base` and :mod:`lmevi.q.protocol`).
 """
 
 from __future__ import annotations

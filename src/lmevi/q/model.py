@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmevi.frame.design import Design
-from lmevi.families.likelihood import GAUSSIAN, LOG_2PI, Likelihood
+from lmevi.families.base import LOG_2PI, Likelihood
+from lmevi.families.gaussian import GAUSSIAN
 from lmevi.runtime.precision import level_rows
 
 

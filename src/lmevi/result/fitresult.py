@@ -25,9 +25,9 @@ from lmevi.runtime.options import check_bool, check_choice, check_real, user_sta
 from lmevi.q.variational import QSpec, VIParams
 from lmevi.fitting.loops import RunInfo, StopRule
 from lmevi.q.model import cov_sd_corr
-from lmevi.fitting import stage as fitting
+from lmevi.fitting import control
 from lmevi.fitting import scaling
-from lmevi.families import likelihood as likelihood_lib
+from lmevi.families import registry as likelihood_lib
 from lmevi.runtime.precision import to_host, x64
 from lmevi.runtime.jit import sized_jit
 from lmevi.fitting.scaling import Scales, relative_chol
@@ -46,6 +46,7 @@ class FitOptions(NamedTuple):
         stop_rule: the stop rule the loop ran under.
         optimizer: the optax optimizer's description, or ``None`` for coordinate ascent.
         missing: the missing-value rule.
+        link: the link function's name (R's: ``"identity"``, ``"log"``, ``"logit"``, ...).
     """
 
     family: str
@@ -61,6 +62,7 @@ class FitOptions(NamedTuple):
     stop_rule: StopRule
     optimizer: str | None
     missing: str = "raise"
+    link: str = "identity"
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,18 @@ class FitResult:
         return float(self.run.elbo_trace[-1])
 
     @property
+    def likelihood(self):
+        """The response distribution with its link (:mod:`lmevi.families`)."""
+        return likelihood_lib.get(self.options.family, self.options.link)
+
+    @property
     def exact(self) -> bool:
         """Whether the fit is exact: ``q="exact"`` (lme4's profiled criterion), or a variational q that is the
         exact posterior of the random effects (and of beta when ``reml=True``) given the variance components,
         which holds when everything random lies in one block (one grouping factor, or one large factor with
         small ones) under the Gaussian likelihood. The ELBO is then the log-likelihood (ML) or the REML
         log-likelihood. Never for the Poisson and binomial families, whose posterior is not Gaussian."""
-        if self.options.family != "gaussian":
+        if not self.likelihood.moment_form:
             return False
         return self.options.q == "exact" or len(self.spec.blocks) == 1
 
@@ -148,7 +155,7 @@ class FitResult:
         :func:`lmevi.result.checks.singular_findings` for the three rules and why ``tol = 1e-3``."""
         from lmevi.result.checks import singular_findings
 
-        unit = "residual SDs" if self._dispersion else "on the link scale"
+        unit = "residual SDs" if self.likelihood.moment_form else "on the link scale"
         return singular_findings(self.info, self.params.model.chol, self._relative_chol(), tol, unit)
 
     @property
@@ -290,7 +297,7 @@ class FitResult:
 
     @property
     def _dispersion(self) -> bool:
-        return likelihood_lib.get(self.options.family).has_dispersion
+        return self.likelihood.has_dispersion
 
     def sd(self) -> pd.Series:
         """SD of every random coefficient and of the residual (:func:`sd_components`' labels; no residual for
@@ -362,7 +369,7 @@ class FitResult:
                 effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
                 pred = pred + np.sum(cov * effect, axis=1)
         if type == "response":
-            pred = np.asarray(likelihood_lib.get(self.options.family).inverse_link(pred), np.float64)
+            pred = np.asarray(self.likelihood.inverse_link(pred), np.float64)
         out[~bad] = pred
         return out
 
@@ -390,7 +397,7 @@ class FitResult:
     def residuals(self) -> np.ndarray:
         """Training residuals, ``(n_obs,)``, in the caller's row order: ``y - fitted`` for the Gaussian family, the
         deviance residuals for the Poisson and binomial ones (lme4's default ``residuals`` of a ``glmer``)."""
-        return np.asarray(likelihood_lib.get(self.options.family).deviance_residuals(self.y, self.fitted))
+        return np.asarray(self.likelihood.deviance_residuals(self.y, self.fitted))
 
     @x64
     def summary(self) -> str:
@@ -406,9 +413,9 @@ class FitResult:
         else:
             kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
             head = f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)"
-            if not self._dispersion:
-                like = likelihood_lib.get(o.family)
-                head = "Generalized " + head[0].lower() + head[1:] + f"\n Family: {like.name} ( {like.link} )"
+            if not self.likelihood.moment_form:
+                like = self.likelihood
+                head = "Generalized " + head[0].lower() + head[1:] + f"\n Family: {like.name} ( {like.link.name} )"
             crit = f"ELBO: {self.elbo:.4f}" + (
                 f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
                 if self.exact else "   (q is an approximation: the ELBO is a lower bound)")
@@ -418,9 +425,9 @@ class FitResult:
             "",
             crit,
             "",
-            "Scaled residuals:" if self._dispersion else "Deviance residuals:",
+            "Scaled residuals:" if self.likelihood.moment_form else "Deviance residuals:",
         ]
-        r = self.residuals() / float(self.params.model.sigma)
+        r = self.residuals() / (float(self.params.model.sigma) if self.likelihood.moment_form else 1.0)
         q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
         lines.append("     Min       1Q   Median       3Q      Max")
         lines.append(" ".join(f"{v:8.4f}" for v in q))
@@ -528,7 +535,7 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
 
     Args:
         model: the :class:`~lmevi.fitting.build.Model` that was fitted.
-        fit_settings: the :class:`~lmevi.fitting.stage.FitSettings` it ran with.
+        fit_settings: the :class:`~lmevi.fitting.control.FitSettings` it ran with.
         params: point estimates and q in standardised units, as :func:`lmevi.fitting.stage.fit_model` returns them.
         run: the run record.
     """
@@ -541,7 +548,7 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         linear = local_rows(_linear_predictor(problem, params))
     # this process's rows (all rows but in a multi-process fit), padding dropped
     fitted = scales.y_shift + scales.y_scale * linear[: len(model.y)]
-    if problem.likelihood.link != "identity":  # lme4's fitted values of a glmer: the mean at the modes
+    if problem.likelihood.link.name != "identity":  # lme4's fitted values of a glmer: the mean at the modes
         fitted = np.asarray(problem.likelihood.inverse_link(fitted), np.float64)
     offset = scaling.elbo_offset(scales, n, spec.reml)
 
@@ -558,8 +565,8 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         method="profiled" if exact_fit else s.method, elbo="none" if exact_fit else s.elbo,
         num_samples=s.num_samples, accelerate=s.accelerate, residual_scale=model.residual_scale, seed=s.seed,
         dtype=model.dtype, stop_rule=s.rule,
-        optimizer=None if (s.method == "cavi" or exact_fit) else fitting.describe_optimizer(s.optimizer),
-        missing=model.missing,
+        optimizer=None if (s.method == "cavi" or exact_fit) else control.describe_optimizer(s.optimizer),
+        missing=model.missing, link=problem.likelihood.link.name,
     )
     return FitResult(
         info=model.info,
