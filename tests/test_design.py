@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from lmevi.frame import labels as labels_lib
-from lmevi.frame.design import build_design, term_rows
+from lmevi.frame.design import build_design
+from lmevi.frame.newdata import term_rows
 from lmevi.frame.formula import parse_formula
 
 
@@ -163,7 +164,7 @@ def test_plain_numeric_sides_match_formulaic(frame, side):
     and values (bit for bit: both copy the columns), for fitting and for new rows."""
     from formulaic import model_matrix
 
-    from lmevi.frame.design import PlainSpec, _design_matrix
+    from lmevi.frame.matrix import PlainSpec, _design_matrix
     from lmevi.frame.rsyntax import to_formulaic
 
     # an integer column, a float32 one and a pandas nullable integer one (an extension type)
@@ -180,14 +181,14 @@ def test_plain_numeric_sides_match_formulaic(frame, side):
 
 @pytest.mark.parametrize("side", ["f", "x + f", "log(abs(x))", "x:w", "0 + 1", "1 + x - 1", "I(x^2)"])
 def test_other_sides_go_to_formulaic(frame, side):
-    from lmevi.frame.design import PlainSpec, _design_matrix
+    from lmevi.frame.matrix import PlainSpec, _design_matrix
 
     _, _, spec = _design_matrix(side, frame.assign(w=1.0))
     assert not isinstance(spec, PlainSpec)
 
 
 def test_boolean_and_categorical_columns_are_not_plain(frame):
-    from lmevi.frame.design import _plain_spec
+    from lmevi.frame.matrix import _plain_spec
 
     data = frame.assign(t=frame["x"] > 0, c=pd.Categorical(frame["a"]))
     assert _plain_spec("x", data) is not None

@@ -51,7 +51,7 @@ def test_distributed_needs_a_jax_distributed_job():
 def test_distributed_takes_numeric_columns_only():
     """A factor in the fixed part would be coded from one process's rows: refused, naming the remedy."""
     from lmevi.runtime.collective import Local
-    from lmevi.frame.design import _design_matrix
+    from lmevi.frame.matrix import _design_matrix
 
     class TwoProcesses(Local):
         distributed = True

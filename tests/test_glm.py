@@ -18,7 +18,7 @@ from dense import dense_design, dense_kl_part, dense_q, random_params
 from lmevi.q import elbo
 from lmevi.families.binomial import BINOMIAL
 from lmevi.families.poisson import POISSON
-from lmevi.families.quadrature import GH_NODES, gauss_hermite
+from lmevi.families.quadrature import gauss_hermite
 from lmevi.fitting.build import make_problem
 from lmevi.frame.design import Design
 

@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from lmevi.fitting import control
-from lmevi.fitting.build import build_model
-from lmevi.fitting.stage import fit_model
-from lmevi.q import variational
+from lmevi.q import registry as q_registry
 from lmevi.result import checks
 from lmevi.runtime import xla
 from lmevi.runtime.precision import x64
 from lmevi.runtime.pages import small_pages
-from lmevi.result.fitresult import FitResult, make_result
+from lmevi.result.fitresult import FitResult, run_stages
 
 if TYPE_CHECKING:  # optax is imported when a fit takes the gradient path (0.1 s that exact fits do not pay)
     import optax
@@ -129,21 +127,15 @@ def fit(
         window=window, seed=seed, progress=progress, accelerate=accelerate, init_scale=init_scale,
         snapshot_steps=snapshot_steps, dtype=dtype,
     )
-    model = build_model(
-        formula, data, family=family, link=link, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
+    return run_stages(
+        formula, data, how, family=family, link=link, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, devices=devices, distributed=distributed,
-        fit_settings=how,
     )
-    params, run = fit_model(model, how)
-    checks.warn_convergence(run, how.rule)
-    result = make_result(model, how, params, run)
-    checks.warn_singular(result)
-    return result
 
 
 def _family_and_q(family, q) -> tuple[str, str]:
     """Read ``family`` as the likelihood; the older ``family="structured"|"meanfield"`` names q."""
-    if isinstance(family, str) and family in variational.Q_FAMILIES:
+    if isinstance(family, str) and family in q_registry.Q_FAMILIES:
         if q is not None and q != family:
             raise ValueError(f"family={family!r} (the older spelling of q) contradicts q={q!r}; pass q only")
         warnings.warn(

@@ -29,7 +29,7 @@ from lmevi.result.checks import ConvergenceWarning
 from lmevi.fitting.control import ELBOS, METHODS
 from lmevi.families.registry import LIKELIHOODS
 from lmevi.fitting.build import Q_CHOICES
-from lmevi.q.variational import Q_FAMILIES
+from lmevi.q.registry import Q_FAMILIES
 from lmevi.result.fitresult import FitResult
 
 PROG = "lmevi"

@@ -21,7 +21,6 @@ import pandas as pd
 from lmevi.runtime import collective as collective_lib
 from lmevi.families import registry as likelihood_lib
 from lmevi.fitting import scaling
-from lmevi.q import variational
 from lmevi.frame.design import Design, DesignInfo, TermData, build_design
 from lmevi.frame.formula import parse_formula
 from lmevi.families.base import Likelihood
@@ -29,11 +28,11 @@ from lmevi.families.gaussian import GAUSSIAN
 from lmevi.fitting.control import variational_only
 from lmevi.runtime.options import check_bool, check_choice, check_int, check_real
 from lmevi.runtime.precision import RowBuffers, on_device, x64
-from lmevi.q.protocol import Family
 from lmevi.runtime.xla import backend_ready
 from lmevi.runtime.jit import sized_jit
 from lmevi.runtime.pages import small_pages
 from lmevi.fitting.scaling import Scales
+from lmevi.q import registry as q_registry
 from lmevi.q.variational import BlockData, QSpec
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
@@ -172,7 +171,7 @@ def build_model(
         A :class:`Model` (in a multi-process job: ``y`` and the data are this process's rows).
     """
     like = likelihood_lib.get(family, link)
-    q = check_choice("q", q, Q_CHOICES)
+    q = check_choice("q", q, tuple(q_registry.Q_FAMILIES) + ("exact", "auto"))
     if pad is None:
         pad = fit_settings is None or fit_settings.method == "cavi"
     # lmer's default is REML, glmer's ML: REML is defined where the likelihood is the Gaussian's (moment form)
@@ -218,9 +217,8 @@ def build_model(
     if q == "exact":
         # lme4's criterion (lmevi.exact.criterion); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
-        spec, pad = variational.meanfield_spec(info, reml), False
-    else:
-        spec = variational.Q_FAMILIES[q](raw_design, info, reml, small_threshold, blocks, collective=collective)
+        pad = False
+    spec = q_registry.get(q).layout(raw_design, info, reml, small_threshold, blocks, collective=collective)
     n_obs = info.n_obs
     # fit in standardised units and map back: estimates and warnings do not depend on the data's units;
     # raw_design's arrays are standardised in place where they were made in buffers (nothing reads them after)
@@ -231,7 +229,7 @@ def build_model(
     if not like.has_dispersion:
         fixed = 1.0  # the ELBO reads no sigma; held at 1 (lme4's dispersion of a Poisson or binomial glmer)
     problem = make_problem(design, spec, likelihood=like, fixed_sigma=fixed, pad=pad, with_block_data=q != "exact",
-                           sharding=sharding, n_obs=n_obs)
+                           sharding=sharding, n_obs=n_obs, q_family=q_registry.family(q))
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
@@ -356,13 +354,14 @@ def make_problem(
     with_block_data: bool = True,
     sharding=None,
     n_obs: int | None = None,
+    q_family=None,
 ) -> Problem:
-    """The kernels' :class:`Problem` for arrays and a block layout of the block-Gaussian q, computing the
-    block data (one compiled call).
+    """The kernels' :class:`Problem` for arrays and a layout of a q family, computing the q's design-only data
+    (one compiled call).
 
     Args:
         design: the arrays (standardised by :func:`build_model`; any units work for the kernels).
-        spec: q's blocks (``lmevi.q.variational.Q_FAMILIES``) with the data's level counts.
+        spec: q's layout (:data:`lmevi.q.registry.Q_FAMILIES`) with the data's level counts.
         likelihood: the response distribution.
         fixed_sigma: the fixed residual SD in the arrays' units, or ``None`` to estimate it.
         pad: pad rows and levels to their buckets (:func:`bucket`, :func:`pad_design`).
@@ -386,18 +385,23 @@ def make_problem(
         spec = dataclasses.replace(spec, n_levels=levels)
     elif sharding is not None:
         raise ValueError("sharding the rows needs pad=True (rows padded to a multiple of the devices)")
+    q_family = q_registry.family("structured") if q_family is None else q_family
     design = place_rows(design, sharding)
     return Problem(
         design=design,
-        block_data=_block_data(design, spec) if with_block_data else (),
+        block_data=_block_data(design, spec, q_family) if with_block_data else (),
         fixed_sigma=on_device(1.0 if fixed_sigma is None else fixed_sigma, design.y.dtype),
         n_rows=on_device(n, design.y.dtype),
         level_mask=level_mask,
         spec=spec,
         likelihood=likelihood,
-        q=Family(variational.__name__),
+        q=q_family,
         estimate_sigma=fixed_sigma is None,
     )
 
 
-_block_data = sized_jit(variational.block_data, static_argnums=1)
+def _q_block_data(design: Design, spec, q_family):
+    return q_family.block_data(design, spec)
+
+
+_block_data = sized_jit(_q_block_data, static_argnums=(1, 2))

@@ -21,6 +21,9 @@ METHODS = ("cavi", "optax")
 
 
 ELBOS = ("closed_form", "mc")
+# the options of lmevi.fit that are settings of the fit (the rest build the model)
+SETTINGS = ("method", "elbo", "optimizer", "num_samples", "num_steps", "tol", "window", "seed", "progress",
+            "accelerate", "init_scale", "snapshot_steps")
 
 
 class FitSettings(NamedTuple):
@@ -156,16 +159,17 @@ def settings(
 
 
 def variational_only(s: FitSettings) -> str | None:
-    """The option of ``s`` that asks for variational EM, in the user's words, or ``None``: the optax path, the
+    """The options of ``s`` that ask for variational EM, in the user's words, or ``None``: the optax path, the
     Monte Carlo ELBO, snapshots during training and plain (unaccelerated) coordinate ascent all belong to the
     variational loop; lme4's exact criterion has none of them. ``q="auto"`` then takes a variational q, and an
     exact model refuses them (:func:`lmevi.fitting.build.resolve_q`, :func:`lmevi.fitting.stage.fit_model`)."""
+    asked = []
     if s.method != "cavi":
-        return f"method={s.method!r}"
+        asked.append(f"method={s.method!r}")
     if s.elbo != "closed_form":
-        return f"elbo={s.elbo!r}"
+        asked.append(f"elbo={s.elbo!r}")
     if s.snapshot_steps:
-        return "snapshot_steps"
+        asked.append("snapshot_steps")
     if not s.accelerate:
-        return "accelerate=False"
-    return None
+        asked.append("accelerate=False")
+    return ", ".join(asked) or None

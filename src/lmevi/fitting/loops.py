@@ -26,10 +26,10 @@ from jax.flatten_util import ravel_pytree
 
 from lmevi.q import cavi
 from lmevi.fitting import glmm
-from lmevi.q import variational
+from lmevi.q import registry as q_registry
 from lmevi.q import elbo as elbo_lib
 from lmevi.runtime.jit import sized_jit
-from lmevi.q.variational import VIParams
+from lmevi.q.protocol import VIParams
 
 if TYPE_CHECKING:  # imported where used: 0.1 s that exact fits do not pay
     import optax
@@ -267,7 +267,7 @@ def run_optax(
 # coordinate-ascent path
 
 
-def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = None):
+def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = None, q=None):
     """One SQUAREM iteration (Varadhan & Roland 2008, scheme S3) of the variational EM map ``sweep``.
 
     Variational EM converges linearly, and sublinearly when a variance component heads for zero (a
@@ -276,24 +276,26 @@ def squarem_step(sweep, params: VIParams, fixed_sigma, mask: VIParams | None = N
     when its ELBO is at least that of the two plain sweeps (else those are), so the ELBO never decreases.
     The three sweeps run in one ``fori_loop`` so that the sweep is compiled once.
 
-    ``mask`` (0/1 shaped as ``params``, :func:`lmevi.q.variational.coordinate_mask`) keeps padding levels out
-    of the step length and of the extrapolation, so a padded fit takes the steps of the unpadded one.
+    ``mask`` (0/1 shaped as ``params``, the q family's ``coordinate_mask``) keeps padding levels out of the step
+    length and of the extrapolation, so a padded fit takes the steps of the unpadded one. ``q``: the q family
+    whose unconstrained coordinates the extrapolation moves in (default: the block-Gaussian one).
 
     Returns:
         ``(params, elbo)`` after three sweeps.
     """
-    x0, unravel = ravel_pytree(variational.to_unconstrained(params))
+    q = q_registry.family("structured") if q is None else q
+    x0, unravel = ravel_pytree(q.to_unconstrained(params))
     m = 1.0 if mask is None else ravel_pytree(mask)[0]
     pick = lambda c, a, b: jax.tree_util.tree_map(lambda u, v: jnp.where(c, u, v), a, b)  # noqa: E731
 
     def extrapolate(p1, p2):
-        x1, _ = ravel_pytree(variational.to_unconstrained(p1))
-        x2, _ = ravel_pytree(variational.to_unconstrained(p2))
+        x1, _ = ravel_pytree(q.to_unconstrained(p1))
+        x2, _ = ravel_pytree(q.to_unconstrained(p2))
         r = (x1 - x0) * m
         v = (x2 - x1) * m - r
         alpha = -jnp.sqrt(jnp.sum(r**2) / jnp.maximum(jnp.sum(v**2), 1e-300))
         alpha = jnp.minimum(alpha, -1.0)  # alpha = -1 is the plain two-sweep point x2
-        return variational.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), fixed_sigma)
+        return q.to_constrained(unravel(x0 - 2.0 * alpha * r + alpha**2 * v), fixed_sigma)
 
     def body(i, c):
         cur, p1, p2, e2, e3 = c
@@ -318,11 +320,11 @@ def _cavi_chunk(problem, carry, trace, t0, t_end, tol, *, window, accelerate):
     # which parameters belong to padding levels does not change along the loop: built once, outside it
     mask = None
     if accelerate and problem.level_mask is not None:
-        mask = variational.coordinate_mask(problem.spec, carry, problem.level_mask)
+        mask = problem.q.coordinate_mask(problem.spec, carry, problem.level_mask)
 
     def step(params, t):
         if accelerate:
-            return squarem_step(sweep, params, problem.sigma_if_fixed, mask)
+            return squarem_step(sweep, params, problem.sigma_if_fixed, mask, problem.q)
         return sweep(params)
 
     return _chunk_loop(step, carry, trace, t0, t_end, tol, window)

@@ -27,8 +27,9 @@ import numpy as np
 
 from lmevi.runtime.precision import RowBuffers, aligned_zeros, to_host
 from lmevi.runtime.collective import LOCAL, Local
-from lmevi.frame.design import Design, TermData, column_sd
-from lmevi.q.variational import QSpec, VIParams
+from lmevi.frame.design import Design, TermData
+from lmevi.frame.matrix import column_sd
+from lmevi.q.protocol import VIParams
 from lmevi.q.model import ModelParams
 
 
@@ -195,54 +196,24 @@ def standardise(
     return scaled, Scales(y_shift, y_scale, shift_coef, x_scale, z_scale)
 
 
-def _block_scales(spec: QSpec, block, scales: Scales):
-    """Per-coordinate factors (data units per standardised unit) of one block: ``s_L`` ``(p_L,)`` of the
-    large term and ``s_w`` ``(p_w,)`` of the small part, and the shift ``(p_w,)`` of the small part."""
-    sy = scales.y_scale
-    s_large = None if block.large is None else sy / scales.z_scale[block.large]
-    parts, shift = [], []
-    for k in block.small:
-        f = np.tile(sy / scales.z_scale[k], spec.n_levels[k])
-        parts.append(f)
-        shift.append(np.zeros_like(f))
-    if block.fixed:
-        parts.append(sy / scales.x_scale)
-        shift.append(scales.y_shift * scales.shift_coef)
-    s_small = np.concatenate(parts) if parts else None
-    return s_large, s_small, (np.concatenate(shift) if shift else None)
-
-
-def to_data_units(params: VIParams, spec: QSpec, scales: Scales) -> VIParams:
-    """Map point estimates and q from standardised units back to the data's (see the module docstring).
-
-    Block by block, with ``b_L = s_L b'_L`` and ``w = s_w w' + shift``: ``m_L = s_L m'_L``,
-    ``T = diag(s_L) T'``, ``K = diag(s_L) K' diag(1 / s_w)``, ``m_w = s_w m'_w + shift``,
-    ``U = diag(s_w) U'``. On the host: returns NumPy arrays (new shapes compile nothing).
-    """
+def to_data_units(params: VIParams, spec, scales: Scales, q) -> VIParams:
+    """Map point estimates and q from standardised units back to the data's (see the module docstring): the
+    model's here, q's blocks by the q family (``q.blocks_to_data_units``) with each term's coefficient scales
+    ``s_y / s_k`` and beta's scale ``s_y / s_x`` and shift. On the host: returns NumPy arrays (new shapes
+    compile nothing)."""
     params = to_host(params)
     m = params.model
     dtype = m.sigma.dtype
     sy = scales.y_scale
+    fixed_scale = sy / scales.x_scale
+    fixed_shift = scales.y_shift * scales.shift_coef
     beta = None
     if m.beta is not None:
-        beta = m.beta * np.asarray(sy / scales.x_scale, dtype) + np.asarray(scales.y_shift * scales.shift_coef, dtype)
-    chol = tuple(L * np.asarray(sy / s, dtype)[:, None] for L, s in zip(m.chol, scales.z_scale))
+        beta = m.beta * np.asarray(fixed_scale, dtype) + np.asarray(fixed_shift, dtype)
+    term_scales = [sy / s for s in scales.z_scale]
+    chol = tuple(L * np.asarray(f, dtype)[:, None] for L, f in zip(m.chol, term_scales))
     model = ModelParams(beta=beta, chol=chol, sigma=m.sigma * sy)
-    blocks = []
-    for block, bp in zip(spec.blocks, params.blocks):
-        s_large, s_small, shift = _block_scales(spec, block, scales)
-        new = bp
-        if s_large is not None:
-            fl = np.asarray(s_large, dtype)
-            new = new._replace(loc_large=bp.loc_large * fl, chol_large=bp.chol_large * fl[:, None])
-        if s_small is not None:
-            fw = np.asarray(s_small, dtype)
-            new = new._replace(
-                loc_small=bp.loc_small * fw + np.asarray(shift, dtype), chol_small=bp.chol_small * fw[:, None]
-            )
-            if bp.coupling is not None:
-                new = new._replace(coupling=bp.coupling * np.asarray(s_large, dtype)[:, None] / fw)
-        blocks.append(new)
+    blocks = q.blocks_to_data_units(spec, params.blocks, term_scales, fixed_scale, fixed_shift)
     return VIParams(model=model, blocks=tuple(blocks))
 
 

@@ -18,7 +18,8 @@ from lmevi.fitting.loops import RunInfo, StopRule, run_cavi, run_optax
 from lmevi.runtime.precision import x64
 from lmevi.runtime.jit import sized_jit
 from lmevi.q.model import ModelParams
-from lmevi.q.variational import BlockParams, VIParams
+from lmevi.q import registry as q_registry
+from lmevi.q.protocol import VIParams
 from lmevi.fitting.control import FitSettings, settings, variational_only
 
 
@@ -40,7 +41,7 @@ def fit_model(model: Model, fit_settings: FitSettings | None = None) -> tuple[VI
         if asked is not None:
             raise ValueError(f"the model was built with q='exact' (lme4's profiled criterion), but the settings ask "
                              f"for {asked}, which only variational EM has: build the model with a variational q "
-                             f"(q='structured' or 'meanfield'), or leave {asked.split('=')[0]} at its default")
+                             f"(q='structured' or 'meanfield'), or leave those options at their defaults")
         return _fit_exact(model, s)
     if s.method != "cavi" and model.padded:
         raise ValueError("the optax path fits unpadded models only: build the model with pad=False")
@@ -75,19 +76,6 @@ def initial_params(problem: Problem, init_scale: float) -> VIParams:
     )
 
 
-def psd_factor(cov) -> np.ndarray:
-    """A lower-triangular ``L`` with ``L L^T = cov`` for (batched) positive semi-definite ``cov`` ``(..., p, p)``,
-    also where Cholesky fails (a variance at zero makes ``condVar`` singular): ``L = R^T`` from the QR
-    factorisation of ``(V sqrt(Lambda))^T``, ``cov = V Lambda V^T``."""
-    cov = np.asarray(cov, np.float64)
-    try:
-        return np.linalg.cholesky(cov)
-    except np.linalg.LinAlgError:
-        lam, V = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
-        B = V * np.sqrt(np.maximum(lam, 0.0))[..., None, :]
-        return np.swapaxes(np.linalg.qr(np.swapaxes(B, -1, -2), mode="r"), -1, -2)
-
-
 def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     """lme4's profiled criterion (:func:`lmevi.exact.optimise.fit_exact`) on the standardised design, returned in the
     mean-field layout of ``model.spec``: per term the conditional modes and ``condVar`` per level, beta's
@@ -98,15 +86,9 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     from lmevi.exact import optimise
     fit = optimise.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
                           max_evals=s.rule.num_steps)
-    blocks = []
-    for block in model.spec.blocks:
-        if block.large is not None:
-            k = block.large
-            blocks.append(BlockParams(fit.effects[k], psd_factor(fit.effects_cov[k]), None, None, None))
-        else:  # beta's block (REML)
-            blocks.append(BlockParams(None, None, None, fit.beta, psd_factor(fit.beta_cov)))
-    beta = None if model.reml else fit.beta
-    params = VIParams(ModelParams(beta=beta, chol=fit.chol, sigma=fit.sigma), tuple(blocks))
+    model_params = ModelParams(beta=None if model.reml else fit.beta, chol=fit.chol, sigma=fit.sigma)
+    params = model.problem.q.from_moments(model.spec, model_params, fit.effects, fit.effects_cov, fit.beta,
+                                          fit.beta_cov)
     run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, fit.grad_norm, {},
                   beta_cov=fit.beta_cov, optimizer=fit.optimizer)
     return params, run
@@ -127,13 +109,12 @@ def _exact_start(model: Model):
     (lme4's start)."""
     from lmevi.exact import theta
     from lmevi.exact import structure
-    from lmevi.q import variational
     from lmevi.fitting.build import make_problem
 
     design = model.problem.design
     if structure.dense_block_size(design) < EXACT_WARM_START:
         return None
-    spec = variational.structured_spec(design, model.info, model.reml)
+    spec = q_registry.get("structured").layout(design, model.info, model.reml)
     problem = make_problem(design, spec, likelihood=model.problem.likelihood)
     params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, EXACT_START_TOL, 1),
                          progress=False, with_grad_norm=False)

@@ -7,8 +7,9 @@ the family's static description (for :mod:`lmevi.q.variational`, a :class:`~lmev
 ``blocks`` its parameters (a pytree) and ``data`` its design-only arrays, computed once per fit.
 
 The block-Gaussian family of :mod:`lmevi.q.variational` implements it; its two layouts ``"structured"`` and
-``"meanfield"`` are registered in ``lmevi.q.variational.Q_FAMILIES``. A new family adds one module with these
-functions and one entry in a registry of layouts; :mod:`lmevi.q.elbo` and the optax path need nothing else.
+``"meanfield"`` are registered in :data:`lmevi.q.registry.Q_FAMILIES`. A new family adds one module with these
+functions and one line there (or a call of :func:`lmevi.q.registry.register`); the ELBO, the optax path,
+SQUAREM, the results, the export and the map back to the data's units reach it only through this interface.
 Coordinate ascent (:mod:`lmevi.q.cavi`) is the closed-form update of the block-Gaussian family under a
 likelihood with ``moment_form`` and says so (``cavi.supports``).
 """
@@ -17,9 +18,19 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import jax
+
+from lmevi.q.model import ModelParams
+
+
+class VIParams(NamedTuple):
+    """All that variational EM estimates: point estimates of the model and the blocks of q (a pytree whose
+    layout is the family's own)."""
+
+    model: ModelParams
+    blocks: tuple
 
 
 @dataclass(frozen=True)
@@ -79,3 +90,19 @@ class QFamily(Protocol):
 
     def to_constrained(self, raw, fixed_sigma):
         """Inverse of :meth:`to_unconstrained`; ``fixed_sigma`` ``()`` or ``None`` overrides sigma."""
+
+    def coordinate_mask(self, spec, params, level_mask):
+        """0/1 arrays shaped as ``params``: 1 where a parameter belongs to the data, 0 to a padding level."""
+
+    def unpad(self, params, padded_spec, spec):
+        """``params`` of the padded layout restricted to the data's levels (``spec``'s counts)."""
+
+    def blocks_to_data_units(self, spec, blocks, term_scales, fixed_scale, fixed_shift):
+        """q's blocks from standardised units to the data's: term ``k``'s coefficients are multiplied by
+        ``term_scales[k]`` ``(p_k,)``, beta's by ``fixed_scale`` ``(p,)`` and shifted by ``fixed_shift`` ``(p,)``
+        (:func:`lmevi.fitting.scaling.to_data_units`)."""
+
+    def from_moments(self, spec, model, effects, effects_cov, beta, beta_cov):
+        """q holding given Gaussian moments: per term ``(J_k, p_k)`` means and ``(J_k, p_k, p_k)`` covariances,
+        beta's ``(p,)`` mean and ``(p, p)`` covariance (used where ``spec.reml``); an exact fit's estimates are
+        held so (:func:`lmevi.fitting.stage.fit_model`)."""

@@ -55,6 +55,7 @@ import numpy as np
 from lmevi.runtime.collective import LOCAL, Local
 from lmevi.frame.design import Design, DesignInfo
 from lmevi.q.model import LOG_2PI, ModelParams, log_abs_diag
+from lmevi.q.protocol import VIParams
 from lmevi.runtime.precision import level_rows, row_dot, row_segment_sum, wide
 
 
@@ -138,13 +139,6 @@ class BlockParams(NamedTuple):
     chol_small: jax.Array | None
 
 
-class VIParams(NamedTuple):
-    """All that variational EM estimates: point estimates of the model and the blocks of q."""
-
-    model: ModelParams
-    blocks: tuple[BlockParams, ...]
-
-
 class BlockData(NamedTuple):
     """Design-only cross-products of one block, computed once per fit by segment sums over level pairs.
 
@@ -174,7 +168,7 @@ def meanfield_spec(info: DesignInfo, reml: bool) -> QSpec:
     return _spec("meanfield", info, blocks, reml)
 
 
-def _meanfield(
+def meanfield_layout(
     design: Design, info: DesignInfo, reml: bool, small_threshold: int = 50, blocks=None, collective: Local = LOCAL
 ) -> QSpec:
     return meanfield_spec(info, reml)
@@ -891,13 +885,6 @@ def to_constrained(raw: VIParams, fixed_sigma) -> VIParams:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Registration: q's name -> its block layout, ``(design, info, reml, small_threshold, blocks) -> QSpec``.
-# Both layouts share this module's kernels (the :class:`lmevi.q.protocol.QFamily` interface).
-
-Q_FAMILIES = {"structured": structured_spec, "meanfield": _meanfield}
-
-
-# ----------------------------------------------------------------------------------------------------
 # Padding levels (shape buckets, :mod:`lmevi.fitting.build`): masks and the map back to the data's levels
 
 
@@ -946,3 +933,68 @@ def unpad(params: VIParams, padded: QSpec, spec: QSpec) -> VIParams:
             )
         )
     return VIParams(model=params.model, blocks=tuple(blocks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Units and given moments: what the stages outside q ask of it through the protocol
+
+
+def blocks_to_data_units(spec: QSpec, blocks, term_scales, fixed_scale, fixed_shift) -> tuple:
+    """q's blocks from standardised units to the data's (NumPy in, NumPy out). Block by block, with
+    ``b_L = s_L b'_L`` and ``w = s_w w' + shift``: ``m_L = s_L m'_L``, ``T = diag(s_L) T'``,
+    ``K = diag(s_L) K' diag(1 / s_w)``, ``m_w = s_w m'_w + shift``, ``U = diag(s_w) U'``.
+
+    Args:
+        spec: the layout.
+        blocks: one :class:`BlockParams` per block (host arrays).
+        term_scales: per term ``(p_k,)`` data units per standardised unit.
+        fixed_scale, fixed_shift: ``(p,)`` each, beta's.
+    """
+    out = []
+    for block, bp in zip(spec.blocks, blocks):
+        dtype = next(a.dtype for a in bp if a is not None)
+        s_large = None if block.large is None else np.asarray(term_scales[block.large], dtype)
+        parts = [np.tile(term_scales[k], spec.n_levels[k]) for k in block.small]
+        shift = [np.zeros(spec.n_levels[k] * spec.n_coefs[k]) for k in block.small]
+        if block.fixed:
+            parts.append(fixed_scale)
+            shift.append(fixed_shift)
+        new = bp
+        if s_large is not None:
+            new = new._replace(loc_large=bp.loc_large * s_large, chol_large=bp.chol_large * s_large[:, None])
+        if parts:
+            fw = np.asarray(np.concatenate(parts), dtype)
+            new = new._replace(loc_small=bp.loc_small * fw + np.asarray(np.concatenate(shift), dtype),
+                               chol_small=bp.chol_small * fw[:, None])
+            if bp.coupling is not None:
+                new = new._replace(coupling=bp.coupling * s_large[:, None] / fw)
+        out.append(new)
+    return tuple(out)
+
+
+def psd_factor(cov) -> np.ndarray:
+    """A lower-triangular ``L`` with ``L L^T = cov`` for (batched) positive semi-definite ``cov`` ``(..., p, p)``,
+    also where Cholesky fails (a variance at zero makes ``condVar`` singular): ``L = R^T`` from the QR
+    factorisation of ``(V sqrt(Lambda))^T``, ``cov = V Lambda V^T``."""
+    cov = np.asarray(cov, np.float64)
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        lam, V = np.linalg.eigh(0.5 * (cov + np.swapaxes(cov, -1, -2)))
+        B = V * np.sqrt(np.maximum(lam, 0.0))[..., None, :]
+        return np.swapaxes(np.linalg.qr(np.swapaxes(B, -1, -2), mode="r"), -1, -2)
+
+
+def from_moments(spec: QSpec, model: ModelParams, effects, effects_cov, beta, beta_cov) -> VIParams:
+    """q holding given Gaussian moments, in a layout of one block per term (and beta's block under REML):
+    per term ``(J_k, p_k)`` means and ``(J_k, p_k, p_k)`` covariances, beta's ``(p,)`` and ``(p, p)``."""
+    blocks = []
+    for block in spec.blocks:
+        if block.small:
+            raise ValueError("from_moments needs a layout of one block per term (meanfield_spec)")
+        if block.large is not None:
+            k = block.large
+            blocks.append(BlockParams(effects[k], psd_factor(effects_cov[k]), None, None, None))
+        else:  # beta's block (REML)
+            blocks.append(BlockParams(None, None, None, beta, psd_factor(beta_cov)))
+    return VIParams(model, tuple(blocks))

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import partial
+from typing import TYPE_CHECKING
 
 import arviz as az
 import jax
 import numpy as np
 
-from lmevi.q import variational
 from lmevi.runtime.precision import x64
-from lmevi.result.fitresult import FitResult
+
+if TYPE_CHECKING:  # the result is passed in; importing its class here would close a circle
+    from lmevi.result.fitresult import FitResult
 
 FIXED_VAR, FIXED_DIM = "fixef", "coef"
 SD_VAR, SD_DIM = "sd", "component"
@@ -63,7 +65,7 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
     if rng_key is None:
         rng_key = jax.random.PRNGKey(0)
     keys = jax.random.split(rng_key, int(num_samples))
-    effects, beta = _draws(keys, result.spec, result.params.blocks)
+    effects, beta = _draws(keys, result.spec, result.params.blocks, result.q)
     effects = [np.asarray(e) for e in effects]
 
     posterior: dict[str, np.ndarray] = {}
@@ -115,10 +117,10 @@ def to_inference_data(result: FitResult, num_samples: int = 1000, rng_key=None) 
     )
 
 
-@partial(jax.jit, static_argnums=1)
-def _draws(keys: jax.Array, spec: variational.QSpec, blocks) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
+@partial(jax.jit, static_argnums=(1, 3))
+def _draws(keys: jax.Array, spec, blocks, q) -> tuple[tuple[jax.Array, ...], jax.Array | None]:
     """``S`` independent draws from q, one per key: ``(S, J_k, p_k)`` per term and ``(S, p)`` beta or None."""
-    return jax.vmap(variational.sample, in_axes=(0, None, None))(keys, spec, blocks)
+    return jax.vmap(q.sample, in_axes=(0, None, None))(keys, spec, blocks)
 
 
 def _random_variables(result: FitResult) -> dict[str, list[int]]:

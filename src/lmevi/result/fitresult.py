@@ -11,7 +11,6 @@ components are the point estimates of variational EM (ML-like, or REML-like when
 from __future__ import annotations
 
 import collections
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -19,17 +18,22 @@ import jax
 import numpy as np
 import pandas as pd
 
-from lmevi.q import variational
-from lmevi.frame.design import DesignInfo, fixed_matrix, incomplete_rows, new_data_columns, row_labels, term_rows
-from lmevi.runtime.options import check_bool, check_choice, check_real, user_stacklevel
-from lmevi.q.variational import QSpec, VIParams
+from lmevi.q import registry as q_registry
+from lmevi.frame.design import DesignInfo
+from lmevi.runtime.options import check_bool, check_real
+from lmevi.q.protocol import VIParams
 from lmevi.fitting.loops import RunInfo, StopRule
 from lmevi.q.model import cov_sd_corr
 from lmevi.fitting import control
+from lmevi.fitting.build import build_model
+from lmevi.fitting.stage import fit_model
+from lmevi.result import checks
 from lmevi.fitting import scaling
 from lmevi.families import registry as likelihood_lib
 from lmevi.runtime.precision import to_host, x64
 from lmevi.runtime.jit import sized_jit
+from lmevi.result.predict import predict
+from lmevi.result.summary import summary_text
 from lmevi.fitting.scaling import Scales, relative_chol
 
 
@@ -82,7 +86,7 @@ class FitResult:
     """
 
     info: DesignInfo
-    spec: QSpec
+    spec: object
     params: VIParams
     run: RunInfo
     options: FitOptions
@@ -97,6 +101,12 @@ class FitResult:
     def elbo(self) -> float:
         """The final ELBO (closed-form methods: exact; Monte Carlo: the last noisy estimate)."""
         return float(self.run.elbo_trace[-1])
+
+    @property
+    def q(self):
+        """The q family's protocol module (:mod:`lmevi.q.registry`; an exact fit's estimates are held in the
+        layout of :data:`lmevi.q.registry.EXACT_LAYOUT`)."""
+        return q_registry.family(self.options.q)
 
     @property
     def likelihood(self):
@@ -208,7 +218,7 @@ class FitResult:
         if self.run.beta_cov is not None:
             cov = self.run.beta_cov
         elif self.spec.reml:
-            cov = np.asarray(variational.fixed_moments(self.spec, self.params.blocks)[1], np.float64)
+            cov = np.asarray(self.q.fixed_moments(self.spec, self.params.blocks)[1], np.float64)
         else:
             raise ValueError(
                 "this fit (variational, reml=False) has beta as a point estimate, with no covariance; fit with "
@@ -258,7 +268,7 @@ class FitResult:
         given_beta = check_bool("given_beta", given_beta)
         frames = []
         for k, term in enumerate(self.info.terms):
-            mean, cov = variational.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
+            mean, cov = self.q.term_moments(self.spec, self.params.blocks, k, given_beta=given_beta)
             mean, sd = np.asarray(mean), np.sqrt(np.asarray(np.diagonal(cov, axis1=1, axis2=2)))
             for c, name in enumerate(term.coef_names):
                 frames.append(
@@ -330,48 +340,7 @@ class FitResult:
         Returns:
             ``(n_new,)`` predictions, in the rows' order.
         """
-        allow_new_levels = check_bool("allow_new_levels", allow_new_levels)
-        check_choice("type", type, ("link", "response"))
-        check_choice("re_form", re_form, ("full", None, "~0"))
-        check_choice("missing", missing, ("raise", "drop"))
-        population = re_form in (None, "~0")
-        columns = new_data_columns(self.info, data, with_groups=not population)
-        bad, counts = incomplete_rows(data, columns)
-        out = np.full(len(data), np.nan)
-        if bad.any():
-            if missing == "raise":
-                raise ValueError(
-                    f"newdata has {int(bad.sum())} row(s) with missing or infinite values in the columns the "
-                    f"predictions use ({counts}); pass missing='drop' to predict NaN for them"
-                )
-            warnings.warn(
-                f"predicting NaN for {int(bad.sum())} of {len(data)} rows with missing or infinite values "
-                f"({counts})",
-                stacklevel=user_stacklevel(),
-            )
-            data = data.iloc[np.flatnonzero(~bad)]
-        if len(data) == 0:
-            return out
-        X = fixed_matrix(self.info, data)
-        pred = X @ self._beta_mean()
-        if not population:
-            for k, term in enumerate(self.info.terms):
-                codes, cov = term_rows(term, data)
-                unseen = codes < 0
-                if unseen.any() and not allow_new_levels:
-                    labels = pd.unique(row_labels(term, data)[unseen])[:5]
-                    raise ValueError(
-                        f"grouping factor {term.group!r} has {int(unseen.sum())} row(s) at level(s) not seen "
-                        f"when fitting, e.g. {list(labels)}; pass allow_new_levels=True to predict them at the "
-                        "prior mean"
-                    )
-                mean = np.asarray(variational.term_moments(self.spec, self.params.blocks, k)[0])
-                effect = np.where(unseen[:, None], 0.0, mean[np.where(unseen, 0, codes)])
-                pred = pred + np.sum(cov * effect, axis=1)
-        if type == "response":
-            pred = np.asarray(self.likelihood.inverse_link(pred), np.float64)
-        out[~bad] = pred
-        return out
+        return predict(self, data, allow_new_levels, re_form, missing, type)
 
     @x64
     def to_inference_data(self, num_samples: int = 1000, rng_key=None):
@@ -386,13 +355,13 @@ class FitResult:
         criterion; an optax optimizer is not kept)."""
         if self.data is None:
             raise ValueError("this result keeps no data to refit")
-        from lmevi.api import fit
-
         o = self.options
-        options = dict(family=o.family, q=o.q, reml=o.reml, residual_scale=o.residual_scale, dtype=o.dtype,
-                       missing=o.missing, progress=False)
+        options = dict(family=o.family, link=o.link, q=o.q, reml=o.reml, residual_scale=o.residual_scale,
+                       dtype=o.dtype, missing=o.missing)
         options.update(changes)
-        return fit(self.info.formula.text, self.data, **options)
+        how = control.settings(progress=options.pop("progress", False), dtype=options["dtype"],
+                               **{k: options.pop(k) for k in list(options) if k in control.SETTINGS})
+        return run_stages(self.info.formula.text, self.data, how, **options)
 
     def residuals(self) -> np.ndarray:
         """Training residuals, ``(n_obs,)``, in the caller's row order: ``y - fitted`` for the Gaussian family, the
@@ -403,64 +372,7 @@ class FitResult:
     def summary(self) -> str:
         """An lme4-style summary: method, formula, ELBO (and log-likelihood where exact), scaled residuals,
         random effects, fixed effects, convergence and singular-fit messages."""
-        o = self.options
-        if o.q == "exact":
-            head = (f"Linear mixed model fit by {'REML' if o.reml else 'maximum likelihood'} (exact: lme4's "
-                    f"profiled criterion, {self.run.optimizer})")
-            crit = (f"REML criterion at convergence: {self.reml_criterion:.4f}" if o.reml else
-                    f"     AIC      BIC   logLik deviance\n{self.aic:8.1f} {self.bic:8.1f} {self.loglik:8.1f} "
-                    f"{self.deviance:8.1f}")
-        else:
-            kind = "REML-like: beta in q, flat prior" if o.reml else "ML-like: beta a point estimate"
-            head = f"Linear mixed model fit by variational EM ({o.q} q, {kind}; {o.method}, {o.elbo} ELBO)"
-            if not self.likelihood.moment_form:
-                like = self.likelihood
-                head = "Generalized " + head[0].lower() + head[1:] + f"\n Family: {like.name} ( {like.link.name} )"
-            crit = f"ELBO: {self.elbo:.4f}" + (
-                f"   {'REML log-likelihood' if o.reml else 'log-likelihood'}: {self.loglik:.4f} (q is exact)"
-                if self.exact else "   (q is an approximation: the ELBO is a lower bound)")
-        lines = [
-            head,
-            f"Formula: {self.info.formula.text}",
-            "",
-            crit,
-            "",
-            "Scaled residuals:" if self.likelihood.moment_form else "Deviance residuals:",
-        ]
-        r = self.residuals() / (float(self.params.model.sigma) if self.likelihood.moment_form else 1.0)
-        q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
-        lines.append("     Min       1Q   Median       3Q      Max")
-        lines.append(" ".join(f"{v:8.4f}" for v in q))
-        lines += ["", "Random effects:", f" {'Groups':<14} {'Name':<16} {'Variance':>10} {'Std.Dev.':>9}  Corr"]
-        vc = self.varcorr()
-        corr = vc[vc["var2"].notna()]
-        for _, row in vc[vc["var2"].isna()].iterrows():
-            name = "" if pd.isna(row["var1"]) else row["var1"]
-            cs = corr[(corr["grp"] == row["grp"]) & (corr["var2"] == name)]["sdcor"].to_numpy()
-            lines.append(
-                f" {row['grp']:<14} {name:<16} {row['vcov']:>10.4g} {row['sdcor']:>9.4g}  "
-                + " ".join(f"{c:+.2f}" for c in cs)
-            )
-        groups = ", ".join(f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in self._distinct_terms())
-        lines.append(f"Number of obs: {self.info.n_obs}, groups:  {groups}")
-        lines += ["", "Fixed effects:"]
-        se = self.fixef_se()
-        se_name = "Std. Error" if o.q == "exact" else "Post. SD"
-        lines.append(f" {'':<20} {'Estimate':>10}" + (f" {se_name:>10}" if se is not None else ""))
-        for name, value in self.fixef().items():
-            lines.append(f" {name:<20} {value:>10.5g}" + (f" {se[name]:>10.4g}" if se is not None else ""))
-        if self.info.dropped_fixed:
-            lines.append(f"fixed-effect columns dropped as rank deficient: {list(self.info.dropped_fixed)}")
-        lines.append("")
-        lines.append(
-            f"{'converged' if self.converged else 'NOT converged'} after {self.steps} "
-            f"{'evaluations of the criterion' if o.q == 'exact' else 'steps'} "
-            f"({self.seconds:.2f} s)"
-            + ("" if np.isnan(self.run.grad_norm) else f"; final gradient norm {self.run.grad_norm:.3g}")
-        )
-        for msg in self.singular():
-            lines.append(f"boundary (singular) fit: {msg}")
-        return "\n".join(lines)
+        return summary_text(self)
 
     def _distinct_terms(self):
         seen, out = set(), []
@@ -484,7 +396,7 @@ class FitResult:
 
     def _beta_mean(self) -> np.ndarray:
         if self.spec.reml:
-            return np.asarray(variational.fixed_moments(self.spec, self.params.blocks)[0])
+            return np.asarray(self.q.fixed_moments(self.spec, self.params.blocks)[0])
         return np.asarray(self.params.model.beta)
 
 
@@ -555,8 +467,8 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
     def back(p):  # to the data's levels (padding dropped) and units, on the host
         p = to_host(p)
         if model.padded:
-            p = variational.unpad(p, problem.spec, spec)
-        return scaling.to_data_units(p, spec, scales)
+            p = problem.q.unpad(p, problem.spec, spec)
+        return scaling.to_data_units(p, spec, scales, problem.q)
 
     snapshots = {t: back(p) for t, p in run.snapshots.items()}
     s = fit_settings
@@ -593,7 +505,7 @@ def local_rows(a) -> np.ndarray:
     return np.concatenate([np.asarray(shard.data, dtype=np.float64) for shard in shards])
 
 
-def _exact_linear_predictor(design, spec: QSpec, params: VIParams) -> np.ndarray:
+def _exact_linear_predictor(design, spec, params: VIParams) -> np.ndarray:
     """``X beta + sum_k Z_k b_k`` in NumPy for an exact fit, whose q has the mean-field layout (one block per
     term holding its conditional modes, beta's block under REML); ``(n_rows,)``."""
     X = np.asarray(design.X, np.float64)
@@ -615,3 +527,15 @@ def _linear_predictor(problem, params) -> jax.Array:
     it would be an operation compiled on its own in every new process."""
     mean = problem.q.row_mean(problem.design, problem.spec, params.blocks)
     return mean if params.model.beta is None else problem.design.X @ params.model.beta + mean
+
+
+def run_stages(formula: str, data, fit_settings, **build_options) -> FitResult:
+    """The stages in order, as ``lmer`` calls them: :func:`lmevi.build_model` (with ``build_options`` and the
+    settings, which decide ``q="auto"``), :func:`lmevi.fit_model`, the convergence checks, :func:`make_result`
+    and the singular-fit checks. :func:`lmevi.fit` and :meth:`FitResult.refit` both run them."""
+    model = build_model(formula, data, fit_settings=fit_settings, **build_options)
+    params, run = fit_model(model, fit_settings)
+    checks.warn_convergence(run, fit_settings.rule)
+    result = make_result(model, fit_settings, params, run)
+    checks.warn_singular(result)
+    return result
