@@ -321,6 +321,7 @@ index_path <- file.path(outdir, "index.csv")
 if (file.exists(index_path) && (!is.null(only) || !is.null(skip))) {
   old <- read.csv(index_path, stringsAsFactors = FALSE, na.strings = "NA")
   old <- old[!(old$name %in% index$name), ]
+  old$error[is.na(old$error)] <- ""
   index <- rbind(old, index)
   index <- index[order(match(index$name, names_all), match(index$nAGQ, c(1, 0, 9))), ]
 }
