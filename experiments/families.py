@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 import lmevi  # noqa: E402
-from lmevi.exact import structure
+from lmevi.exact import structure as structure_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 QS = ("meanfield", "structured", "exact")
@@ -109,7 +109,7 @@ def compare(design: str, size: int, formula: str, data: pd.DataFrame) -> list[di
     for q, (m, first, warm) in fits.items():
         sd = m.sd()
         row = {"design": design, "size": size, "q": q, "n_obs": len(data),
-               "dense_block": structure.dense_block_size(model.problem.design),
+               "dense_block": structure_lib.dense_block_size(model.problem.design),
                "first_seconds": first, "warm_seconds": warm, "steps": int(m.steps), "converged": bool(m.converged)}
         floor = 1e-3 * ref_sd["Residual"]  # an SD at zero in the exact fit: errors relative to 1e-3 sigma
         for k in ref_sd.index:

@@ -21,8 +21,8 @@ from scipy.linalg import block_diag
 
 import lmevi
 from lmevi.exact import criterion as exact
-from lmevi.exact import theta
-from lmevi.exact import structure
+from lmevi.exact import covfactors
+from lmevi.exact import structure as structure_lib
 from lmevi.exact import optimise
 from lmevi.exact import hostlapack
 from lmevi.exact import evaluate
@@ -65,11 +65,11 @@ DESIGNS = {
 @pytest.fixture(scope="module", params=list(DESIGNS), ids=list(DESIGNS))
 def small(request):
     design, info = build_design(parse_formula(DESIGNS[request.param]), _simulated())
-    return design, info, structure.build_structure(design)
+    return design, info, structure_lib.build_structure(design)
 
 
 def _random_theta(rng: np.random.Generator, n_coefs) -> np.ndarray:
-    lower = theta.theta_lower_bounds(n_coefs)
+    lower = covfactors.theta_lower_bounds(n_coefs)
     return np.where(lower == 0.0, rng.uniform(0.3, 1.5, lower.shape), rng.normal(0.0, 0.5, lower.shape))
 
 
@@ -155,7 +155,7 @@ def test_hybrid_path_is_the_same_criterion(small):
 
 def test_structure_layout(small):
     design, _, s = small
-    P = structure.dense_block_size(design)
+    P = structure_lib.dense_block_size(design)
     assert s.size == P and s.rr.shape == (P, P) and s.ry.shape == (P,)
     first = s.order[0]
     sizes = [t.n_levels * t.covariates.shape[1] for t in design.terms]
@@ -246,7 +246,7 @@ def test_fit_reaches_a_stationary_point_of_the_dense_criterion():
     assert fit.converged
     best = Dense(design, fit.theta, True).objective
     assert float(fit.objective) == pytest.approx(best, rel=1e-10)
-    lower = theta.theta_lower_bounds(tuple(t.covariates.shape[1] for t in design.terms))
+    lower = covfactors.theta_lower_bounds(tuple(t.covariates.shape[1] for t in design.terms))
     for e in np.eye(len(fit.theta)):
         for step in (1e-4, -1e-4):
             theta = fit.theta + step * e
@@ -294,7 +294,7 @@ def test_newton_from_a_warm_start_matches_lbfgsb(reml):
     predicts is below sqrt(tol) / 10 = 1e-6, or after a step below sqrt(tol) = 1e-5 relative). Which is faster is for the benchmark
     to say (it times both on InstEval); evaluation counts are no measure of that here."""
     design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
-    s = structure.build_structure(design, reml)
+    s = structure_lib.build_structure(design, reml)
     far = optimise.fit_exact(design, reml=reml, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     assert np.all(far.theta > 0.05)  # an interior optimum
     start = far.theta * np.linspace(0.97, 1.03, len(far.theta))  # a few percent off, as the structured fit is
@@ -310,7 +310,7 @@ def test_newton_from_a_start_far_off_stays_newton():
     theta's own curvature where the log scale's is not positive definite keep it Newton's method to the
     optimum (criterion to 1e-12 relative, theta to 1e-6 relative), without handing over to L-BFGS-B."""
     design = _three_crossed(seed=5, n=240, levels={"g": 12, "h": 8, "k": 6})
-    s = structure.build_structure(design, True)
+    s = structure_lib.build_structure(design, True)
     far = optimise.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     fit = optimise.fit_exact(design, structure=s, backend="jax", theta0=far.theta * np.array([0.55, 1.45, 0.6]))
     assert fit.optimizer == "Newton" and fit.converged
@@ -323,7 +323,7 @@ def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monke
     checks with the estimates' criterion that it descended. A last step made to overshoot is dropped for the
     point before it, whose estimates are computed instead."""
     design = _three_crossed(seed=7, n=200, levels={"g": 10, "h": 7, "k": 5})
-    s = structure.build_structure(design, True)
+    s = structure_lib.build_structure(design, True)
     ref = optimise.fit_exact(design, structure=s, backend="jax", optimizer="lbfgsb", tol=1e-13)
     start = ref.theta * np.linspace(0.97, 1.03, len(ref.theta))
     good = optimise.fit_exact(design, structure=s, backend="jax", theta0=start)
@@ -334,7 +334,7 @@ def test_an_unevaluated_last_newton_step_that_does_not_descend_is_not_kept(monke
         assert res.previous is not None  # the last step was not evaluated
         return res._replace(x=res.previous + 50.0 * (res.x - res.previous))
 
-    monkeypatch.setattr(exact, "_OPTIMISERS", dict(optimise._OPTIMISERS, newton=overshooting))
+    monkeypatch.setattr(optimise, "_OPTIMISERS", dict(optimise._OPTIMISERS, newton=overshooting))
     bad = optimise.fit_exact(design, structure=s, backend="jax", theta0=start)
     assert float(bad.objective) <= float(good.objective) + 1e-9 * abs(float(good.objective))
     # the point before the step (within about that step of the optimum: 3e-5 relative here), not 50 steps past
@@ -429,7 +429,7 @@ INSTEVAL = "y ~ service + (1|s) + (1|d) + (1|dept)"
 @pytest.fixture(scope="module")
 def insteval_fits():
     design, info = build_design(parse_formula(INSTEVAL), lmevi.load_insteval())
-    structure = structure.build_structure(design)
+    structure = structure_lib.build_structure(design)
     fits = {reml: optimise.fit_exact(design, reml=reml, structure=structure) for reml in (True, False)}
     return info, fits
 
@@ -497,7 +497,7 @@ def test_larger_blocks_take_the_hybrid_path_on_a_cpu(monkeypatch):
     """On a CPU with SciPy's LAPACK module the default for dense blocks above NUMPY_MAX is the hybrid path; a
     forced hybrid path without that module is refused with a message that names it."""
     assert jax.default_backend() != "cpu" or evaluate._large_backend() == "hybrid"
-    monkeypatch.setattr(exact, "_host_lapack", lambda: None)
+    monkeypatch.setattr(evaluate, "_host_lapack", lambda: None)
     assert evaluate._large_backend() == "jax"
     design, _ = build_design(parse_formula(DESIGNS["three-crossed"]), _simulated(3))
     with pytest.raises(ValueError, match="scipy.linalg._flapack"):

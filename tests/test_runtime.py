@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmevi.runtime import cache as cache_lib
 from lmevi.runtime import jit as runtime
 
 
@@ -80,7 +81,7 @@ def test_calls_that_cannot_be_keyed_safely_are_not():
 
 
 def test_a_cached_program_runs_the_same_as_jit(tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "_cache_choice", [tmp_path])
+    monkeypatch.setattr(cache_lib, "_cache_choice", [tmp_path])
     monkeypatch.setattr(runtime, "_memory", {})
     f = runtime.sized_jit(_scaled, sized=False, static_argnums=1, static_argnames=("power",),
                           name="tests.test_runtime._scaled")
@@ -139,7 +140,7 @@ def test_an_executable_that_jax_s_cache_served_is_used_but_not_kept(tmp_path):
 def test_an_edit_of_lmevi_that_leaves_a_program_unchanged_loads_it(tmp_path, monkeypatch):
     """The call key holds a hash of lmevi's source, so an edit anywhere in lmevi is a new call key; the call
     then lowers its program and finds the executable by the program's own text, without compiling."""
-    monkeypatch.setattr(runtime, "_cache_choice", [tmp_path])
+    monkeypatch.setattr(cache_lib, "_cache_choice", [tmp_path])
     monkeypatch.setattr(runtime, "_memory", {})
     f = runtime.sized_jit(_scaled, sized=False, static_argnums=1, name="tests.test_runtime._scaled.edited")
     x = np.arange(4.0)
@@ -156,7 +157,7 @@ def test_an_edit_of_lmevi_that_leaves_a_program_unchanged_loads_it(tmp_path, mon
 
 @pytest.mark.parametrize("damage", [b"", b"not a pickle"])
 def test_a_damaged_file_is_compiled_again(tmp_path, monkeypatch, damage):
-    monkeypatch.setattr(runtime, "_cache_choice", [tmp_path])
+    monkeypatch.setattr(cache_lib, "_cache_choice", [tmp_path])
     monkeypatch.setattr(runtime, "_memory", {})
     f = runtime.sized_jit(_scaled, sized=False, static_argnums=1, name="tests.test_runtime._scaled.damaged")
     x = np.arange(3.0)

@@ -111,7 +111,7 @@ def time_exact_optimisers(df, repeats: int) -> dict:
     import numpy as np
 
     import lmevi
-    from lmevi.exact import structure
+    from lmevi.exact import structure as structure_lib
     from lmevi.exact import optimise
     from lmevi.fitting.stage import _exact_start
 
@@ -119,7 +119,7 @@ def time_exact_optimisers(df, repeats: int) -> dict:
     out = {}
     with jax.enable_x64(True):
         start = _exact_start(model)
-        s = structure.build_structure(model.problem.design, model.reml)
+        s = structure_lib.build_structure(model.problem.design, model.reml)
         for name in ("newton", "lbfgsb"):
             fits = [optimise.fit_exact(model.problem.design, model.reml, theta0=start, structure=s, optimizer=name)
                     for _ in range(repeats + 1)]  # the first compiles

@@ -59,7 +59,7 @@ import numpy as np
 
 from lmevi.families.base import LOG_2PI
 from lmevi.exact.structure import Structure
-from lmevi.exact.theta import lambdas
+from lmevi.exact.covfactors import lambdas
 from lmevi.runtime.jit import sized_jit
 
 

@@ -15,7 +15,7 @@ from lmevi.runtime.jit import sized_jit
 from lmevi.exact.criterion import JAX_OPS, _Ops, _chol_logdet, _congruence, _congruence_parts, _criterion, _factor, _rest_times, _rest_weights, _schur_bwd, _term1, _unscaled_rest
 from lmevi.exact.estimates import DenseInverse
 from lmevi.exact.structure import Structure
-from lmevi.exact.theta import _lambdas_numpy, theta_size
+from lmevi.exact.covfactors import _lambdas_numpy, theta_size
 from lmevi.exact.estimates import _Evaluator, _conditional
 
 

@@ -15,7 +15,7 @@ from lmevi.exact.criterion import _np_cho_solve
 from lmevi.exact.evaluate import BACKENDS, NUMPY_MAX, _evaluator, _large_backend
 from lmevi.exact.estimates import _Evaluator
 from lmevi.exact.structure import Structure, build_structure
-from lmevi.exact.theta import _lambdas_numpy, theta_default, theta_lower_bounds
+from lmevi.exact.covfactors import _lambdas_numpy, theta_default, theta_lower_bounds
 
 
 class ExactFit(NamedTuple):

@@ -107,18 +107,18 @@ EXACT_START_TOL = 1e-6
 def _exact_start(model: Model):
     """``theta`` from a structured-q variational fit of ``model`` when its dense block is large, else ``None``
     (lme4's start)."""
-    from lmevi.exact import theta
-    from lmevi.exact import structure
+    from lmevi.exact import covfactors
+    from lmevi.exact import structure as structure_lib
     from lmevi.fitting.build import make_problem
 
     design = model.problem.design
-    if structure.dense_block_size(design) < EXACT_WARM_START:
+    if structure_lib.dense_block_size(design) < EXACT_WARM_START:
         return None
     spec = q_registry.get("structured").layout(design, model.info, model.reml)
     problem = make_problem(design, spec, likelihood=model.problem.likelihood)
     params, _ = run_cavi(problem, initial_params(problem, 0.1), StopRule(500, EXACT_START_TOL, 1),
                          progress=False, with_grad_norm=False)
-    return theta.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
+    return covfactors.theta_from_chol([np.asarray(L) for L in params.model.chol], float(params.model.sigma))
 
 
 # A coefficient whose SD is below this many residual SDs (in standardised units) may be heading for zero.

@@ -13,7 +13,9 @@ cached there too.
 ``LMEVI_CACHE_DIR=/some/folder`` moves both, ``LMEVI_CACHE_DIR=off`` turns both off (or call
 :func:`set_cache_dir` before the first fit). Deleting the folder clears it. If JAX has already run when lmevi
 first fits, JAX has decided for the whole process that it has no cache, and lmevi leaves it so (its own
-executables are still kept).
+executables are still kept). lmevi creates these folders readable by you alone (mode 0700) and reads from
+a folder or file only if you own it and no one else can write to it (:mod:`lmevi.runtime.trust`); otherwise it
+warns once and compiles anew.
 """
 
 from __future__ import annotations

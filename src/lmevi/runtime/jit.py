@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from lmevi.runtime import trust
 from lmevi.runtime.cache import cache_dir
 from lmevi.runtime.lapack import _link_lapack
 
@@ -177,7 +178,10 @@ def _executable_dir():
     # or sharded (a 4-device fit failed with "Expected args ... to have 4 shards").
     if jax.config.jax_disable_jit or jax.device_count() != 1 or jax.process_count() != 1:
         return None
-    return folder / EXECUTABLES
+    folder = folder / EXECUTABLES
+    if folder.exists() and not trust.check(folder):  # others could plant code in it (warned once)
+        return None
+    return folder
 
 
 def _split(static: _StaticArgs, args: tuple, kwargs: dict) -> tuple[list, tuple[tuple, dict]]:
@@ -336,6 +340,8 @@ def _load(folder: Path, digest: str, treedef):
             return None
         if not path.exists():
             return None
+    if not trust.check(path):  # pickle.loads runs code: only a file no one else could have written
+        return None
     try:
         from jax.experimental import serialize_executable
 
@@ -364,7 +370,7 @@ def _store(folder: Path, digest: str, compiled) -> None:
         from jax.experimental import serialize_executable
 
         data = pickle.dumps(serialize_executable.serialize(compiled))
-        folder.mkdir(parents=True, exist_ok=True)
+        trust.private_dir(folder)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
             f.write(data)
         try:

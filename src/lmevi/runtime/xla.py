@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import threading
 
+from lmevi.runtime import trust
 from lmevi.runtime.cache import cache_dir
 
 
@@ -102,8 +103,10 @@ def _compilation_cache() -> bool:
         return False
     folder = folder / f"jax-cache-{jax.__version__}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        trust.private_dir(folder)
     except OSError:  # a read-only home: fit without a cache
+        return False
+    if not trust.check(folder):  # others could plant code in it: no JAX cache (warned once)
         return False
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
