@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 
 import lmevi  # noqa: E402
 from dense import Problem, make_problem  # noqa: E402
-from lmevi.q import variational  # noqa: E402
-from lmevi.q.variational import QSpec  # noqa: E402
+from lmevi.q import layout
+from lmevi.q.layout import QSpec  # noqa: E402
 
 # Two crossed grouping factors, one of them with a correlated random slope.
 CROSSED_FORMULA = "y ~ x + (1 + x | g) + (1 | h)"
@@ -71,11 +71,11 @@ def crossed_fit(crossed) -> lmevi.FitResult:
 # arrowhead block (large g, small h, plus beta when reml=True); with the default threshold every term is
 # small and the structured q is a single dense block.
 SPEC_CASES = {
-    "meanfield-ml": lambda design, info: variational.meanfield_spec(info, reml=False),
-    "meanfield-reml": lambda design, info: variational.meanfield_spec(info, reml=True),
-    "arrowhead-ml": lambda design, info: variational.structured_spec(design, info, reml=False, small_threshold=5),
-    "arrowhead-reml": lambda design, info: variational.structured_spec(design, info, reml=True, small_threshold=5),
-    "dense-reml": lambda design, info: variational.structured_spec(design, info, reml=True),
+    "meanfield-ml": lambda design, info: layout.meanfield_spec(info, reml=False),
+    "meanfield-reml": lambda design, info: layout.meanfield_spec(info, reml=True),
+    "arrowhead-ml": lambda design, info: layout.structured_spec(design, info, reml=False, small_threshold=5),
+    "arrowhead-reml": lambda design, info: layout.structured_spec(design, info, reml=True, small_threshold=5),
+    "dense-reml": lambda design, info: layout.structured_spec(design, info, reml=True),
 }
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 
 from lmevi.frame.design import Design, DesignInfo, build_design
-from lmevi.q.variational import BlockParams, QSpec, VIParams
+from lmevi.q.layout import BlockParams, QSpec
+from lmevi.q.variational import VIParams
 from lmevi.frame.formula import parse_formula
 from lmevi.q.model import ModelParams
 

@@ -24,9 +24,11 @@ from dense import (
 from lmevi.q import cavi
 from lmevi.q import elbo
 from lmevi.q import variational
+from lmevi.q import moments
+from lmevi.q import layout
 from lmevi.families.gaussian import GAUSSIAN
 
-block_data = jax.jit(variational.block_data, static_argnames="spec")
+block_data = jax.jit(moments.block_data, static_argnames="spec")
 closed_form = jax.jit(elbo.closed_form)
 update_block = jax.jit(cavi.update_block, static_argnames=("spec", "block"))
 m_step = jax.jit(cavi.m_step)
@@ -76,12 +78,12 @@ def small_parts():
     with jax.enable_x64(True):
         problem = make_problem(frame, "y ~ x + (1 + x | g) + (1 + x | a) + (1 | b)")
         specs = (
-            variational.structured_spec(problem.design, problem.info, True, small_threshold=12),
-            variational.structured_spec(problem.design, problem.info, True, small_threshold=12,
+            layout.structured_spec(problem.design, problem.info, True, small_threshold=12),
+            layout.structured_spec(problem.design, problem.info, True, small_threshold=12,
                                    blocks=[("a", "b", "fixed"), ("g",)]),
         )
-    assert specs[0].blocks == (variational.Block(large=0, small=(1, 2), fixed=True),)
-    assert specs[1].blocks == (variational.Block(large=None, small=(1, 2), fixed=True), variational.Block(large=0))
+    assert specs[0].blocks == (layout.Block(large=0, small=(1, 2), fixed=True),)
+    assert specs[1].blocks == (layout.Block(large=None, small=(1, 2), fixed=True), layout.Block(large=0))
     return problem, specs
 
 

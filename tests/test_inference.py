@@ -12,6 +12,7 @@ import pytest
 import lmevi
 from lmevi.q import elbo
 from lmevi.q import variational
+from lmevi.q import layout
 from lmevi.fitting import loops as inference
 from lmevi.fitting.loops import StopRule
 from lmevi.families.gaussian import GAUSSIAN
@@ -24,7 +25,7 @@ closed_form = jax.jit(elbo.closed_form)
 @pytest.fixture(scope="module")
 def arrowhead(crossed):
     """The crossed design under the arrowhead family (large ``g``, small ``h`` and beta in one block)."""
-    spec = variational.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
+    spec = layout.structured_spec(crossed.design, crossed.info, reml=True, small_threshold=5)
     kp = kernel_problem(crossed.design, spec)
     init = variational.init_params(crossed.design, spec, GAUSSIAN, None)
     return kp, init

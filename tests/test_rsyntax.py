@@ -191,12 +191,12 @@ def test_boundary_under_an_approximate_structured_q_names_the_factor_and_the_rem
     import dataclasses
 
     from lmevi.result import checks
-    from lmevi.q import variational
 
+    from lmevi.q import layout
     sig = float(crossed_fit.params.model.sigma)
     chol = (np.diag([1e-6 * sig, 1e-6 * sig]), *crossed_fit.params.model.chol[1:])
     model = crossed_fit.params.model._replace(chol=chol)
-    two_blocks = variational.meanfield_spec(crossed_fit.info, reml=True)
+    two_blocks = layout.meanfield_spec(crossed_fit.info, reml=True)
     approx = dataclasses.replace(crossed_fit, spec=two_blocks, params=crossed_fit.params._replace(model=model))
     assert approx.options.q == "structured" and not approx.exact
     with pytest.warns(lmevi.SingularFitWarning, match="'g'.*q='exact'"):

@@ -15,10 +15,12 @@ import lmevi
 from conftest import simulate_small_parts
 from dense import block_coordinates, coordinates, dense_design, dense_q, make_problem, random_params
 from lmevi.q import variational
+from lmevi.q import moments
+from lmevi.q import layout
 from lmevi.families.gaussian import GAUSSIAN
-from lmevi.q.variational import Block
+from lmevi.q.layout import Block
 
-block_data = jax.jit(variational.block_data, static_argnames="spec")
+block_data = jax.jit(moments.block_data, static_argnames="spec")
 
 
 @partial(jax.jit, static_argnames="spec")
@@ -26,13 +28,13 @@ def summary_of_q(design, spec, blocks, data):
     """Every moment of q that :mod:`lmevi.q.variational` computes, in one compiled call per family."""
     terms = range(len(spec.n_levels))
     out = {
-        "rows": variational.row_moments(design, spec, blocks, data),
-        "terms": [variational.term_moments(spec, blocks, k) for k in terms],
+        "rows": moments.row_moments(design, spec, blocks, data),
+        "terms": [moments.term_moments(spec, blocks, k) for k in terms],
         "entropy": variational.entropy(spec, blocks),
     }
     if spec.reml:
-        out["terms_given_beta"] = [variational.term_moments(spec, blocks, k, given_beta=True) for k in terms]
-        out["fixed"] = variational.fixed_moments(spec, blocks)
+        out["terms_given_beta"] = [moments.term_moments(spec, blocks, k, given_beta=True) for k in terms]
+        out["fixed"] = moments.fixed_moments(spec, blocks)
     return out
 
 
@@ -66,7 +68,7 @@ def nested_and_crossed():
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_meanfield_gives_every_term_its_own_block(crossed, reml):
-    spec = variational.meanfield_spec(crossed.info, reml)
+    spec = layout.meanfield_spec(crossed.info, reml)
     want = (Block(large=0), Block(large=1)) + ((Block(large=None, fixed=True),) if reml else ())
     assert spec.blocks == want
     assert (spec.n_levels, spec.n_coefs, spec.n_fixed, spec.reml) == ((6, 4), (2, 1), 2, reml)
@@ -74,20 +76,20 @@ def test_meanfield_gives_every_term_its_own_block(crossed, reml):
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_structured_without_large_terms_is_one_dense_block(crossed, reml):
-    spec = variational.structured_spec(crossed.design, crossed.info, reml)
+    spec = layout.structured_spec(crossed.design, crossed.info, reml)
     assert spec.blocks == (Block(large=None, small=(0, 1), fixed=reml),)
 
 
 def test_entanglement_is_one_for_nesting_and_less_for_crossing(nested_and_crossed):
     design = nested_and_crossed.design  # terms: 0 outer, 1 inner, 2 other
-    assert variational.entanglement(design, small=0, large=1) == 1.0  # exact: every inner level sits in one outer
-    assert variational.entanglement(design, small=0, large=2) < 0.6
+    assert layout.entanglement(design, small=0, large=1) == 1.0  # exact: every inner level sits in one outer
+    assert layout.entanglement(design, small=0, large=2) < 0.6
 
 
 @pytest.mark.parametrize("reml", [False, True])
 def test_structured_puts_a_small_term_with_the_large_term_it_is_nested_in(nested_and_crossed, reml):
     p = nested_and_crossed
-    spec = variational.structured_spec(p.design, p.info, reml)
+    spec = layout.structured_spec(p.design, p.info, reml)
     assert spec.blocks == (Block(large=1, small=(0,), fixed=reml), Block(large=2))
 
 
@@ -102,17 +104,17 @@ def test_a_small_term_nesting_two_large_terms_joins_the_smaller(nested_and_cross
     mid[astray] = rng.integers(0, 30, astray.sum())
     frame["mid"] = mid
     p = make_problem(frame, "y ~ 1 + (1 | outer) + (1 | inner) + (1 | mid)")  # terms: 0 outer, 1 inner, 2 mid
-    share_mid = variational.entanglement(p.design, small=0, large=2)
-    assert variational.NEST_SHARE <= share_mid < 1.0 == variational.entanglement(p.design, small=0, large=1)
-    spec = variational.structured_spec(p.design, p.info, False, small_threshold=20)
+    share_mid = layout.entanglement(p.design, small=0, large=2)
+    assert layout.NEST_SHARE <= share_mid < 1.0 == layout.entanglement(p.design, small=0, large=1)
+    spec = layout.structured_spec(p.design, p.info, False, small_threshold=20)
     assert spec.blocks == (Block(large=1), Block(large=2, small=(0,)))
 
 
 def test_user_blocks(crossed):
-    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("h",), ("g",)])
+    spec = layout.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("h",), ("g",)])
     # "h" is small so it forms a block without a large term; beta, not named, gets a block of its own
     assert spec.blocks == (Block(large=None, small=(1,)), Block(large=0), Block(large=None, fixed=True))
-    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("g", "h", "fixed")])
+    spec = layout.structured_spec(crossed.design, crossed.info, True, small_threshold=5, blocks=[("g", "h", "fixed")])
     assert spec.blocks == (Block(large=0, small=(1,), fixed=True),)
 
 
@@ -128,7 +130,7 @@ def test_user_blocks(crossed):
 def test_user_blocks_errors_name_the_problem(crossed, blocks, reml, message):
     threshold = 1 if message == "one large" else 5
     with pytest.raises(ValueError, match=message):
-        variational.structured_spec(crossed.design, crossed.info, reml, small_threshold=threshold, blocks=blocks)
+        layout.structured_spec(crossed.design, crossed.info, reml, small_threshold=threshold, blocks=blocks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def test_user_blocks_errors_name_the_problem(crossed, blocks, reml, message):
 
 
 def test_block_data_matches_dense_cross_products(crossed):
-    spec = variational.structured_spec(crossed.design, crossed.info, True, small_threshold=5)
+    spec = layout.structured_spec(crossed.design, crossed.info, True, small_threshold=5)
     (bd,) = block_data(crossed.design, spec)
     Z_L, W = crossed.Z[0], np.concatenate([crossed.Z[1], crossed.X], axis=1)  # W = [Z_h, X]
     J, p = 6, 2
@@ -167,8 +169,8 @@ def small_parts():
     small terms and beta alone (no large term), g in its own."""
     with jax.enable_x64(True):
         problem = make_problem(simulate_small_parts(), SMALL_PARTS_FORMULA)
-        with_large = variational.structured_spec(problem.design, problem.info, True, small_threshold=12)
-        without_large = variational.structured_spec(
+        with_large = layout.structured_spec(problem.design, problem.info, True, small_threshold=12)
+        without_large = layout.structured_spec(
             problem.design, problem.info, True, small_threshold=12, blocks=[("a", "b", "fixed"), ("g",)]
         )
     assert with_large.blocks == (Block(large=0, small=(1, 2), fixed=True),)
@@ -206,7 +208,7 @@ def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
         bd = data[0]
         # sums of <= 90 products of O(1) numbers: 1e-12 absolute covers float64 rounding
         np.testing.assert_allclose(bd.WtW, W.T @ W, rtol=0, atol=1e-12)
-        got_wtr = jax.jit(variational.small_crossprod, static_argnums=(1, 2))(problem.design, spec, block, r)
+        got_wtr = jax.jit(moments.small_crossprod, static_argnums=(1, 2))(problem.design, spec, block, r)
         np.testing.assert_allclose(got_wtr, W.T @ r, rtol=0, atol=1e-12)
         if block.large is None:
             assert bd.ZtZ is None and bd.ZtW is None
@@ -222,13 +224,13 @@ def test_small_part_cross_products_match_dense_one_hot(small_parts, which):
 def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
     """Per-row mean and variance of each block against ``W`` built densely here:
     ``Var(eta_i) = |T_g^T z_i|^2 + (K_g^T z_i + w_i)^T U U^T (K_g^T z_i + w_i)``; and the variances' sum
-    from the cross-products alone (:func:`lmevi.q.variational.row_var_sum`)."""
+    from the cross-products alone (:func:`lmevi.q.moments.row_var_sum`)."""
     problem, with_large, without_large = small_parts
     spec = with_large if which == "with-large" else without_large
     with jax.enable_x64(True):
         params = random_params(7, spec)
         data = block_data(problem.design, spec)
-        per_block = jax.jit(variational.block_row_moments, static_argnums=1)
+        per_block = jax.jit(moments.block_row_moments, static_argnums=1)
         want_mean, want_var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
         for block, bp, bd in zip(spec.blocks, params.blocks, data):
             mean, var = np.zeros(len(problem.frame)), np.zeros(len(problem.frame))
@@ -251,10 +253,10 @@ def test_gathered_row_moments_match_dense_one_hot(small_parts, which):
             np.testing.assert_allclose(got_mean, mean, rtol=0, atol=1e-10)
             np.testing.assert_allclose(got_var, var, rtol=0, atol=1e-10)
             want_mean, want_var = want_mean + mean, want_var + var
-        mean, var = jax.jit(variational.row_moments, static_argnums=1)(problem.design, spec, params.blocks, data)
+        mean, var = jax.jit(moments.row_moments, static_argnums=1)(problem.design, spec, params.blocks, data)
         np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-10)
         np.testing.assert_allclose(var, want_var, rtol=0, atol=1e-10)
-        var_sum = jax.jit(variational.row_var_sum, static_argnums=0)(spec, params.blocks, data)
+        var_sum = jax.jit(moments.row_var_sum, static_argnums=0)(spec, params.blocks, data)
         # a sum of 90 variances of size ~1-10 by traces instead of rows: 1e-12 relative
         assert float(var_sum) == pytest.approx(want_var.sum(), rel=1e-12)
 
@@ -421,7 +423,7 @@ def test_nesting_is_never_split_between_blocks():
     assert structured.exact
     np.testing.assert_allclose(structured.sd(), exact.sd(), rtol=1e-5)
     # a parent above NESTED_MAX coefficients keeps a block of its own (its dense part would cost J p_w^2)
-    big = _schools(n_schools=variational.NESTED_MAX + 10, teachers_per_school=2, rows_per_teacher=4)
+    big = _schools(n_schools=layout.NESTED_MAX + 10, teachers_per_school=2, rows_per_teacher=4)
     spec = lmevi.build_model("y ~ 1 + (1 | tch) + (1 | sch)", big, q="structured").spec
     assert sorted(b.large for b in spec.blocks if b.large is not None) == [0, 1]
 
@@ -448,7 +450,7 @@ def test_float32_sums_over_rows_accumulate_in_float64():
     with jax.enable_x64(True):
         rj, Xj, ij = jnp.asarray(r), jnp.asarray(X), jnp.asarray(index)
         dot = jax.jit(lmevi.runtime.precision.row_dot)(rj, Xj)
-        levels = jax.jit(variational.weighted_level_sums, static_argnums=(3, 4))(Xj[:, :1], rj, ij, 14, True)
+        levels = jax.jit(moments.weighted_level_sums, static_argnums=(3, 4))(Xj[:, :1], rj, ij, 14, True)
         naive = np.asarray(jax.jit(lambda a, b: a @ b)(rj, Xj))
     assert dot.dtype == jnp.float32 and levels.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(dot), exact_dot, rtol=1e-6)

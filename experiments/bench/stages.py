@@ -57,9 +57,9 @@ def jitted_row_moments():
     """Mean and variance under q of every row's random part."""
     import jax
 
-    from lmevi.q import variational
 
-    return jax.jit(lambda pr, p: variational.row_moments(pr.design, pr.spec, p.blocks, pr.block_data))
+    from lmevi.q import moments
+    return jax.jit(lambda pr, p: moments.row_moments(pr.design, pr.spec, p.blocks, pr.block_data))
 
 
 def jitted_elbo():

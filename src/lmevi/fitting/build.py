@@ -33,7 +33,7 @@ from lmevi.runtime.jit import sized_jit
 from lmevi.runtime.pages import small_pages
 from lmevi.fitting.scaling import Scales
 from lmevi.q import registry as q_registry
-from lmevi.q.variational import BlockData, QSpec
+from lmevi.q.layout import BlockData, QSpec
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 
@@ -54,7 +54,7 @@ class Problem:
 
     Attributes:
         design: the standardised arrays (``y`` ``(n_obs,)``, ``X`` ``(n_obs, p)``, one term per random term).
-        block_data: one :class:`~lmevi.q.variational.BlockData` per block of q.
+        block_data: one :class:`~lmevi.q.layout.BlockData` per block of q.
         fixed_sigma: ``()`` the residual SD in standardised units when it is fixed (ignored otherwise).
         n_rows: ``()`` the number of rows of the data (the arrays may hold zero padding rows after them).
         level_mask: ``None``, or per term a ``(J_k,)`` 0/1 array: 1 for the data's levels, 0 for padding.

@@ -45,8 +45,8 @@ class TermData:
         unit: (static) the covariates are one column that is 1 on every observed row and 0 on every padding
             row, i.e. the row weight: an intercept-only term ``(1 | g)`` in standardised units. The sweeps then
             skip reading them where the other factor is already 0 on padding rows
-            (:func:`lmevi.q.variational.weighted_level_sums`) or share one read among such terms
-            (:func:`lmevi.q.variational.block_mean`). ``False`` is always correct.
+            (:func:`lmevi.q.moments.weighted_level_sums`) or share one read among such terms
+            (:func:`lmevi.q.moments.block_mean`). ``False`` is always correct.
     """
 
     index: jax.Array

@@ -12,7 +12,7 @@ everything outside the block, the optimal q_B is Gaussian with precision ``Lambd
     h_L = segment_sum(z_i r_i) / sigma^2,   h_w = W^T r / sigma^2
 
 ``W`` is never formed: ``W^T r`` is one segment sum per small term plus ``X^T r``, and the cross-products
-``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.q.variational.block_data`.
+``C_j`` and ``W^T W`` come once per fit from :func:`lmevi.q.moments.block_data`.
 
 and, through the Schur complement ``S = A - sum_j C_j^T D_j^{-1} C_j``,
 ``m_w = S^{-1}(h_w - sum_j C_j^T D_j^{-1} h_Lj)``, ``m_Lj = D_j^{-1}(h_Lj - C_j m_w)``,
@@ -30,8 +30,10 @@ import jax.numpy as jnp
 
 from lmevi.q import elbo as elbo_lib
 from lmevi.q import variational
+from lmevi.q import moments
 from lmevi.frame.design import Design
-from lmevi.q.variational import Block, BlockData, BlockParams, QSpec, VIParams
+from lmevi.q.layout import Block, BlockData, BlockParams, QSpec
+from lmevi.q.variational import VIParams
 from lmevi.q.model import ModelParams
 from lmevi.runtime.precision import row_dot, row_gram
 
@@ -129,13 +131,13 @@ def update_block(
     if block.large is not None:
         term = design.terms[block.large]
         D = bd.ZtZ.astype(work) / s2 + _prior_precision(model.chol[block.large].astype(work))
-        h_l = variational.weighted_level_sums(term.covariates, resid, term.index, term.n_levels, term.unit, work)
+        h_l = moments.weighted_level_sums(term.covariates, resid, term.index, term.n_levels, term.unit, work)
         cD = _batched_cholesky(D)
         d_h = _batched_cho_solve(cD, h_l / s2)
     if bd.WtW is not None:
         chol = tuple(L.astype(work) for L in model.chol)
         A = bd.WtW.astype(work) / s2 + small_prior_precision(spec, block, chol, work)
-        rhs = variational.small_crossprod(design, spec, block, resid, work) / s2
+        rhs = moments.small_crossprod(design, spec, block, resid, work) / s2
         if block.large is not None:
             C = bd.ZtW.astype(work) / s2
             d_c = _batched_cho_solve(cD, C)
@@ -186,7 +188,7 @@ def _update_blocks(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
     acc = None
     for i in range(n_blocks - 1, 0, -1):
         after[i] = acc
-        mean = variational.block_mean(design, spec.blocks[i], blocks[i], data[i])
+        mean = moments.block_mean(design, spec.blocks[i], blocks[i], data[i])
         acc = mean if acc is None else acc + mean
     after[0] = acc
     before = None  # sum of the new means of blocks 0, ..., i-1
@@ -194,7 +196,7 @@ def _update_blocks(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
         others = after[i] if before is None else (before if after[i] is None else before + after[i])
         resid = base if others is None else base - others
         blocks[i] = update_block(design, spec, block, data[i], params.model, resid)
-        mean = variational.block_mean(design, block, blocks[i], data[i])
+        mean = moments.block_mean(design, block, blocks[i], data[i])
         before = mean if before is None else before + mean
     return VIParams(model=params.model, blocks=tuple(blocks)), before
 
@@ -205,13 +207,13 @@ def m_step(problem, params: VIParams) -> tuple[VIParams, jax.Array]:
     Returns:
         ``(params, elbo)`` with ``elbo`` ``()`` the closed-form ELBO after the update.
     """
-    return _m_step(problem, params, variational.row_mean(problem.design, problem.spec, params.blocks))
+    return _m_step(problem, params, moments.row_mean(problem.design, problem.spec, params.blocks))
 
 
 def _m_step(problem, params: VIParams, mean: jax.Array):
     """:func:`m_step` given the rows' ``E_q`` of the random part, ``mean`` ``(n_obs,)``.
 
-    The rows' variances enter only through their sum, which :func:`lmevi.q.variational.row_var_sum` takes from the
+    The rows' variances enter only through their sum, which :func:`lmevi.q.moments.row_var_sum` takes from the
     per-level cross-products: the M-step's one pass over the rows is the residual sum of squares.
     """
     design, spec, data = problem.design, problem.spec, problem.block_data
@@ -223,14 +225,14 @@ def _m_step(problem, params: VIParams, mean: jax.Array):
     else:
         resid = design.y - mean
     n = problem.n_obs
-    sq, vs = elbo_lib.sum_of_squares(resid), variational.row_var_sum(spec, params.blocks, data)
+    sq, vs = elbo_lib.sum_of_squares(resid), moments.row_var_sum(spec, params.blocks, data)
     sigma = jnp.sqrt((sq + vs) / n) if problem.estimate_sigma else model.sigma
     chol = []
     masks = problem.level_mask
     for k in range(len(spec.n_levels)):
         mask = None if masks is None else masks[k]
         J = spec.n_levels[k] if mask is None else jnp.sum(mask)
-        cov = variational.second_moment_sum(spec, params.blocks, k, mask) / J
+        cov = moments.second_moment_sum(spec, params.blocks, k, mask) / J
         chol.append(jnp.linalg.cholesky(0.5 * (cov + cov.T)))
     new = VIParams(model=ModelParams(beta=beta, chol=tuple(chol), sigma=sigma), blocks=params.blocks)
     value = problem.likelihood.expected_log_lik_from_sums(sq, vs, n, sigma) + elbo_lib.kl_part(problem, new)

@@ -41,7 +41,7 @@ def kl_part(problem, params: VIParams) -> jax.Array:
 
 def closed_form(problem, params: VIParams) -> jax.Array:
     """The exact ELBO; one pass over the rows (for the means: under a likelihood with ``moment_form`` the
-    variances' sum comes from the q's design-only arrays, see :func:`lmevi.q.variational.row_var_sum`).
+    variances' sum comes from the q's design-only arrays, see :func:`lmevi.q.moments.row_var_sum`).
     Returns ``()``."""
     design, q, like = problem.design, problem.q, problem.likelihood
     offset = fixed_part(design, params)

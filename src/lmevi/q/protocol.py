@@ -3,7 +3,7 @@
 A family is a module with these functions, which ``Problem.q`` refers to by name (a :class:`Family`, see
 :mod:`lmevi.fitting.build`). Shapes:
 ``n_obs`` rows, ``J_k`` levels and ``p_k`` coefficients of term ``k``, ``p`` fixed effects. ``spec`` is
-the family's static description (for :mod:`lmevi.q.variational`, a :class:`~lmevi.q.variational.QSpec`),
+the family's static description (for :mod:`lmevi.q.variational`, a :class:`~lmevi.q.layout.QSpec`),
 ``blocks`` its parameters (a pytree) and ``data`` its design-only arrays, computed once per fit.
 
 The block-Gaussian family of :mod:`lmevi.q.variational` implements it; its two layouts ``"structured"`` and

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from lmevi.q import variational
+from lmevi.q import layout
 from lmevi.q.protocol import Family
 
 
@@ -22,8 +23,8 @@ class QEntry(NamedTuple):
 
 
 Q_FAMILIES: dict[str, QEntry] = {
-    "structured": QEntry(variational.__name__, variational.structured_spec),
-    "meanfield": QEntry(variational.__name__, variational.meanfield_layout),
+    "structured": QEntry(variational.__name__, layout.structured_spec),
+    "meanfield": QEntry(variational.__name__, layout.meanfield_layout),
 }
 
 # the layout an exact fit's estimates are held in

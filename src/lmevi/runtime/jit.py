@@ -300,8 +300,9 @@ def _source() -> str:
         import hashlib
 
         source = hashlib.sha256()
-        for path in sorted(Path(__file__).parent.rglob("*.py")):
-            source.update(path.name.encode() + path.read_bytes())
+        root = Path(__file__).parents[1]  # src/lmevi, every layer
+        for path in sorted(root.rglob("*.py")):
+            source.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
         _sources.append(source.hexdigest())
     return _sources[0]
 

@@ -59,7 +59,7 @@ def check_choice(name: str, value, allowed) -> str:
     return value
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # src/lmevi/
 
 
 def user_stacklevel() -> int:
