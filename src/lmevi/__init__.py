@@ -28,6 +28,7 @@ from lmevi.fitting.stage import fit_model
 from lmevi.frame.data import load_insteval, train_test_split
 from lmevi.frame.formula import FormulaError, parse_formula
 from lmevi.result.fitresult import FitResult, make_result
+from lmevi.exact.devfun import devfun
 
 __all__ = [
     "ConvergenceWarning",
@@ -42,6 +43,7 @@ __all__ = [
     "edward_adam",
     "fit",
     "fit_model",
+    "devfun",
     "fit_settings",
     "make_result",
     "load_insteval",

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,21 @@ def _lambdas_numpy(theta: np.ndarray, n_coefs: tuple[int, ...]) -> tuple[np.ndar
         out.append(lam)
         pos += len(rows)
     return tuple(out)
+
+
+def lme4_term_order(n_levels) -> tuple[int, ...]:
+    """lme4's order of the random terms (``mkReTrms``): by decreasing number of levels when the formula's order
+    is not already non-increasing (``rev(order(nl))``: ties in reverse formula order), else the formula's."""
+    n_levels = list(n_levels)
+    if not any(b > a for a, b in itertools.pairwise(n_levels)):
+        return tuple(range(len(n_levels)))
+    # reversed, not sorted(reverse=True): R's rev(order(nl)) puts ties in reverse formula order
+    return tuple(reversed(sorted(range(len(n_levels)), key=lambda k: n_levels[k])))  # noqa: C413
+
+
+def lme4_theta_order(n_levels, n_coefs) -> np.ndarray:
+    """``(n_theta,)`` indices that put a theta in design order into lme4's order (``getME(m, "theta")``):
+    ``theta_lme4 = theta[idx]``; each term's block keeps its column-by-column order."""
+    offsets = np.cumsum([0] + [q * (q + 1) // 2 for q in n_coefs])
+    return np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in lme4_term_order(n_levels)]
+                          + [np.zeros(0, int)]).astype(int)
