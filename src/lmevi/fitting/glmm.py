@@ -48,7 +48,8 @@ def working_problem(problem, params):
     keep weight 0. Same shapes and structure as ``problem``, so its programs compile once."""
     design = problem.design
     rows, eta, var = _row_moments(problem, params)
-    g, h = problem.likelihood.working_moments(design.y, eta, var, params.model.sigma)
+    y = jnp.where(rows, design.y, problem.likelihood.inverse_link(eta))  # padding rows: inside the support
+    g, h = problem.likelihood.working_moments(y, eta, var, params.model.sigma)
     fill = rows.astype(design.y.dtype)
     w = h * fill
     z = eta + g / jnp.where(rows, h, 1.0)
@@ -70,6 +71,7 @@ def step(problem, params):
     like = problem.likelihood
     if like.has_dispersion and problem.estimate_sigma:
         rows, eta, var = _row_moments(problem, new)
-        phi = like.update_dispersion(problem.design.y, eta, var, new.model.sigma, rows)
+        y = jnp.where(rows, problem.design.y, like.inverse_link(eta))
+        phi = like.update_dispersion(y, eta, var, new.model.sigma, rows)
         new = new._replace(model=new.model._replace(sigma=phi))
     return new, elbo_lib.closed_form(problem, new)

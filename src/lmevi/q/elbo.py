@@ -52,11 +52,14 @@ def closed_form(problem, params: VIParams) -> jax.Array:
         ell = like.expected_log_lik_from_sums(sum_of_squares(resid), var_sum, problem.n_obs, params.model.sigma)
     else:
         mean, var = q.row_moments(design, problem.spec, params.blocks, problem.block_data)
-        # padding rows after the data's drop out (their variance set to 1 first: a zero variance has no finite
-        # derivative under quadrature, and NaN times the zero weight of jnp.where's gradient stays NaN)
+        # padding rows after the data's drop out (their variance set to 1 and their response to the row's mean
+        # first: a zero variance has no finite derivative under quadrature, a zero response may lie outside the
+        # family's support (a Gamma's), and NaN times the zero weight of jnp.where's gradient stays NaN)
         rows = observed_rows(problem)
         var = jnp.where(rows, var, 1.0)
-        per_row = like.expected_log_density(design.y, offset + mean, var, params.model.sigma)
+        eta = offset + mean
+        y = jnp.where(rows, design.y, like.inverse_link(eta))
+        per_row = like.expected_log_density(y, eta, var, params.model.sigma)
         ell = jnp.sum(jnp.where(rows, per_row, 0.0))
     return ell + kl_part(problem, params)
 
