@@ -28,6 +28,7 @@ from lmevi.fitting.stage import fit_model
 from lmevi.frame.data import load_insteval, train_test_split
 from lmevi.frame.formula import FormulaError, parse_formula
 from lmevi.result.fitresult import FitResult, make_result
+from lmevi.result.inference import bootstrap, emmeans
 
 __all__ = [
     "ConvergenceWarning",
@@ -38,8 +39,10 @@ __all__ = [
     "Model",
     "RefitWarning",
     "anova",
+    "bootstrap",
     "build_model",
     "edward_adam",
+    "emmeans",
     "fit",
     "fit_model",
     "fit_settings",
