@@ -65,7 +65,8 @@ def fit(name: str, reml: bool = True):
     import lmevi
 
     row = index().set_index("name").loc[name]
-    return lmevi.fit(row["formula"], load_data(name), q="exact", reml=reml, progress=False)
+    # missing="drop": R's na.action = na.omit (gcsemv_course has missing coursework marks)
+    return lmevi.fit(row["formula"], load_data(name), q="exact", reml=reml, missing="drop", progress=False)
 
 
 def _rel(a, b) -> float:
