@@ -29,6 +29,7 @@ from lmevi.frame.data import load_insteval, train_test_split
 from lmevi.frame.formula import FormulaError, parse_formula
 from lmevi.result.fitresult import FitResult, make_result
 from lmevi.exact.devfun import devfun
+from lmevi.result.inference import bootstrap, emmeans
 
 __all__ = [
     "ConvergenceWarning",
@@ -39,8 +40,10 @@ __all__ = [
     "Model",
     "RefitWarning",
     "anova",
+    "bootstrap",
     "build_model",
     "edward_adam",
+    "emmeans",
     "fit",
     "fit_model",
     "devfun",

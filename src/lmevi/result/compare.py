@@ -21,23 +21,29 @@ class RefitWarning(UserWarning):
     """lme4's "refitting model(s) with ML (instead of REML)"."""
 
 
-def anova(*fits: FitResult, refit: bool = True, approximate: bool = False) -> pd.DataFrame:
-    """lme4's likelihood-ratio table for two or more fits of the same data.
+def anova(*fits: FitResult, refit: bool = True, approximate: bool = False, type: int = 3,
+          ddf: str | None = "default") -> pd.DataFrame:
+    """lme4's likelihood-ratio table for two or more fits of the same data; for ONE fit, lmerTest's F tests of
+    its fixed-effect terms (``anova(m, type = 3, ddf = "Satterthwaite")``, :meth:`FitResult.anova`).
 
     Args:
         fits: fitted models, in any order; rows come sorted by the number of parameters, as lme4's.
         refit: refit REML fits by maximum likelihood first (lme4's default ``refit = TRUE``).
         approximate: allow variational fits whose ELBO is only a lower bound (their ELBO stands in for the
             log-likelihood, and the table's ``attrs["approximate"]`` is ``True``).
+        type, ddf: one fit only: type 3 or 1 hypotheses, and the denominator df (``"satterthwaite"``, the
+            default for exact Gaussian fits; ``"kenward_roger"``, ``"residual"``, ``None``).
 
     Returns:
-        Columns ``npar, AIC, BIC, logLik, deviance, Chisq, Df, Pr(>Chisq)``, indexed ``m1, m2, ...`` in the
+        One fit: indexed by term, ``num_df, den_df, F, p``. Several: columns ``npar, AIC, BIC, logLik, deviance, Chisq, Df, Pr(>Chisq)``, indexed ``m1, m2, ...`` in the
         order the fits were given.
     """
+    if len(fits) == 1 and isinstance(fits[0], FitResult):
+        return fits[0].anova(type=type, ddf=ddf)
     refit = check_bool("refit", refit)
     approximate = check_bool("approximate", approximate)
     if len(fits) < 2 or not all(isinstance(f, FitResult) for f in fits):
-        raise TypeError("anova compares two or more FitResults: anova(m1, m2, ...)")
+        raise TypeError("anova tests one FitResult's terms, anova(m), or compares two or more: anova(m1, m2, ...)")
     names = [f"m{i + 1}" for i in range(len(fits))]
     first = fits[0]
     for name, f in zip(names, fits):

@@ -28,6 +28,7 @@ from lmevi.fitting import control
 from lmevi.fitting.build import build_model
 from lmevi.fitting.stage import fit_model
 from lmevi.result import checks
+from lmevi.result import inference
 from lmevi.fitting import scaling
 from lmevi.families import registry as likelihood_lib
 from lmevi.runtime.precision import to_host, x64
@@ -94,6 +95,9 @@ class FitResult:
     y: np.ndarray = field(repr=False)
     scales: Scales | None = field(default=None, repr=False)
     data: pd.DataFrame | None = field(default=None, repr=False)
+    # what inference after the fit computes once per fit (the design in data units, Satterthwaite's
+    # derivatives, Kenward-Roger's adjustment): not an init field, so ``replace`` (at_step) starts empty
+    _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     # ---------------------------------------------------------------- lme4-style accessors
 
@@ -234,11 +238,19 @@ class FitResult:
         return pd.Series(np.sqrt(np.diag(self.vcov().to_numpy())), index=list(self.info.fixed_names),
                          name="std_error")
 
-    def confint(self, level: float = 0.95) -> pd.DataFrame:
+    def confint(self, level: float = 0.95, method: str = "wald", n: int = 1000, seed: int = 0) -> pd.DataFrame:
         """Wald confidence intervals for the fixed effects, as lme4's ``confint(m, parm = "beta_", method =
         "Wald")``: ``estimate +- z_{(1 + level) / 2} * std_error``, one row per coefficient, columns named as
         R names them (``"2.5 %"``, ``"97.5 %"``). For a variational fit they are the intervals of q's normal
-        posterior for beta (REML-like fits only)."""
+        posterior for beta (REML-like fits only).
+
+        ``method="wald"`` is the default (the fixed effects only, as before; lme4's default is ``"profile"``).
+        ``method="profile"`` (lme4's ``confint(m)``) and ``method="boot"`` (``n`` parametric bootstrap
+        replicates from ``seed``, percentile intervals) need an exact Gaussian fit and give every parameter,
+        rows named as lme4's ``oldNames = FALSE``: ``sd_(Intercept)|Subject``, ``cor_Days.(Intercept)|Subject``,
+        ``sd_Days|Subject``, ``sigma``, ``(Intercept)``, ``Days``; see :func:`lmevi.result.inference.confint`."""
+        if str(method).lower() != "wald":
+            return inference.confint(self, level, method, n=n, seed=seed)
         from statistics import NormalDist
 
         level = check_real("level", level, positive=True)
@@ -398,6 +410,32 @@ class FitResult:
         if self.spec.reml:
             return np.asarray(self.q.fixed_moments(self.spec, self.params.blocks)[0])
         return np.asarray(self.params.model.beta)
+
+    # ---------------------------------------------------------------- inference after the fit
+
+    def coef_table(self, ddf: str | None = "default") -> pd.DataFrame:
+        """lmerTest's coefficient table: indexed by term, ``estimate, std_error, df, t, p``. ``ddf``:
+        ``"satterthwaite"`` (the default for exact Gaussian fits), ``"kenward_roger"`` (adjusted SEs),
+        ``"residual"`` (``n - p``) or ``None`` (z tests: the default for variational fits and GLMMs, whose
+        ``attrs["note"]`` says they rest on the approximate posterior). See
+        :func:`lmevi.result.inference.coef_table`."""
+        return inference.coef_table(self, ddf)
+
+    def anova(self, type: int = 3, ddf: str | None = "default") -> pd.DataFrame:
+        """lmerTest's ``anova(m, type = 3)`` of this model: ``num_df, den_df, F, p`` per term."""
+        return inference.anova_table(self, type, ddf)
+
+    def contest(self, L, ddf: str | None = "default") -> pd.DataFrame:
+        """lmerTest's ``contest(m, L)``: one row of ``L``, a t test; several rows, an F test."""
+        return inference.contest(self, L, ddf)
+
+    def profile(self, which=None, n_points: int = 8) -> pd.DataFrame:
+        """lme4's ``as.data.frame(profile(m))``: the profile traces (exact Gaussian fits)."""
+        return inference.profile(self, which, n_points)
+
+    def simulate(self, n: int = 1, seed: int = 0) -> np.ndarray:
+        """lme4's ``simulate(m, nsim = n)``: ``(n_obs, n)`` responses drawn from the fitted Gaussian model."""
+        return inference.simulate(self, n, seed)
 
 
 

@@ -6,6 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from lmevi.result import inference
+
+# The summary computes Satterthwaite's dfs where that is cheap: a dense block of at most this many
+# coefficients and at most this many rows (sleepstudy: 2 coefficients, 180 rows; the first call in a process
+# pays JAX's start and one compilation, about 1-2 s). Larger fits print t values and say how to get the rest.
+SUMMARY_DDF_MAX_BLOCK = 128
+SUMMARY_DDF_MAX_ROWS = 20_000
+
 
 def summary_text(m) -> str:
     """lme4's ``summary`` of the fit ``m`` as text (:meth:`lmevi.FitResult.summary`)."""
@@ -49,12 +57,7 @@ def summary_text(m) -> str:
         )
     groups = ", ".join(f"{t.group}, {sum(c > 0 for c in t.counts)}" for t in m._distinct_terms())
     lines.append(f"Number of obs: {m.info.n_obs}, groups:  {groups}")
-    lines += ["", "Fixed effects:"]
-    se = m.fixef_se()
-    se_name = "Std. Error" if o.q == "exact" else "Post. SD"
-    lines.append(f" {'':<20} {'Estimate':>10}" + (f" {se_name:>10}" if se is not None else ""))
-    for name, value in m.fixef().items():
-        lines.append(f" {name:<20} {value:>10.5g}" + (f" {se[name]:>10.4g}" if se is not None else ""))
+    lines += ["", "Fixed effects:"] + fixed_effects_lines(m)
     if m.info.dropped_fixed:
         lines.append(f"fixed-effect columns dropped as rank deficient: {list(m.info.dropped_fixed)}")
     lines.append("")
@@ -67,3 +70,42 @@ def summary_text(m) -> str:
     for msg in m.singular():
         lines.append(f"boundary (singular) fit: {msg}")
     return "\n".join(lines)
+
+
+def _cheap_ddf(m) -> bool:
+    if "satterthwaite" in m._cache:
+        return True
+    from lmevi.exact.structure import dense_block_size
+
+    return m.info.n_obs <= SUMMARY_DDF_MAX_ROWS and dense_block_size(inference.data_design(m)) <= SUMMARY_DDF_MAX_BLOCK
+
+
+def _p_text(p: float) -> str:
+    return "< 2e-16" if p < 2e-16 else f"{p:.3g}"
+
+
+def fixed_effects_lines(m) -> list[str]:
+    """The coefficient table as lmerTest prints it for an exact Gaussian fit (``Estimate, Std. Error, df,
+    t value, Pr(>|t|)``, Satterthwaite's df; t values only for large models, naming how to get the rest), with
+    z tests for variational fits and GLMMs, labelled as resting on q's approximate posterior."""
+    se = m.fixef_se()
+    names = list(m.info.fixed_names)
+    if se is None:  # a variational ML-like fit: beta is a point estimate
+        return [f" {'':<20} {'Estimate':>10}"] + [f" {n:<20} {v:>10.5g}" for n, v in m.fixef().items()]
+    exact = inference.is_exact_gaussian(m)
+    if exact and not _cheap_ddf(m):
+        est = m.fixef()
+        lines = [f" {'':<20} {'Estimate':>10} {'Std. Error':>10} {'t value':>8}"]
+        lines += [f" {n:<20} {est[n]:>10.5g} {se[n]:>10.4g} {est[n] / se[n]:>8.3f}" for n in names]
+        return lines + ["df and p-values (Satterthwaite) not computed for a model this size: m.coef_table()"]
+    table = inference.coef_table(m, "satterthwaite" if exact else None)
+    if exact:
+        lines = [f" {'':<20} {'Estimate':>10} {'Std. Error':>10} {'df':>10} {'t value':>8} {'Pr(>|t|)':>9}"]
+        lines += [f" {n:<20} {r.estimate:>10.5g} {r.std_error:>10.4g} {r.df:>10.2f} {r.t:>8.3f} {_p_text(r.p):>9}"
+                  for n, r in table.iterrows()]
+        return lines + ["(df: Satterthwaite's, as lmerTest; m.coef_table(ddf=...) for Kenward-Roger or others)"]
+    lines = [f" {'':<20} {'Estimate':>10} {'Post. SD':>10} {'z value':>8} {'Pr(>|z|)':>9}"]
+    lines += [f" {n:<20} {r.estimate:>10.5g} {r.std_error:>10.4g} {r.t:>8.3f} {_p_text(r.p):>9}"
+              for n, r in table.iterrows()]
+    return lines + ["(variational fit: Post. SD is q's posterior SD and the z tests rest on that approximate "
+                    "posterior, not on lme4's exact criterion)"]
