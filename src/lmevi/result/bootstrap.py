@@ -53,6 +53,7 @@ from lmevi.exact.structure import Structure, build_structure
 from lmevi.exact import covfactors
 from lmevi.exact.covfactors import lambdas, theta_from_chol
 from lmevi.result.simulate import FittedModel, draw_responses, fitted_model, replicate_keys
+from lmevi.result.components import percent_label
 
 # Decrement at which a replicate stops: twice the predicted decrease of the criterion (-2 log L units); on
 # sleepstudy theta is then within about 2e-7 of a refit to 1e-20.
@@ -346,8 +347,6 @@ def _sd_cor(chol: tuple[np.ndarray, ...], info) -> tuple[dict, dict]:
     return sd, cor
 
 
-def _percent(p: float) -> str:
-    return f"{100.0 * p:.3g} %"
 
 
 @dataclass(frozen=True)
@@ -404,7 +403,7 @@ class BootstrapResult:
         with warnings.catch_warnings():  # a column with no value (every replicate left out) is NaN, no warning
             warnings.simplefilter("ignore", RuntimeWarning)
             q = np.nanquantile(t.to_numpy(np.float64), [lo, hi], axis=0)
-        return pd.DataFrame({_percent(lo): q[0], _percent(hi): q[1]}, index=t.columns)
+        return pd.DataFrame({percent_label(lo): q[0], percent_label(hi): q[1]}, index=t.columns)
 
 
 def default_batch_size(s: Structure, n: int) -> int:

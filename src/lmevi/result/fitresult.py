@@ -10,11 +10,9 @@ components are the point estimates of variational EM (ML-like, or REML-like when
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-import jax
 import numpy as np
 import pandas as pd
 
@@ -32,10 +30,12 @@ from lmevi.result import inference
 from lmevi.fitting import scaling
 from lmevi.families import registry as likelihood_lib
 from lmevi.runtime.precision import to_host, x64
-from lmevi.runtime.jit import sized_jit
 from lmevi.result.predict import predict
 from lmevi.result.summary import summary_text
 from lmevi.fitting.scaling import Scales, relative_chol
+from lmevi.result.components import percent_label
+from lmevi.result.components import sd_components, term_groups
+from lmevi.result.fitted import _exact_linear_predictor, _linear_predictor, local_rows
 
 
 class FitOptions(NamedTuple):
@@ -262,7 +262,7 @@ class FitResult:
         z = NormalDist().inv_cdf(0.5 + level / 2.0)
         est = self.fixef()
         lo, hi = (1.0 - level) / 2.0, (1.0 + level) / 2.0
-        return pd.DataFrame({_percent(lo): est - z * se, _percent(hi): est + z * se})
+        return pd.DataFrame({percent_label(lo): est - z * se, percent_label(hi): est + z * se})
 
     @x64
     def ranef(self, given_beta: bool = True) -> pd.DataFrame:
@@ -438,46 +438,6 @@ class FitResult:
         return inference.simulate(self, n, seed)
 
 
-
-def term_groups(info: DesignInfo) -> list[str]:
-    """Each term's ``grp`` as lme4's ``as.data.frame(VarCorr(m))`` names it: a second term on the same factor
-    is ``g.1``, a third ``g.2``."""
-    seen = collections.Counter()
-    out = []
-    for term in info.terms:
-        out.append(term.group if not seen[term.group] else f"{term.group}.{seen[term.group]}")
-        seen[term.group] += 1
-    return out
-
-
-def sd_components(info: DesignInfo, chol, sigma: float) -> tuple[list[str], np.ndarray]:
-    """Labels and values of the SD of every random coefficient and of the residual (``Residual``), the one
-    labelling rule of :meth:`FitResult.sd` and the ArviZ export.
-
-    A coefficient is labelled by its grouping factor where that factor has one random coefficient in all
-    (``s``), else ``factor:coefficient`` (``Subject:Days``; for ``(1|g) + (0+x|g)``: ``g:(Intercept)`` and
-    ``g:x``). The labels are unique: a formula that repeats a coefficient on a factor is refused when the
-    design is built.
-    """
-    per_group = collections.Counter()
-    for term in info.terms:
-        per_group[term.group] += len(term.coef_names)
-    labels, values = [], []
-    for term, L in zip(info.terms, chol):
-        _, sd, _ = cov_sd_corr(L)
-        for name, value in zip(term.coef_names, sd):
-            labels.append(term.group if per_group[term.group] == 1 else f"{term.group}:{name}")
-            values.append(value)
-    labels.append("Residual")
-    values.append(float(sigma))
-    return labels, np.asarray(values)
-
-
-def _percent(p: float) -> str:
-    """R's column name for a quantile (``format(100 * p, trim = TRUE, digits = 3)`` then ``" %"``)."""
-    return f"{100.0 * p:.3g} %"
-
-
 @x64
 def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResult:
     """Results stage, as lme4's ``mkMerMod``: map a fit from the model's standardised units back to the data's
@@ -532,39 +492,6 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         scales=scales,
         data=model.data,
     )
-
-
-def local_rows(a) -> np.ndarray:
-    """A row-indexed array as float64 NumPy: the whole of it, or in a multi-process fit the rows this process
-    holds (its devices' shards, in row order)."""
-    if a.is_fully_addressable:
-        return np.asarray(a, dtype=np.float64)
-    shards = sorted(a.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-    return np.concatenate([np.asarray(shard.data, dtype=np.float64) for shard in shards])
-
-
-def _exact_linear_predictor(design, spec, params: VIParams) -> np.ndarray:
-    """``X beta + sum_k Z_k b_k`` in NumPy for an exact fit, whose q has the mean-field layout (one block per
-    term holding its conditional modes, beta's block under REML); ``(n_rows,)``."""
-    X = np.asarray(design.X, np.float64)
-    out = X @ np.asarray(params.model.beta, np.float64) if params.model.beta is not None else np.zeros(len(X))
-    for block, bp in zip(spec.blocks, params.blocks):
-        if block.large is not None:
-            term = design.terms[block.large]
-            effects = np.asarray(bp.loc_large, np.float64)[np.asarray(term.index)]
-            out = out + np.sum(np.asarray(term.covariates, np.float64) * effects, axis=1)
-        if block.fixed:
-            out = out + X @ np.asarray(bp.loc_small, np.float64)
-    return out
-
-
-@sized_jit
-def _linear_predictor(problem, params) -> jax.Array:
-    """``E_q`` of every row's linear predictor, ``(n_obs,)``: the random part, plus ``X beta`` when beta is a
-    point estimate (under REML q holds beta and the random part includes it). One program: the sum outside
-    it would be an operation compiled on its own in every new process."""
-    mean = problem.q.row_mean(problem.design, problem.spec, params.blocks)
-    return mean if params.model.beta is None else problem.design.X @ params.model.beta + mean
 
 
 def run_stages(formula: str, data, fit_settings, **build_options) -> FitResult:

@@ -39,6 +39,7 @@ from lmevi.exact.structure import Structure, build_structure
 from lmevi.exact.covfactors import theta_from_chol, theta_lower_bounds
 from lmevi.frame.design import build_design
 from lmevi.runtime.precision import x64
+from lmevi.result.components import percent_label
 from lmevi.exact.varpar import (
     DenseCriterion,
     Layout,
@@ -387,9 +388,6 @@ def _which(which, model: ProfileModel) -> list[int]:
     return sorted(out)
 
 
-def _percent(p: float) -> str:
-    """R's column name for a quantile (``format(100 * p, digits = 3)`` then ``" %"``)."""
-    return f"{100.0 * p:.3g} %"
 
 
 def _chi2_quantile(p: float, k: int) -> float:
@@ -428,7 +426,7 @@ def confint_of_model(model: ProfileModel, level: float = 0.95, which=None) -> pd
     rows = _which(which, model)
     ends = [_interval(model, w, z) for w in rows]
     a = (1.0 - level) / 2.0
-    return pd.DataFrame(ends, index=[model.names[w] for w in rows], columns=[_percent(a), _percent(1.0 - a)])
+    return pd.DataFrame(ends, index=[model.names[w] for w in rows], columns=[percent_label(a), percent_label(1.0 - a)])
 
 
 def profile_confint(fit, level: float = 0.95, which=None) -> pd.DataFrame:
@@ -465,7 +463,7 @@ def wald_confint(fit, level: float = 0.95) -> pd.DataFrame:
     a = (1.0 - level) / 2.0
     lo = np.concatenate([np.full(layout.n_vp, np.nan), est - z * se])
     hi = np.concatenate([np.full(layout.n_vp, np.nan), est + z * se])
-    return pd.DataFrame({_percent(a): lo, _percent(1.0 - a): hi}, index=list(layout.names))
+    return pd.DataFrame({percent_label(a): lo, percent_label(1.0 - a): hi}, index=list(layout.names))
 
 
 def profile_of_model(model: ProfileModel, which=None, n_points: int = 8, alphamax: float = ALPHAMAX) -> pd.DataFrame:
