@@ -155,13 +155,23 @@ def test_no_circle_between_the_experiments_and_no_test_imports_them():
     assert imported == set()
 
 
+def _code_lines(node) -> int:
+    """A function's lines without its docstring (which says shapes, math and references, and may be long)."""
+    first = node.body[0]
+    doc = (first.end_lineno - first.lineno + 1) if (
+        isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant)
+        and isinstance(first.value.value, str)) else 0
+    return node.end_lineno - node.lineno + 1 - doc
+
+
 def test_long_functions_say_why():
-    """Functions over about 80 lines are split, or say why they are not in a ``# Long:`` comment."""
+    """Functions over about 80 lines of code (docstrings aside) are split, or say why they are not in a
+    ``# Long:`` comment."""
     long = []
     for path in (SRC / "lmevi").rglob("*.py"):
         lines = path.read_text().splitlines()
         for node in ast.walk(ast.parse("\n".join(lines))):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > 80:
                 body = lines[node.lineno - 1:node.end_lineno]
                 if not any(line.strip().startswith("# Long:") for line in body):
                     long.append(f"{path.relative_to(SRC)}:{node.name}")

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lmevi`` parser with its ``fit`` subcommand."""
+    # Long: one add_argument per option of lmevi.fit, in its order; split up, the options would be harder to
+    # check against the function they mirror.
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Fit linear mixed-effects models written in lme4 formula syntax by variational EM.",

@@ -110,6 +110,8 @@ def build_structure(design: Design, reml: bool = True) -> Structure:
     Returns:
         A :class:`Structure` of NumPy arrays.
     """
+    # Long: one pass over the terms building cross-products that share the same sorted level codes and row
+    # buffers; the pieces are commented in order, and split apart they would pass most of these locals around.
     if not design.terms:
         raise ValueError("the exact fit needs at least one random-effect term")
     y = np.asarray(design.y, np.float64)

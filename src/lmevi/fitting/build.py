@@ -181,15 +181,8 @@ def build_model(
     if not like.moment_form and (distributed or devices is not None):
         raise ValueError(f"family={family!r} fits run in one process on one device: leave devices=None and "
                          "distributed=False")
-    if blocks is not None and q not in ("structured", "auto"):
-        raise ValueError("blocks= applies to q='structured' only")
-    if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
-        raise TypeError(f"blocks must be a list of tuples of grouping-factor names, got {blocks!r}")
-    if residual_scale is not None:
-        residual_scale = check_real("residual_scale", residual_scale, positive=True)
-    small_threshold = check_int("small_threshold", small_threshold, minimum=0)
-    dtype = check_choice("dtype", dtype, tuple(DTYPES))
-    missing = check_choice("missing", missing, ("raise", "drop"))
+    residual_scale, small_threshold, dtype, missing = _checked(q, blocks, residual_scale, small_threshold, dtype,
+                                                               missing)
     pad = check_bool("pad", pad)
     distributed = check_bool("distributed", distributed)
     collective = collective_lib.LOCAL
@@ -234,6 +227,20 @@ def build_model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
     )
+
+
+def _checked(q, blocks, residual_scale, small_threshold, dtype, missing):
+    """The plain options of :func:`build_model`, checked: ``(residual_scale, small_threshold, dtype, missing)``."""
+    if blocks is not None and q not in ("structured", "auto"):
+        raise ValueError("blocks= applies to q='structured' only")
+    if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
+        raise TypeError(f"blocks must be a list of tuples of grouping-factor names, got {blocks!r}")
+    if residual_scale is not None:
+        residual_scale = check_real("residual_scale", residual_scale, positive=True)
+    small_threshold = check_int("small_threshold", small_threshold, minimum=0)
+    dtype = check_choice("dtype", dtype, tuple(DTYPES))
+    missing = check_choice("missing", missing, ("raise", "drop"))
+    return residual_scale, small_threshold, dtype, missing
 
 
 def resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str, sharded: bool = False,

@@ -369,6 +369,8 @@ def _random_term(
     covariates of intercept-only terms are kept, so that they share one read-only view of a single 1.0 (a
     column of ones would be 80 MB of fresh memory at 1e7 rows). ``buffers``: as :func:`build_design`'s, for the
     level codes; ``float_buffers``: the same or ``None``, for the covariates."""
+    # Long: the checks of one random term (levels, covariates, counts against the rows) read its intermediate
+    # arrays in turn, each with an error message naming the term; split apart they would pass them all around.
     n_obs = len(data) if n_obs is None else n_obs
     if collective.distributed:
         levels = global_levels(data, term.group, collective)
