@@ -15,7 +15,7 @@ lme4, mixedlm and NumPyro are not run: they belong to the side-by-side CPU run o
 ratio is formed here across machines. Writes ``gpu.json`` and ``gpu.md`` to ``--out``
 (default ``results/benchmark/gpu/``), again after every part, so that a run cut short keeps what it did.
 
-    python experiments/benchmark_gpu.py --repeats 5 --sizes 1e5,1e6,1e7,3e7
+    python -m experiments.benchmark_gpu --repeats 5 --sizes 1e5,1e6,1e7,3e7
 """
 
 from __future__ import annotations
@@ -23,22 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no window
-# the ``bench`` package (the parts of ``benchmark.py``) lives next to this script
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench.accuracy import FORMULA, lme4_ranef  # noqa: E402
-from bench.harness import ROOT, log, machine_info, worker  # noqa: E402
-from bench.insteval_race import time_fit, time_ours  # noqa: E402
-from bench.scaling import scale_row  # noqa: E402
-from bench.writing import jsonable  # noqa: E402
+from experiments.bench.accuracy import FORMULA, lme4_ranef
+from experiments.bench.harness import ROOT, log, machine_info, worker
+from experiments.bench.insteval_race import time_fit, time_ours
+from experiments.bench.scaling import scale_row
+from experiments.bench.writing import jsonable
 
 # the issue's GPU target: a 1e7-row fit from a DataFrame, end to end, first call in the process
 TARGET_ROWS, TARGET_SECONDS = 10_000_000, 3.0

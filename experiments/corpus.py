@@ -83,7 +83,7 @@ import pandas as pd
 
 # ``lme4_refs`` lives next to this script, which may be loaded from elsewhere (tests load it by path)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lme4_refs import read_fit, read_table  # noqa: E402
+from experiments.lme4_refs import read_fit, read_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "experiments" / "corpus_models.csv"

@@ -14,7 +14,7 @@ compilation cache when run before) and the median of 3 warm fits. glmer is timed
 
 Writes ``results/glmm/``: ``glmm.json`` and ``glmm.md``.
 
-Usage: ``python experiments/glmm.py [--lme4] [--out DIR]``.
+Usage, from the repository's root: ``python -m experiments.glmm [--lme4] [--out DIR]``.
 """
 
 from __future__ import annotations

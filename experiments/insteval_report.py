@@ -1,7 +1,8 @@
 """The InstEval reproduction's report: compare fits with saved lme4 output, and draw the tutorial's figures.
 
-It belongs to ``experiments/insteval.py`` (limits and names are InstEval's), not to the package. It draws with
-``matplotlib.pyplot`` and leaves the choice of backend to the script that imports it.
+It belongs to :mod:`experiments.insteval` (limits and names are InstEval's), not to the package. It draws with
+``matplotlib.pyplot``, imported inside the drawing functions, and leaves the choice of backend to the script's
+``main``.
 
 Every comparison joins estimates by level label (``merge`` on ``grpvar, term, grp``), never by row
 position: the Edward tutorial's department figure paired lme4's rows with its own by position, and sized
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
+from experiments.lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
 from lmevi.result.fitresult import FitResult
 
 
@@ -98,6 +98,8 @@ def plot_residual_histograms(residuals: dict[str, np.ndarray], path: Path, title
     entry: the fit at several steps, or several fits after training."""
     cols = min(cols, len(residuals))
     rows = int(np.ceil(len(residuals) / cols))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=True)
     for ax, (label, r) in zip(axes.ravel(), residuals.items()):
         ax.hist(r, 75, color="C0")
@@ -132,6 +134,8 @@ def plot_effects_vs_lme4(
         path: the PNG to write.
         title: figure title.
     """
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     for ax, grp in zip(axes, ["s", "d", "dept"]):
         d = joined[joined["grpvar"] == grp]
@@ -189,6 +193,8 @@ def plot_department_pairing(
             0.01 * counts_by_label.reindex(j["grp"]).to_numpy(),
             f"{'tutorial configuration' if name == 'tutorial' else 'structured q (recommended)'},\npaired by label",
         ))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     for ax, (x, y, s, name) in zip(axes, panels):
         ax.scatter(x, y, s=s, alpha=0.6, color="C1")
@@ -207,6 +213,8 @@ def plot_elbo_traces(traces: dict[str, np.ndarray], path: Path) -> None:
     """ELBO against step for each fit, one panel per fit (the objectives differ: sigma fixed or not)."""
     cols = min(2, len(traces))
     rows = int(np.ceil(len(traces) / cols))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.ravel()[len(traces):]:
         ax.axis("off")
@@ -231,6 +239,8 @@ def plot_variance_components(table: pd.DataFrame, path: Path) -> None:
         table: rows = components (``s``, ``d``, ``dept``, ``Residual``), columns = fits.
     """
     comps = list(table.index)
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, len(comps), figsize=(3.6 * len(comps), 3.8))
     colors = {c: f"C{i}" for i, c in enumerate(table.columns)}
     for ax, comp in zip(axes, comps):
@@ -251,6 +261,8 @@ def plot_variance_components(table: pd.DataFrame, path: Path) -> None:
 def plot_condsd(joined: dict[str, pd.DataFrame], path: Path) -> None:
     """Posterior SDs under q against lme4's conditional SDs, per grouping factor, for several fits."""
     names = list(joined)
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.8 * len(names)), squeeze=False)
     for row, name in zip(axes, names):
         for ax, grp in zip(row, ["s", "d", "dept"]):

@@ -72,7 +72,7 @@ R_SCRIPT = HERE / "lme4_latency.R"
 # this script; ``bench`` is imported in the main process only, since importing it switches JAX to 64 bits
 # and the worker processes should run lmevi as a user's process does.
 sys.path.insert(0, str(HERE))
-import corpus  # noqa: E402
+from experiments import corpus
 
 SEED = 20240601
 SLEEPSTUDY_FORMULA = "Reaction ~ Days + (Days | Subject)"
@@ -168,7 +168,7 @@ def child_env_cmd(cmd, cache) -> list[str]:
 def timed_process(cmd, what: str, timeout: float, cache=None) -> dict:
     """Run ``cmd`` (with ``cache`` as ``LMEVI_CACHE_DIR`` when given) through the harness; its wall time
     and stdout, or a ``RuntimeError`` saying what failed."""
-    from bench.harness import run_measured
+    from experiments.bench.harness import run_measured
 
     res = run_measured(child_env_cmd(cmd, cache) if cache is not None else list(map(str, cmd)), timeout=timeout)
     if res["returncode"] != 0 or res["timed_out"]:
@@ -179,7 +179,7 @@ def timed_process(cmd, what: str, timeout: float, cache=None) -> dict:
 
 def run_worker_process(mode: str, cache, timeout: float, *args: str) -> dict:
     """This script in worker mode ``mode`` in a fresh process; its JSON line plus the process wall time."""
-    from bench.harness import last_json
+    from experiments.bench.harness import last_json
 
     res = timed_process([sys.executable, SCRIPT, "--worker", mode, *args], f"worker {mode}", timeout, cache)
     out = last_json(res["stdout"])
@@ -296,7 +296,7 @@ WORKERS = {"corpus": worker_corpus, "inprocess": worker_inprocess}
 
 
 def part_import(args, with_r: bool) -> dict:
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     log(f"import: {args.import_repeats} fresh `python -c 'import lmevi'` ...")
     py = [timed_process([sys.executable, "-c", "import lmevi"], "import lmevi", 300)["wall_seconds"]
@@ -308,7 +308,7 @@ def part_import(args, with_r: bool) -> dict:
 
 
 def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     empty, warm, outputs, entries = [], [], {}, []
     log(f"sleepstudy: {args.repeats} x (fresh process with an empty cache folder, then again with it warm) ...")
@@ -344,7 +344,7 @@ def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
         f"({inproc['new_structures'][0]['formula']})")
     r_inproc = None
     if with_r:
-        from bench.harness import last_json
+        from experiments.bench.harness import last_json
 
         r_inproc = last_json(run_r("inprocess", "inprocess", str(rows_file))["stdout"])
         r_inproc["new_structures"] = r_inproc["new_structures"][:n_struct]
@@ -370,7 +370,7 @@ def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
 
 
 def part_corpus(args, with_r: bool, tmp: Path) -> dict:
-    from bench.harness import last_json, log
+    from experiments.bench.harness import last_json, log
 
     specs = select_models(args)
     names = [s["name"] for s in specs]
@@ -430,7 +430,7 @@ def part_corpus(args, with_r: bool, tmp: Path) -> dict:
 def part_insteval(args, with_r: bool, tmp: Path) -> dict:
     import importlib.util
 
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     out = {"lmevi_seconds": None, "lme4_seconds": None, "mixedlm_seconds": None, "formula": INSTEVAL_FORMULA,
            "notes": []}
@@ -473,7 +473,7 @@ def part_insteval(args, with_r: bool, tmp: Path) -> dict:
 
 
 def part_tests(args) -> dict:
-    from bench.harness import log, run_measured
+    from experiments.bench.harness import log, run_measured
 
     log("test suite: python -m pytest -q -p no:cacheprovider ...")
     res = run_measured([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], timeout=7200)
@@ -486,7 +486,7 @@ def part_tests(args) -> dict:
 def machine(with_r: bool) -> dict:
     """:func:`bench.harness.machine_info` (CPU, cores, memory, versions; R's and lme4's with ``with_r``) and
     the load average now."""
-    from bench.harness import machine_info
+    from experiments.bench.harness import machine_info
 
     info = machine_info(with_r)
     info["load_average_at_start"] = list(os.getloadavg())
@@ -666,7 +666,7 @@ def main(argv=None) -> dict | None:
         out = WORKERS[args.worker](args)
         print(json.dumps(_jsonable(out)), flush=True)
         return None
-    from bench.harness import log, r_available
+    from experiments.bench.harness import log, r_available
 
     start = time.perf_counter()
     notes = []
