@@ -16,77 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
+# lme4's saved fits and the comparisons by level label, under the names the reproduction uses
+from lmevi.result.lme4ref import effect_agreement, join_by_label, join_effects, lme4_sd  # noqa: F401 - used by insteval.py
+from lmevi.result.lme4ref import load_fit as load_lme4  # noqa: F401 - used by insteval.py
 from lmevi.result.fitresult import FitResult
-
-
-# ----------------------------------------------------------------------------------------------------
-# lme4 reference files
-
-
-def load_lme4(directory: str | Path, kind: str) -> dict:
-    """Read one saved lme4 fit (written by ``experiments/lme4_reference.R``).
-
-    Args:
-        directory: e.g. ``results/lme4/insteval``.
-        kind: ``"reml"`` or ``"ml"``.
-
-    Returns:
-        ``{"ranef", "fixef", "varcorr": DataFrame, "fit": dict}`` with ``grp`` labels as strings.
-    """
-    return {"ranef": read_table(directory, "ranef", kind), "fixef": read_table(directory, "fixef", kind),
-            "varcorr": read_table(directory, "varcorr", kind), "fit": read_fit(directory, kind)}
-
-
-lme4_sd = sd_by_group  # SDs of an lme4 varcorr table, by group (lme4_refs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# comparisons
-
-
-def join_effects(ours: pd.DataFrame, lme4: pd.DataFrame) -> pd.DataFrame:
-    """Random effects side by side, joined on ``grpvar, term, grp``; lme4's columns end in ``_lme4``.
-
-    Every level of ours must have an lme4 partner. lme4's levels that our fit never saw (a training split
-    lacks some instructors of the full data, and lmevi drops unused levels as lme4 does) are left out, and
-    their number is kept in ``joined.attrs["lme4_only"]``.
-
-    Raises:
-        ValueError: if some level of ours has no partner (a join that silently drops rows would make every
-            number after it wrong).
-    """
-    joined = join_by_label(ours, lme4, how="outer", indicator=True)
-    unmatched = joined[joined["_merge"] == "left_only"]
-    if len(unmatched):
-        raise ValueError(f"{len(unmatched)} random effects have no partner, e.g. {unmatched.head(3).to_dict('records')}")
-    lme4_only = int((joined["_merge"] == "right_only").sum())
-    joined = joined[joined["_merge"] == "both"].drop(columns="_merge").reset_index(drop=True)
-    joined.attrs["lme4_only"] = lme4_only
-    return joined
-
-
-def effect_agreement(joined: pd.DataFrame, condsd_band: float = 0.05) -> pd.DataFrame:
-    """Per grouping factor: correlation, RMSE and largest absolute difference of the effects, and how
-    the posterior SDs compare (share of levels within ``condsd_band`` relative of lme4's, median ratio).
-    """
-    rows = []
-    for (grpvar, term), d in joined.groupby(["grpvar", "term"], sort=False):
-        diff = d["condval"] - d["condval_lme4"]
-        ratio = d["condsd"] / d["condsd_lme4"]
-        rows.append(
-            {
-                "grpvar": grpvar,
-                "term": term,
-                "n_levels": len(d),
-                "corr": corr_with_lme4(d),
-                "rmse": float(np.sqrt(np.mean(diff**2))),
-                "max_abs": float(np.max(np.abs(diff))),
-                "condsd_within_5pct": float(np.mean(np.abs(ratio - 1.0) <= condsd_band)),
-                "condsd_median_ratio": float(np.median(ratio)),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pandas as pd
 
 from experiments.bench.harness import ROOT
 from experiments.simulate import FACTORS  # the grouping factors of the model and of the simulated data
-from experiments.lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
+from lmevi.result.lme4ref import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
 
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 LME4_DIR = ROOT / "results" / "lme4" / "insteval"

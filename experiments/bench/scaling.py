@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from experiments.bench.accuracy import FACTORS, FORMULA
 from experiments.bench.baselines import LME4_TIMING
