@@ -27,14 +27,14 @@ A profile of one sweep's pieces at ``--profile-size`` rows says what limits the 
 Writes to ``--out`` (default ``results/benchmark/``): ``benchmark.json``, ``insteval.csv``,
 ``targets.csv``, ``scaling.csv``, ``profile.csv``, ``scaling.png`` and ``benchmark.md``.
 
-    python experiments/benchmark.py                 # full run, about half an hour
-    python experiments/benchmark.py --quick --out /tmp/bench   # smoke run, under a minute
+    python -m experiments.benchmark                 # from the repository's root: full run, about half an hour
+    python -m experiments.benchmark --quick --out /tmp/bench   # smoke run, under a minute
 
 The quick run uses InstEval with the saved lme4 time, float64 only, one repeat, no mixedlm or NumPyro,
 and simulated sizes 1e3 and 1e4; its numbers only check the code path.
 
 This script parses the command line and runs the parts, or one helper mode (``--worker``) in a fresh
-process; the parts themselves are in the ``bench`` package next to it (see ``bench/__init__.py``).
+process; the parts themselves are in :mod:`experiments.bench` (see ``bench/__init__.py``).
 """
 
 from __future__ import annotations
@@ -42,23 +42,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no window
-# the ``bench`` package (the parts of the benchmark) and ``lme4_refs`` live next to this script
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench.baselines import worker_numpyro  # noqa: E402
-from bench.harness import ROOT, log, machine_info, r_available  # noqa: E402
-from bench.insteval_race import insteval_part, worker_cold  # noqa: E402
-from bench.profile import profile_part, worker_profile  # noqa: E402
-from bench.scaling import scaling_part, sharded_part, slopes as scaling_slopes, worker_scale  # noqa: E402
-from bench.writing import jsonable, plot_scaling, write_outputs  # noqa: E402
+from experiments.bench.baselines import worker_numpyro
+from experiments.bench.harness import ROOT, log, machine_info, r_available
+from experiments.bench.insteval_race import insteval_part, worker_cold
+from experiments.bench.profile import profile_part, worker_profile
+from experiments.bench.scaling import scaling_part, sharded_part, slopes as scaling_slopes, worker_scale
+from experiments.bench.writing import jsonable, plot_scaling, write_outputs
 
 WORKERS = {"cold": worker_cold, "numpyro": worker_numpyro, "scale": worker_scale, "profile": worker_profile}
 
@@ -112,6 +105,9 @@ def parse_args(argv):
 def main(argv=None) -> dict | None:
     """Run the benchmark and write its outputs, returning the JSON result; with ``--worker``, run one helper
     mode instead."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window: this process's choice, made when it runs, not at import
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)

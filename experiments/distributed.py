@@ -2,8 +2,8 @@
 runtime (``jax.distributed``) with CPU collectives through gloo; the same fit as one process holding all
 the rows.
 
-    python experiments/distributed.py                       # InstEval, 2 processes
-    python experiments/distributed.py --processes 4 --rows 1000000   # simulated InstEval-shaped rows
+    python -m experiments.distributed                       # from the repository's root: InstEval, 2 processes
+    python -m experiments.distributed --processes 4 --rows 1000000   # simulated InstEval-shaped rows
 
 What it does:
 
@@ -42,8 +42,9 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import union_categoricals
 
+from experiments.simulate import simulate_levels, simulate_rows
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 OUT = HERE.parent / "results" / "distributed"
 
@@ -86,8 +87,6 @@ def write_shards(rows: int, processes: int, seed: int, folder: Path) -> list[Pat
     folder.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, rows, processes + 1).astype(np.int64)
     if rows:
-        from bench.scaling import simulate_levels, simulate_rows
-
         levels = simulate_levels(rows, np.random.default_rng(seed))
         for i in range(processes):
             part = simulate_rows(levels, int(bounds[i + 1] - bounds[i]), np.random.default_rng([seed, i]))
@@ -189,11 +188,11 @@ def run_job(shards: list[Path], folder: Path, args) -> list[dict]:
     for i in range(args.processes):
         result = folder / f"result-{i}.json"
         mine = [str(p) for p in shards[i :: args.processes]]
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--coordinator", coordinator,
+        cmd = [sys.executable, "-m", "experiments.distributed", "--worker", "--coordinator", coordinator,
                "--processes", str(args.processes), "--process-id", str(i), "--dtype", args.dtype, "--shard", *mine,
                "--result", str(result), "--fits", str(args.fits)] + (["--no-single"] if args.no_single else [])
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=worker_env(args)))
+                                      env=worker_env(args), cwd=HERE.parent))
         results.append(result)
     logs = []
     deadline = time.monotonic() + args.timeout

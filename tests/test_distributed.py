@@ -1,6 +1,6 @@
 """A multi-process fit (``lmevi.fit(..., distributed=True)``): rows in Parquet files, one process each.
 
-Tier 3 (fresh processes): ``experiments/distributed.py`` writes simulated InstEval-shaped rows as two Parquet
+Tier 3 (fresh processes): ``python -m experiments.distributed`` writes simulated InstEval-shaped rows as two Parquet
 files, starts two processes that join one ``jax.distributed`` job (CPU collectives through gloo), each
 reading its own file, and fits the same rows in one process; every estimate, every random effect and every
 row's fitted value must agree to 1e-10 in float64 (the processes sum their rows' contributions in another
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.filterwarnings("ignore")
 def test_two_processes_reading_their_own_parquet_files_fit_as_one(tmp_path):
     pytest.importorskip("pyarrow")
-    cmd = [sys.executable, str(ROOT / "experiments" / "distributed.py"), "--processes", "2", "--rows", "6000",
+    cmd = [sys.executable, "-m", "experiments.distributed", "--processes", "2", "--rows", "6000",
            "--out", str(tmp_path), "--timeout", "300"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "distributed.json").read_text())
     assert result["processes"] == 2 and result["devices"] == 2

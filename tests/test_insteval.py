@@ -7,6 +7,7 @@ The lme4 numbers come from ``experiments/lme4_reference.R`` (lme4 1.1-31, full d
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +15,9 @@ import numpy as np
 import pytest
 
 import lmevi
+from lmevi.result import lme4ref
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import insteval_report as report  # noqa: E402
 LME4 = ROOT / "results" / "lme4" / "insteval"
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 
@@ -39,9 +39,9 @@ def structured_ml(insteval):
 
 
 def _agreement(fit, kind):
-    ref = report.load_lme4(LME4, kind)
-    joined = report.join_effects(fit.ranef(), ref["ranef"])
-    return ref, report.effect_agreement(joined).set_index("grpvar")
+    ref = lme4ref.load_fit(LME4, kind)
+    joined = lme4ref.join_effects(fit.ranef(), ref["ranef"])
+    return ref, lme4ref.effect_agreement(joined).set_index("grpvar")
 
 
 def test_data_matches_the_tutorial_counts(insteval):
@@ -62,7 +62,7 @@ def test_recommended_reaches_the_reproduction_targets(recommended):
     # within 0.01 of lme4: a tenth of the intercept's standard error (0.029)
     assert abs(recommended.fixef()["(Intercept)"] - fe["(Intercept)"]) <= 0.01
     assert abs(recommended.fixef()["service"] - fe["service"]) <= 0.01
-    sd = report.lme4_sd(ref["varcorr"])
+    sd = lme4ref.lme4_sd(ref["varcorr"])
     assert recommended.sd()["Residual"] == pytest.approx(sd["Residual"], rel=0.01)
 
 
@@ -76,7 +76,7 @@ def test_structured_family_targets(kind, recommended, structured_ml):
     SDs within 5% of lme4's conditional SDs for at least 95% of levels."""
     fit = recommended if kind == "reml" else structured_ml
     ref, agree = _agreement(fit, kind)
-    sd = report.lme4_sd(ref["varcorr"])
+    sd = lme4ref.lme4_sd(ref["varcorr"])
     ours = fit.sd()
     for comp in ("s", "d", "dept", "Residual"):
         assert ours[comp] == pytest.approx(sd[comp], rel=0.02 if kind == "reml" else 0.021), comp
@@ -95,14 +95,17 @@ def test_meanfield_drains_the_department_variance(insteval):
     tutorial's mismatch), while students and instructors still agree with lme4 ML."""
     fit = lmevi.fit(FORMULA, insteval, q="meanfield", reml=False, num_steps=300, progress=False)
     ref, agree = _agreement(fit, "ml")
-    assert fit.sd()["dept"] < 0.1 * report.lme4_sd(ref["varcorr"])["dept"]
+    assert fit.sd()["dept"] < 0.1 * lme4ref.lme4_sd(ref["varcorr"])["dept"]
     assert agree.loc["s", "corr"] >= 0.999
     assert agree.loc["dept", "condsd_median_ratio"] < 0.1
 
 
 def test_experiment_quick_writes_every_output(tmp_path):
-    import insteval as experiment
-    metrics = experiment.main(["--quick", "--out", str(tmp_path)])
+    """``python -m experiments.insteval --quick`` in a fresh process, from the repository's root."""
+    out = subprocess.run([sys.executable, "-m", "experiments.insteval", "--quick", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     for name in [
         "residuals_during_training.png", "residuals_final.png", "effects_recommended.png",
         "effects_meanfield.png", "effects_tutorial.png", "departments_pairing.png", "elbo_traces.png",

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.harness import ROOT
-from lme4_refs import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
+from experiments.bench.harness import ROOT
+from experiments.simulate import FACTORS  # the grouping factors of the model and of the simulated data
+from lmevi.result.lme4ref import corr_with_lme4, join_by_label, read_fit, read_table, sd_by_group
 
 FORMULA = "y ~ service + (1|s) + (1|d) + (1|dept)"
 LME4_DIR = ROOT / "results" / "lme4" / "insteval"
-FACTORS = ("s", "d", "dept")
 # accuracy target: Pearson correlation of conditional modes with lme4's REML ones, per grouping factor
 TARGET = {"s": 0.999, "d": 0.99}
 

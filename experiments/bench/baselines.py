@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.accuracy import FACTORS, FORMULA, accuracy, lme4_fit, lme4_ranef, meets
-from bench.harness import ROOT, last_json, log, run_measured, spread, worker
+from experiments.bench.accuracy import FACTORS, FORMULA, accuracy, lme4_fit, lme4_ranef, meets
+from experiments.bench.harness import ROOT, last_json, log, run_measured, spread, worker
 
 LME4_TIMING = ROOT / "experiments" / "lme4_timing.R"
 

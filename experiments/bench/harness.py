@@ -2,7 +2,7 @@
 
 * :func:`run_measured` runs a command and reports its wall time and its own peak RSS, with an optional
   time limit, address-space cap and a watchdog that kills a process which stopped using CPU time;
-* :func:`worker` runs ``experiments/benchmark.py --worker <mode>`` in a fresh process (cold starts,
+* :func:`worker` runs ``python -m experiments.benchmark --worker <mode>`` in a fresh process (cold starts,
   NumPyro, one scaling size, the sweep profile) and reads back the JSON line it prints;
 * :func:`spread`, :func:`median_of`, :func:`ratio` and :func:`time_call` summarise timings;
 * :func:`machine_info` describes the machine and the versions; :func:`log` prints with elapsed time.
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-# the entry script, run again in helper mode by :func:`worker`
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmark.py"
+# the entry module, run again in helper mode by :func:`worker` (``python -m``, from :data:`ROOT`)
+ENTRY = "experiments.benchmark"
 
 
 def spread(times) -> dict:
@@ -120,7 +120,7 @@ class WorkerHung(RuntimeError):
 
 def worker(mode: str, *args: str, timeout=None, idle_timeout=None) -> dict:
     """Run the entry script in helper mode ``mode`` in a fresh process; its JSON result plus wall and RSS."""
-    res = run_measured([sys.executable, str(SCRIPT), "--worker", mode, *args], timeout=timeout,
+    res = run_measured([sys.executable, "-m", ENTRY, "--worker", mode, *args], timeout=timeout,
                        idle_timeout=idle_timeout)
     if res["hung"]:
         raise WorkerHung(f"worker {mode} {args} used under 2% of a core for {idle_timeout} s "

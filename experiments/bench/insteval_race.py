@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 import warnings
 
-from bench.accuracy import FORMULA, TARGET, accuracy, fmt_acc, lme4_ranef, meets
-from bench.baselines import time_lme4_insteval, time_mixedlm, time_numpyro
-from bench.harness import log, median_of, ratio, spread, worker
+from experiments.bench.accuracy import FORMULA, TARGET, accuracy, fmt_acc, lme4_ranef, meets
+from experiments.bench.baselines import time_lme4_insteval, time_mixedlm, time_numpyro
+from experiments.bench.harness import log, median_of, ratio, spread, worker
 
 
 def steps_to_target(df, ref, dtype: str, max_steps: int, **kw) -> tuple[int | None, list[dict]]:
@@ -88,7 +88,7 @@ def time_ours(df, ref, repeats: int, cold_repeats: int, quick: bool) -> dict:
 def time_exact(df, repeats: int, cold_repeats: int) -> dict:
     """``q="exact"`` (lme4's REML criterion, the default ``q="auto"``'s choice where the dense block is small):
     warm and cold (a fresh process), and the largest relative difference of its SDs from lme4 REML's."""
-    from bench.accuracy import lme4_sd
+    from experiments.bench.accuracy import lme4_sd
 
     warm, m = time_fit(df, repeats, q="exact")
     ref = lme4_sd()

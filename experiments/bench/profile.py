@@ -13,11 +13,12 @@ import warnings
 
 import numpy as np
 
-from bench.accuracy import FACTORS
-from bench.harness import log, time_call, worker
-from bench.scaling import simulate
-from bench.stages import (jitted_block_updates, jitted_elbo, jitted_m_step, jitted_row_moments, jitted_sweep,
-                          structured_problem)
+from experiments.bench.accuracy import FACTORS
+from experiments.bench.harness import log, time_call, worker
+from experiments.bench.stages import (jitted_block_updates, jitted_elbo, jitted_m_step, jitted_row_moments, jitted_sweep,
+                                      structured_problem)
+from experiments.simulate import simulate
+from lmevi.runtime.precision import x64
 
 
 def profile_part(args) -> dict:
@@ -29,6 +30,7 @@ def profile_part(args) -> dict:
                   "--repeats", str(max(args.repeats, 5)), *(["--light"] if args.quick else []))
 
 
+@x64  # the stages are called directly, outside the 64-bit scope of ``lmevi.fit``: 64-bit for this call only
 def worker_profile(args) -> dict:
     """Time the pieces of one coordinate-ascent sweep, and alternatives for its passes over the rows.
 

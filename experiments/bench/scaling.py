@@ -1,7 +1,6 @@
 """Scaling in the number of rows, on simulated data shaped like InstEval.
 
-:func:`simulate` draws crossed data like InstEval's (students ~ n/25, instructors ~ n/65, 14 departments
-with instructors nearly nested in them, a binary ``service``; SDs 0.33, 0.51, 0.08, residual 1.18).
+The data come from :func:`experiments.simulate.simulate` (crossed, shaped like InstEval).
 :func:`scaling_part` runs every size in a fresh process (:func:`worker_scale`, the ``scale`` helper mode
 of ``benchmark.py``), so that its peak RSS is its own: time of the recommended fit (first call, then
 warm), time per coordinate-ascent sweep and per closed-form ELBO-and-gradient evaluation; and lme4 on
@@ -16,60 +15,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from bench.accuracy import FACTORS, FORMULA
-from bench.baselines import LME4_TIMING
-from bench.harness import WorkerHung, last_json, log, run_measured, time_call, worker
-from bench.stages import jitted_elbo_and_grad, jitted_sweep, structured_problem
+from experiments.bench.accuracy import FACTORS, FORMULA
+from experiments.bench.baselines import LME4_TIMING
+from experiments.bench.harness import WorkerHung, last_json, log, run_measured, time_call, worker
+from experiments.bench.stages import jitted_elbo_and_grad, jitted_sweep, structured_problem
+from experiments.simulate import simulate
+from lmevi.runtime.precision import x64
 
-SIM_SD = {"s": 0.33, "d": 0.51, "dept": 0.08, "residual": 1.18}
-SIM_BETA = (3.2, -0.08)
 # the timings whose log-log slope against rows is reported
 SLOPE_KEYS = ("fit_seconds", "fit_seconds_first_call", "seconds_per_sweep", "seconds_per_eval", "lme4_seconds")
-
-
-def simulate(n_obs: int, seed: int) -> tuple[pd.DataFrame, dict]:
-    """Crossed data shaped like InstEval; returns the frame and the simulated effects.
-
-    Students ``n/25`` and instructors ``n/65`` levels (at least 10 and 5), 14 departments; every instructor
-    has a home department, and 95% of an instructor's rows are in it. ``service`` is Bernoulli(0.4).
-    """
-    rng = np.random.default_rng(seed)
-    levels = simulate_levels(n_obs, rng)
-    rows = simulate_rows(levels, n_obs, rng)
-
-    def factor(codes, n):
-        return pd.Categorical.from_codes(codes, categories=[str(i) for i in range(n)])
-
-    df = pd.DataFrame({"y": rows["y"], "service": rows["service"],
-                       **{g: factor(rows[g], levels["n_levels"][g]) for g in FACTORS}})
-    return df, levels["effects"]
-
-
-def simulate_levels(n_obs: int, rng) -> dict:
-    """The levels of :func:`simulate` for ``n_obs`` rows: their numbers, the instructors' home departments and
-    every level's effect."""
-    n_levels = {"s": max(10, n_obs // 25), "d": max(5, n_obs // 65), "dept": 14}
-    home = rng.integers(0, n_levels["dept"], n_levels["d"], dtype=np.int32)
-    effects = {g: rng.normal(0, SIM_SD[g], n_levels[g]) for g in FACTORS}
-    return {"n_levels": n_levels, "home": home, "effects": effects}
-
-
-def simulate_rows(levels: dict, n_rows: int, rng) -> dict:
-    """``n_rows`` rows of :func:`simulate` given its levels (:func:`simulate_levels`): level codes (int32),
-    ``service`` and ``y``. Drawn in blocks from separate streams, rows of one data set can be made a shard
-    at a time."""
-    n = levels["n_levels"]
-    s = rng.integers(0, n["s"], n_rows, dtype=np.int32)
-    d = rng.integers(0, n["d"], n_rows, dtype=np.int32)
-    away = rng.random(n_rows) < 0.05
-    dept = np.where(away, rng.integers(0, n["dept"], n_rows, dtype=np.int32), levels["home"][d]).astype(np.int32)
-    service = (rng.random(n_rows) < 0.4).astype(np.int64)
-    b = levels["effects"]
-    y = (SIM_BETA[0] + SIM_BETA[1] * service + b["s"][s] + b["d"][d] + b["dept"][dept]
-         + rng.normal(0, SIM_SD["residual"], n_rows))
-    return {"y": y, "service": service, "s": s, "d": d, "dept": dept}
 
 
 def scaling_part(args, with_r: bool, tmpdir: Path) -> list[dict]:
@@ -188,7 +143,7 @@ def multi_process_part(processes: int = 2) -> dict:
     (``experiments/distributed.py``), against one process: warm seconds and the largest absolute difference."""
     import tempfile
 
-    import distributed
+    from experiments import distributed
 
     log(f"sharded: InstEval over {processes} processes (Parquet files, jax.distributed) ...")
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,6 +196,7 @@ def slopes(rows, lo, hi) -> dict:
     return {k: slope(rows, k, lo, hi) for k in SLOPE_KEYS}
 
 
+@x64  # the stages are called directly, outside the 64-bit scope of ``lmevi.fit``: 64-bit for this call only
 def worker_scale(args) -> dict:
     """One simulated size: recommended fit (first call, warm), then per-sweep and ELBO+gradient timings."""
     import lmevi

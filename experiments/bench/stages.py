@@ -11,7 +11,7 @@ would become a constant of the compiled program), the problem's structure is sta
 
 from __future__ import annotations
 
-from bench.accuracy import FORMULA
+from experiments.bench.accuracy import FORMULA
 
 
 def structured_problem(frame, model=None):

@@ -12,12 +12,11 @@ import os
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from bench.accuracy import FACTORS, FORMULA, TARGET, fmt_acc
-from bench.harness import log, ratio
+from experiments.bench.accuracy import FACTORS, FORMULA, TARGET, fmt_acc
+from experiments.bench.harness import log, ratio
 
 # What "cold" means: a fresh process with lmevi's defaults, so its compilation cache (filled by earlier runs) is
 # in use; the empty-cache figure is experiments/latency.py's.
@@ -34,6 +33,8 @@ SPEED_TARGETS = (
 
 def plot_scaling(rows, slopes, path: Path, lo: int, hi: int) -> None:
     """``scaling.png``: every timing against rows on log-log axes, with its slope from ``lo`` to ``hi`` rows."""
+    import matplotlib.pyplot as plt  # here, not at import: no backend chosen by importing
+
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     series = [("fit_seconds", "lmevi fit (warm)", "o-"), ("fit_seconds_first_call", "lmevi fit (first call)", "o--"),
               ("seconds_per_sweep", "one CAVI sweep", "s-"), ("seconds_per_eval", "ELBO + gradient", "^-"),
@@ -274,7 +275,7 @@ def jsonable(x):
 
 # The 1e8-row fit takes longer than the rest of the benchmark together: it is its own run of
 # experiments/distributed.py (the command below), on the same machine, and the benchmark reports its record.
-RUN_1E8 = ("python experiments/distributed.py --rows 100000000 --processes 1 --files 8 --no-single --fits 1 "
+RUN_1E8 = ("python -m experiments.distributed --rows 100000000 --processes 1 --files 8 --no-single --fits 1 "
            "--dtype float32 --timeout 3000 --out results/benchmark/1e8")
 FILE_1E8 = Path(__file__).resolve().parents[2] / "results" / "benchmark" / "1e8" / "distributed.json"
 
