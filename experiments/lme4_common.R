@@ -1,5 +1,5 @@
 ## Shared helpers of the lme4 reference scripts (lme4_reference.R, lme4_datasets.R, lme4_corpus.R,
-## lme4_latency.R):
+## lme4_latency.R, lme4_inference.R, lme4_glmer.R):
 ## fit with lmer while collecting warnings and messages, and write the fit in the layouts of lme4's
 ## as.data.frame methods plus a JSON summary; load a corpus data set. Sourced, not run.
 
@@ -13,6 +13,55 @@ write_json_file <- function(x, path) {
   txt <- jsonlite::toJSON(x, auto_unbox = TRUE, digits = NA, pretty = TRUE, null = "null", na = "null")
   writeLines(txt, path)
 }
+
+## ---------------------------------------------------------------------------
+## Numbers and steps (lme4_inference.R, lme4_glmer.R)
+## ---------------------------------------------------------------------------
+
+## Shortest of %.15g / %.17g that reads back to the same double.
+fmt_num <- function(x) {
+  s <- sprintf("%.15g", x)
+  fin <- which(is.finite(x))
+  bad <- fin[as.numeric(s[fin]) != x[fin]]
+  s[bad] <- sprintf("%.17g", x[bad])
+  s[is.na(x)] <- NA
+  s
+}
+
+write_table <- function(df, path) {
+  num <- vapply(df, is.numeric, logical(1))
+  for (j in which(num)) df[[j]] <- fmt_num(df[[j]])
+  write.csv(df, path, row.names = FALSE, quote = which(!num), na = "NA")
+}
+
+## ---------------------------------------------------------------------------
+## Running a step: value, elapsed seconds, error and every warning/message; optional time limit
+## ---------------------------------------------------------------------------
+
+capture <- function(expr, limit = Inf) {
+  msgs <- character(0)
+  err <- NULL
+  tm <- system.time(
+    val <- tryCatch({
+      setTimeLimit(elapsed = limit, transient = TRUE)
+      withCallingHandlers(expr,
+        warning = function(w) {
+          msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
+          invokeRestart("muffleWarning")
+        },
+        message = function(c) {
+          msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
+          invokeRestart("muffleMessage")
+        })
+    }, error = function(e) {
+      err <<- conditionMessage(e)
+      NULL
+    }, finally = setTimeLimit(elapsed = Inf))
+  )
+  list(value = val, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
+       messages = unique(gsub("\n", " ", msgs)))
+}
+
 
 ## ---------------------------------------------------------------------------
 ## Fitting and writing

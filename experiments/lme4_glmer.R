@@ -73,43 +73,7 @@ script_dir <- function() {
   f <- sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))
   if (length(f)) dirname(normalizePath(f[[1]])) else "experiments"
 }
-source(file.path(script_dir(), "lme4_common.R"))   # write_json_file
-
-fmt_num <- function(x) {
-  s <- sprintf("%.15g", x)
-  fin <- which(is.finite(x))
-  bad <- fin[as.numeric(s[fin]) != x[fin]]
-  s[bad] <- sprintf("%.17g", x[bad])
-  s[is.na(x)] <- NA
-  s
-}
-
-write_table <- function(df, path) {
-  num <- vapply(df, is.numeric, logical(1))
-  for (j in which(num)) df[[j]] <- fmt_num(df[[j]])
-  write.csv(df, path, row.names = FALSE, quote = which(!num), na = "NA")
-}
-
-capture <- function(expr) {
-  msgs <- character(0)
-  err <- NULL
-  tm <- system.time(
-    val <- tryCatch(withCallingHandlers(expr,
-      warning = function(w) {
-        msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
-        invokeRestart("muffleWarning")
-      },
-      message = function(c) {
-        msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
-        invokeRestart("muffleMessage")
-      }), error = function(e) {
-        err <<- conditionMessage(e)
-        NULL
-      })
-  )
-  list(value = val, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
-       messages = unique(gsub("\n", " ", msgs)))
-}
+source(file.path(script_dir(), "lme4_common.R"))   # write_json_file, write_table, capture
 
 ## ---------------------------------------------------------------------------
 ## Data

@@ -79,7 +79,7 @@ script_dir <- function() {
   f <- sub("^--file=", "", grep("^--file=", commandArgs(FALSE), value = TRUE))
   if (length(f)) dirname(normalizePath(f[[1]])) else "experiments"
 }
-source(file.path(script_dir(), "lme4_common.R"))   # write_json_file, load_data
+source(file.path(script_dir(), "lme4_common.R"))   # write_json_file, load_data, write_table, capture
 
 KR_MAX_NOBS <- 10000
 KR_LIMIT_S <- 60
@@ -95,50 +95,6 @@ emmeans_factors <- list(oats_variety = "Variety", mass_oats = c("V", "N"), npk =
 ## ---------------------------------------------------------------------------
 ## Writing
 ## ---------------------------------------------------------------------------
-
-## Shortest of %.15g / %.17g that reads back to the same double.
-fmt_num <- function(x) {
-  s <- sprintf("%.15g", x)
-  fin <- which(is.finite(x))
-  bad <- fin[as.numeric(s[fin]) != x[fin]]
-  s[bad] <- sprintf("%.17g", x[bad])
-  s[is.na(x)] <- NA
-  s
-}
-
-write_table <- function(df, path) {
-  num <- vapply(df, is.numeric, logical(1))
-  for (j in which(num)) df[[j]] <- fmt_num(df[[j]])
-  write.csv(df, path, row.names = FALSE, quote = which(!num), na = "NA")
-}
-
-## ---------------------------------------------------------------------------
-## Running a step: value, elapsed seconds, error and every warning/message; optional time limit
-## ---------------------------------------------------------------------------
-
-capture <- function(expr, limit = Inf) {
-  msgs <- character(0)
-  err <- NULL
-  tm <- system.time(
-    val <- tryCatch({
-      setTimeLimit(elapsed = limit, transient = TRUE)
-      withCallingHandlers(expr,
-        warning = function(w) {
-          msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
-          invokeRestart("muffleWarning")
-        },
-        message = function(c) {
-          msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
-          invokeRestart("muffleMessage")
-        })
-    }, error = function(e) {
-      err <<- conditionMessage(e)
-      NULL
-    }, finally = setTimeLimit(elapsed = Inf))
-  )
-  list(value = val, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
-       messages = unique(gsub("\n", " ", msgs)))
-}
 
 ## Run `expr` as step `key` of a model: the table it returns goes to <dir>/<key>.csv; its record to `steps`.
 run_step <- function(state, key, expr, limit = Inf) {
