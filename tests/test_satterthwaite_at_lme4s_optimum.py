@@ -1,7 +1,8 @@
 """Where lmevi's Satterthwaite dfs differ from lmerTest's by more than the 1e-4 target (igf, assay, bodyweight,
-orthodont_agesex: 4e-4 to 6e-3 relative; ``results/inference/corpus.csv``), the difference is the optimum's, not
-the method's: lme4's optimiser stops short of the REML optimum there (lmevi's REML criterion is lower, by 5e-6
-to 8e-5), and the dfs follow theta. Evaluated at lme4's own theta and sigma (``results/lme4/corpus/<name>/
+orthodont_agesex: 4e-4 to 6e-3 relative; petrol_slope: 2.1; ``results/inference/corpus.csv``), the difference is
+the optimum's, not the method's: lme4's optimiser stops short of the REML optimum there (lmevi's REML criterion
+is lower, by 5e-6 to 8e-5, and by 0.13 on petrol_slope, where lme4 warns that it failed to converge), and the
+dfs follow theta. Evaluated at lme4's own theta and sigma (``results/lme4/corpus/<name>/
 fit_reml.json``, 15 digits), lmevi's exact derivatives give lmerTest's dfs to 1e-6 relative (measured 3e-9 to
 3e-8; lmerTest's finite differences and the references' 15 digits allow no tighter)."""
 
@@ -33,7 +34,7 @@ def _fit(name: str):
     return lmevi.fit(row["formula"], data, q="exact", reml=True, missing="drop", progress=False)
 
 
-@pytest.mark.parametrize("name", ["igf", "assay", "bodyweight", "orthodont_agesex"])
+@pytest.mark.parametrize("name", ["igf", "assay", "bodyweight", "orthodont_agesex", "petrol_slope"])
 def test_dfs_at_lme4s_optimum_are_lmertests(name):
     ref = json.loads((LME4 / "corpus" / name / "fit_reml.json").read_text())
     lmertest = pd.read_csv(LME4 / "inference" / name / "coef_satterthwaite.csv").set_index("term")
