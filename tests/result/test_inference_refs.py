@@ -27,7 +27,7 @@ import lmevi
 from lmevi.frame.rdata import load_rdataset
 from lmevi.result import lmertest_ref
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REFS = ROOT / "results" / "lme4" / "inference"
 
 

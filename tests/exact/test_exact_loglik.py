@@ -20,7 +20,7 @@ from lmevi.frame.design import build_design
 from lmevi.frame.formula import parse_formula
 from lmevi.q.model import ModelParams, log_joint
 
-LME4 = Path(__file__).resolve().parents[1] / "results" / "lme4"
+LME4 = Path(__file__).resolve().parents[2] / "results" / "lme4"
 
 CASES = [
     ("dyestuff", "Yield ~ 1 + (1 | Batch)", "Dyestuff"),

@@ -162,7 +162,7 @@ def test_simulated_moments_match_the_model(fit):
 
 # The committed bootMer reference (experiments/lme4_inference.R -> results/lme4/inference/sleepstudy_bootmer.*):
 # lme4 1.1-31, bootMer(m, nsim = 1000, seed = 20240601, use.u = FALSE), boot_sd = SD of the replicates.
-BOOTMER = Path(__file__).resolve().parents[1] / "results" / "lme4" / "inference"
+BOOTMER = Path(__file__).resolve().parents[2] / "results" / "lme4" / "inference"
 
 
 def test_standard_errors_match_bootmer(boot):
