@@ -212,13 +212,7 @@ def build_model(
     parsed = parse_formula(formula)
     raw_design, info = build_design(parsed, data, jdtype, missing, collective, buffers, encode_response=like.encode,
                                      dispersion=like.has_dispersion, weights=weights, offset=offset)
-    if raw_design.weights is None:
-        like.check(np.asarray(raw_design.y), parsed.response)
-    else:
-        like.check_weighted(np.asarray(raw_design.y), np.asarray(raw_design.weights), parsed.response)
-    folded = None
-    if like.moment_form:  # the Gaussian: weights and offset become rescaled rows (lmevi.fitting.weighting)
-        raw_design, folded = weighting.fold(raw_design)
+    raw_design, folded = _checked_response(like, raw_design, parsed.response)
     q = resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None,
                   fit_settings=fit_settings)
     if q == "exact":
@@ -242,6 +236,18 @@ def build_model(
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
         folded=folded,
     )
+
+
+def _checked_response(like: Likelihood, design: Design, name: str):
+    """``(design, folded)``: the response checked by the likelihood (under prior weights where there are some);
+    a Gaussian's weights and offset folded into its rows (:mod:`lmevi.fitting.weighting`), else ``None``."""
+    if design.weights is None:
+        like.check(np.asarray(design.y), name)
+    else:
+        like.check_weighted(np.asarray(design.y), np.asarray(design.weights), name)
+    if like.moment_form:
+        return weighting.fold(design)
+    return design, None
 
 
 def _checked(q, blocks, residual_scale, small_threshold, dtype, missing):
