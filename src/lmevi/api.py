@@ -57,6 +57,8 @@ def fit(
     snapshot_steps=(),
     devices=None,
     distributed: bool = False,
+    weights=None,
+    offset=None,
 ) -> FitResult:
     """Fit a linear mixed model by variational EM.
 
@@ -116,6 +118,12 @@ def fit(
             rows (for example its own Parquet files) and gets the fit of all the rows, its rows sharded over
             the devices of every process (:func:`lmevi.build_model`; ``experiments/distributed.py`` runs one).
             The fitted values and residuals of the result are this process's rows.
+        weights: R's prior weights, a column name or one number per row (``lmer``/``glmer``'s ``weights``): the
+            Gaussian's residual variance of row ``i`` is ``sigma^2 / w_i``; a binomial response of proportions
+            is then out of ``w_i`` trials. A binomial response may also be written ``cbind(successes,
+            failures)`` (:mod:`lmevi.frame.prior`).
+        offset: a column name or one number per row added to the linear predictor, as ``offset(...)`` terms
+            of the formula are (R's ``offset``); ``predict(newdata)`` reads the new rows' offset.
 
     Returns:
         A :class:`~lmevi.result.fitresult.FitResult`.
@@ -130,6 +138,7 @@ def fit(
     return run_stages(
         formula, data, how, family=family, link=link, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, devices=devices, distributed=distributed,
+        **{k: v for k, v in (("weights", weights), ("offset", offset)) if v is not None},
     )
 
 

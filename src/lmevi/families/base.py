@@ -15,7 +15,8 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
 * ``has_dispersion``: whether there is a scale to estimate (the Gaussian's ``sigma``, a Gamma's dispersion);
   it is held where the Gaussian's sigma is (``ModelParams.sigma``), and
   ``update_dispersion(y, mean, var, dispersion, rows)`` is its M-step given q's moments;
-* ``start(X, y, n_obs)``: starting values ``(beta (p,), dispersion ())``;
+* ``start(X, y, n_obs, weights=None, offset=None)``: starting values ``(beta (p,), dispersion ())``, with R's
+  prior weights and offset when given;
 * ``moment_form``: ``True`` when the summed expected log-density depends on q only through
   ``sum_i (r_i - mean_i)^2`` and ``sum_i var_i`` (the Gaussian's ``expected_log_lik_from_sums``), which is
   what lets the closed-form ELBO skip the per-row variances and coordinate ascent update q in closed form;
@@ -23,7 +24,8 @@ A likelihood is a frozen (hashable) object, so it can sit in the static part of 
   free; a count's or a 0/1 response's are not);
 * ``encode(column, name)``: the response column as numbers where the likelihood reads a non-numeric one (the
   binomial's two levels), else ``None``; ``check(y, name)``: a ``ValueError`` naming what the response may not
-  hold (counts, 0/1);
+  hold (counts, 0/1); ``check_weighted(y, weights, name)``: the same under prior weights (a binomial's
+  proportions of ``weights`` trials);
 * ``deviance_residuals(y, mu)``: lme4's default ``residuals`` (the response residuals for the Gaussian).
 
 :class:`Generalized` implements what follows from a log-density, a link and a variance function alone
@@ -73,11 +75,13 @@ class Likelihood(Protocol):
 
     def inverse_link(self, eta: jax.Array) -> jax.Array: ...
 
-    def start(self, X: jax.Array, y: jax.Array, n_obs) -> tuple[jax.Array, jax.Array]: ...
+    def start(self, X: jax.Array, y: jax.Array, n_obs, weights=None, offset=None) -> tuple[jax.Array, jax.Array]: ...
 
     def encode(self, column, name: str): ...
 
     def check(self, y, name: str) -> None: ...
+
+    def check_weighted(self, y, weights, name: str) -> None: ...
 
     def deviance_residuals(self, y, mu): ...
 
@@ -143,29 +147,43 @@ class Generalized:
             return jnp.asarray(1.0, y.dtype)
         return jnp.sum((y - mu) ** 2 / self.variance(mu)) / n_free
 
-    def start(self, X, y, n_obs):
+    def start(self, X, y, n_obs, weights=None, offset=None):
         """Fixed-effects start ``beta (p,)`` by 25 iteratively reweighted least-squares steps of the GLM
         without random effects, from every row's predictor at the link of the response's mean; and the
         dispersion's start (1 without one: the scale that the random effects' starting SDs are a fraction of,
-        :func:`lmevi.q.variational.init_params`). Padding rows (X = 0) add nothing to the normal equations."""
+        :func:`lmevi.q.variational.init_params`). Padding rows (X = 0) add nothing to the normal equations.
+        ``weights`` ``(n_obs,)``: R's prior weights (padding rows 0), which multiply the working weights;
+        ``offset`` ``(n_obs,)``: added to the linear predictor (as R's ``glm.fit``)."""
         Xw, yw = wide(X), wide(y)
-        eta = jnp.full_like(yw, self.link.link(jnp.sum(yw) / n_obs))
+        pw = jnp.ones_like(yw) if weights is None else wide(weights)
+        off = jnp.zeros_like(yw) if offset is None else wide(offset)
+        rows = jnp.arange(yw.shape[0]) < n_obs
+        pw = jnp.where(rows, pw, 0.0)
+        ybar = jnp.sum(pw * yw) / jnp.maximum(jnp.sum(pw), 1e-300)
+        eta = jnp.full_like(yw, self.link.link(ybar))
 
         def step(eta, _):
             mu = self.link.inverse(eta)
             d = self.link.mu_eta(eta)
-            w = d**2 / self.variance(mu)
-            z = eta + (yw - mu) / d
+            w = pw * d**2 / self.variance(mu)
+            z = eta - off + (yw - mu) / d
             XtW = Xw.T * w
             beta = jnp.linalg.solve(XtW @ Xw + 1e-10 * jnp.eye(Xw.shape[1], dtype=Xw.dtype), XtW @ z)
-            return Xw @ beta, beta
+            return Xw @ beta + off, beta
 
         _, betas = jax.lax.scan(step, eta, None, length=25)
         beta = betas[-1]
-        rows = jnp.arange(yw.shape[0]) < n_obs
-        mu = jnp.where(rows, self.link.inverse(Xw @ beta), jnp.mean(yw))
-        phi = self.dispersion_start(jnp.where(rows, yw, mu), mu, n_obs - Xw.shape[1])
+        mu = jnp.where(rows, self.link.inverse(Xw @ beta + off), jnp.mean(yw))
+        if weights is None:
+            phi = self.dispersion_start(jnp.where(rows, yw, mu), mu, n_obs - Xw.shape[1])
+        else:  # Pearson's with prior weights: sum w (y - mu)^2 / V(mu) / (n - p), as summary.glm
+            phi = self.dispersion_start(jnp.sqrt(pw) * (jnp.where(rows, yw, mu) - mu) + mu, mu, n_obs - Xw.shape[1])
         return beta.astype(y.dtype), jnp.asarray(phi, y.dtype)
+
+    def check_weighted(self, y: np.ndarray, weights: np.ndarray, name: str) -> None:
+        """The response under prior weights: the rows of positive weight as :meth:`check` (a binomial reads
+        proportions of trials instead, :class:`lmevi.families.binomial.Binomial`)."""
+        self.check(y[weights > 0], name)
 
     def encode(self, column: pd.Series, name: str) -> np.ndarray | None:
         return None  # numbers

@@ -82,6 +82,18 @@ class Binomial(Generalized):
             raise ValueError(f"the response {name!r} of a binomial model must be 0/1 (or two levels, or booleans), "
                              f"it has {bad:g}; for k successes out of n trials write one row per trial")
 
+    def check_weighted(self, y: np.ndarray, weights: np.ndarray, name: str) -> None:
+        """Proportions of ``weights`` trials, as R's ``binomial()`` reads a response with prior weights: ``y_i``
+        in [0, 1] and ``y_i w_i`` a whole number of successes (to 1e-7: proportions stored as decimals)."""
+        successes = y * weights
+        bad = (y < 0) | (y > 1) | (np.abs(successes - np.round(successes)) > 1e-7 * np.maximum(weights, 1.0))
+        if np.any(bad):
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"the response {name!r} of a binomial model with weights must be proportions of the weights' "
+                f"trials (successes within 0..trials, a whole number of them): row {i} has {y[i]:g} of "
+                f"{weights[i]:g} trials")
+
     def deviance_residuals(self, y, mu):
         """``(n,)`` signed square roots of each row's deviance (lme4's default ``residuals`` of a glmer)."""
         mu = np.clip(mu, 1e-300, 1.0 - 1e-16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax.numpy as jnp
+import numpy as np
 
 from lmevi.families.base import LOG_2PI
 from lmevi.families.links import IDENTITY, Identity
@@ -51,7 +52,7 @@ class Gaussian:
     def inverse_link(self, eta):
         return eta
 
-    def start(self, X, y, n_obs):
+    def start(self, X, y, n_obs, weights=None, offset=None):
         """Least squares: ``beta (p,)`` and the residual SD ``()`` over ``n_obs`` rows (zero padding rows
         after them change neither)."""
         beta, *_ = jnp.linalg.lstsq(wide(X), wide(y))
@@ -63,6 +64,13 @@ class Gaussian:
 
     def check(self, y, name: str) -> None:
         return None  # any finite number
+
+    def check_weighted(self, y, weights, name: str) -> None:
+        """Any finite number; every prior weight positive (a zero weight is an infinite residual variance:
+        lme4's log-likelihood is then -Inf)."""
+        if np.any(weights <= 0):
+            raise ValueError(f"the weights of a Gaussian model must be positive; {int(np.sum(weights <= 0))} row(s) "
+                             "have weight 0 (drop them from the data)")
 
     def deviance_residuals(self, y, mu):
         return y - mu

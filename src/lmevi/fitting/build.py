@@ -20,7 +20,7 @@ import pandas as pd
 
 from lmevi.runtime import collective as collective_lib
 from lmevi.families import registry as likelihood_lib
-from lmevi.fitting import scaling
+from lmevi.fitting import scaling, weighting
 from lmevi.frame.design import Design, DesignInfo, TermData, build_design
 from lmevi.frame.formula import parse_formula
 from lmevi.families.base import Likelihood
@@ -106,6 +106,8 @@ class Model(NamedTuple):
         spec: q's blocks with the data's level counts (``problem.spec`` has the padded ones).
         data: the data frame as given (a reference, as lme4 keeps its model frame: refits use it).
         missing: the missing-value rule the design was built with.
+        folded: how a Gaussian model's prior weights and offset were folded into its rows
+            (:mod:`lmevi.fitting.weighting`), or ``None``.
     """
 
     formula: str
@@ -120,6 +122,7 @@ class Model(NamedTuple):
     spec: QSpec
     data: pd.DataFrame
     missing: str
+    folded: weighting.Folded | None = None
 
     @property
     def padded(self) -> bool:
@@ -145,6 +148,8 @@ def build_model(
     devices=None,
     distributed: bool = False,
     fit_settings=None,
+    weights=None,
+    offset=None,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
@@ -166,6 +171,9 @@ def build_model(
             own rows): the model is the one all the rows make (levels, counts, scales and q's blocks from
             every process, :mod:`lmevi.runtime.collective`), its rows sharded over the devices of all processes.
             Numeric fixed effects and covariates only; variational q (``q="auto"`` takes the structured one).
+        weights, offset: R's prior weights and offset (a column name or one number per row; :mod:`lmevi.frame.prior`).
+            A Gaussian model folds them into its rows (:mod:`lmevi.fitting.weighting`); the generalized ones
+            keep them in the design.
 
     Returns:
         A :class:`Model` (in a multi-process job: ``y`` and the data are this process's rows).
@@ -203,8 +211,8 @@ def build_model(
     buffers = RowBuffers(lambda n: padded_rows(int(collective.max(n)), local_devices) if pad_rows else n)
     parsed = parse_formula(formula)
     raw_design, info = build_design(parsed, data, jdtype, missing, collective, buffers, encode_response=like.encode,
-                                     dispersion=like.has_dispersion)
-    like.check(np.asarray(raw_design.y), parsed.response)
+                                     dispersion=like.has_dispersion, weights=weights, offset=offset)
+    raw_design, folded = _checked_response(like, raw_design, parsed.response)
     q = resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None,
                   fit_settings=fit_settings)
     if q == "exact":
@@ -226,7 +234,20 @@ def build_model(
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
         reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
+        folded=folded,
     )
+
+
+def _checked_response(like: Likelihood, design: Design, name: str):
+    """``(design, folded)``: the response checked by the likelihood (under prior weights where there are some);
+    a Gaussian's weights and offset folded into its rows (:mod:`lmevi.fitting.weighting`), else ``None``."""
+    if design.weights is None:
+        like.check(np.asarray(design.y), name)
+    else:
+        like.check_weighted(np.asarray(design.y), np.asarray(design.weights), name)
+    if like.moment_form:
+        return weighting.fold(design)
+    return design, None
 
 
 def _checked(q, blocks, residual_scale, small_threshold, dtype, missing):
@@ -303,6 +324,8 @@ def pad_design(design: Design, n_rows: int, n_levels: tuple[int, ...]) -> Design
             TermData(index=rows(t.index), covariates=rows(t.covariates), n_levels=J, unit=t.unit)
             for t, J in zip(design.terms, n_levels)
         ),
+        weights=None if design.weights is None else rows(design.weights),
+        offset=None if design.offset is None else rows(design.offset),
     )
 
 
@@ -348,6 +371,8 @@ def place_rows(design: Design, sharding=None) -> Design:
         X=put(design.X),
         terms=tuple(TermData(index=put(t.index), covariates=put(t.covariates), n_levels=t.n_levels, unit=t.unit)
                     for t in design.terms),
+        weights=None if design.weights is None else put(design.weights),
+        offset=None if design.offset is None else put(design.offset),
     )
 
 

@@ -45,14 +45,17 @@ def _row_moments(problem, params):
 def working_problem(problem, params):
     """The Gaussian problem whose coordinate-ascent sweep is one step of the GLMM fit at ``params`` (see the
     module docstring): rows scaled by ``sqrt(w_i)``, response ``sqrt(w_i) z_i``, sigma fixed at 1. Padding rows
-    keep weight 0. Same shapes and structure as ``problem``, so its programs compile once."""
+    keep weight 0. R's prior weights multiply ``w_i``; an offset is taken off ``z_i``. Same shapes and structure as ``problem``, so its programs compile once."""
     design = problem.design
     rows, eta, var = _row_moments(problem, params)
     y = jnp.where(rows, design.y, problem.likelihood.inverse_link(eta))  # padding rows: inside the support
     g, h = problem.likelihood.working_moments(y, eta, var, params.model.sigma)
     fill = rows.astype(design.y.dtype)
-    w = h * fill
+    # prior weights multiply g and h alike: z is unchanged, the working weight is w_i h_i
+    w = h * fill if design.weights is None else h * design.weights * fill
     z = eta + g / jnp.where(rows, h, 1.0)
+    if design.offset is not None:  # the working model is for the linear predictor less its offset
+        z = z - design.offset
     sw = jnp.sqrt(w)
     terms = tuple(TermData(index=t.index, covariates=t.covariates * sw[:, None], n_levels=t.n_levels, unit=False)
                   for t in design.terms)

@@ -192,6 +192,10 @@ def standardise(
                      covariates=weight if u else padded(t.covariates, dtype, s), n_levels=t.n_levels, unit=u)
             for t, s, u in zip(design.terms, z_scale, unit)
         ),
+        weights=None if design.weights is None else _padded(design.weights, n_rows, dtype),
+        # an offset is in the response's units: y - c = offset + X beta + ... (c a multiple of the intercept)
+        offset=None if design.offset is None else _padded(np.asarray(design.offset, np.float64) / y_scale, n_rows,
+                                                          dtype),
     )
     return scaled, Scales(y_shift, y_scale, shift_coef, x_scale, z_scale)
 

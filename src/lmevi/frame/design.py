@@ -31,6 +31,7 @@ from lmevi.frame.labels import Levels, levels_of
 from lmevi.runtime.options import user_stacklevel
 from lmevi.frame.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
 from lmevi.frame.matrix import PlainSpec, _design_matrix, _model_matrix, column_sd
+from lmevi.frame.prior import attach_columns, read_prior, response_columns
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels", "unit"])
@@ -55,20 +56,25 @@ class TermData:
     unit: bool = False
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["y", "X", "terms"], meta_fields=[])
+@partial(jax.tree_util.register_dataclass, data_fields=["y", "X", "terms", "weights", "offset"], meta_fields=[])
 @dataclass(frozen=True)
 class Design:
     """Everything the log joint needs, as arrays.
 
     Attributes:
-        y: ``(n_obs,)`` response.
+        y: ``(n_obs,)`` response (a binomial ``cbind`` response: the proportions).
         X: ``(n_obs, p)`` fixed-effects design matrix.
         terms: one :class:`TermData` per random term.
+        weights: ``(n_obs,)`` prior weights (R's ``weights``; times the trials of a binomial ``cbind``
+            response), or ``None``: all 1, and no array (:mod:`lmevi.frame.prior`). Padding rows: 0.
+        offset: ``(n_obs,)`` added to the linear predictor, or ``None``: all 0, and no array. Padding rows: 0.
     """
 
     y: jax.Array
     X: jax.Array
     terms: tuple[TermData, ...]
+    weights: jax.Array | None = None
+    offset: jax.Array | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class DesignInfo:
         dropped_fixed: names of fixed-effect columns dropped as linearly dependent on earlier ones.
         rows: index labels of the data rows used (after ``missing="drop"``), in the caller's order.
         numeric_columns: the columns the formula reads as numbers (new data must give numbers there too).
+        offset_column: the column of ``offset=`` (``"(offset)"`` when an array was given), or ``None``.
     """
 
     formula: Formula
@@ -128,11 +135,12 @@ class DesignInfo:
     dropped_fixed: tuple[str, ...] = ()
     rows: object = field(default=None, repr=False, compare=False)
     numeric_columns: tuple[str, ...] = ()
+    offset_column: str | None = None
 
 
 def build_design(
     formula: Formula, data: pd.DataFrame, dtype=jnp.float64, missing: str = "raise", collective: Local = LOCAL,
-    buffers: RowBuffers | None = None, encode_response=None, dispersion: bool = True,
+    buffers: RowBuffers | None = None, encode_response=None, dispersion: bool = True, weights=None, offset=None,
 ) -> tuple[Design, DesignInfo]:
     """Check ``data`` against ``formula`` and build the arrays of the model.
 
@@ -153,6 +161,8 @@ def build_design(
         dispersion: the likelihood has a residual variance (the Gaussian). Without one (Poisson, binomial) a
             grouping factor may have a level per row (an observation-level random effect, as in lme4's
             ``grouseticks`` example): only more random effects than rows is refused.
+        weights, offset: R's prior weights and offset, a column name or one number per row, or ``None``
+            (:mod:`lmevi.frame.prior`, which also reads a ``cbind`` response and ``offset(...)`` terms).
 
     Returns:
         ``(design, info)``.
@@ -171,15 +181,18 @@ def build_design(
     duplicated = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
     if duplicated:
         raise ValueError(f"the data has more than one column named {duplicated}; column names must be unique")
-    columns = _check_columns(formula, data)
+    data, weights, offset = attach_columns(data, weights, offset)
+    columns = _check_columns(formula, data) + [c for c in (weights, offset) if c is not None]
     data = _handle_missing(data, columns, missing)
+    prior = read_prior(formula, data, weights, offset)
     n_obs = int(collective.sum(len(data)))
     if buffers is not None:
         buffers.n_rows(len(data))  # every process at this point (the count may be a collective's)
     # float matrices go into buffers only in a float64 design: a float32 design rounds them into a copy, and a
     # buffer held meanwhile would keep the float64 matrix alive (at 1e8 rows 1.6 GB of peak memory)
     float_buffers = buffers if np.dtype(dtype) == np.float64 else None
-    y = _response(formula.response, data, collective, encode_response)
+    y = prior.response if prior.response is not None else _response(formula.response, data, collective,
+                                                                      encode_response)
     X, fixed_names, fixed_spec, keep, dropped = _fixed(formula.fixed, data, collective, float_buffers)
     terms, infos = [], []
     ones: dict = {}  # the intercept column, built once for every intercept-only term
@@ -190,7 +203,9 @@ def build_design(
     _check_shared_factors(formula.random, infos, terms, collective)
     # host (NumPy) arrays: standardising and padding happen on the host, and lmevi.fitting.build.make_problem copies
     # the final arrays to the device once
-    design = Design(y=host_array(y, dtype), X=host_array(X, dtype), terms=tuple(terms))
+    design = Design(y=host_array(y, dtype), X=host_array(X, dtype), terms=tuple(terms),
+                    weights=None if prior.weights is None else host_array(prior.weights, dtype),
+                    offset=None if prior.offset is None else host_array(prior.offset, dtype))
     numeric = tuple(
         c for c in columns
         if pd.api.types.is_numeric_dtype(data[c]) and not isinstance(data[c].dtype, pd.CategoricalDtype)
@@ -198,7 +213,7 @@ def build_design(
     )
     info = DesignInfo(
         formula=formula, fixed_names=fixed_names, terms=tuple(infos), n_obs=n_obs, fixed_spec=fixed_spec,
-        fixed_keep=keep, dropped_fixed=dropped, rows=data.index, numeric_columns=numeric,
+        fixed_keep=keep, dropped_fixed=dropped, rows=data.index, numeric_columns=numeric, offset_column=offset,
     )
     return design, info
 
@@ -206,8 +221,8 @@ def build_design(
 def _formula_columns(formula: Formula, with_response: bool = True, with_groups: bool = True) -> list[str]:
     """The data columns the formula reads, in order, each once: the response's, the grouping columns, the
     fixed part's and the random terms' covariates (without the response or the grouping columns if asked)."""
-    needed = sorted(required_columns(formula.response)) if with_response else []
-    parts = [formula.fixed]
+    needed = response_columns(formula.response) if with_response else []
+    parts = [formula.fixed, *formula.offsets]
     if with_groups:
         needed += list(formula.columns)
         parts += [t.coefs for t in formula.random]

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
+_OFFSET = re.compile(r"^offset\s*\((.*)\)$", re.S)
 
 
 class FormulaError(ValueError):
@@ -60,12 +61,15 @@ class Formula:
         fixed: formulaic right-hand side of the fixed effects (``"1"`` when none are given).
         random: the random-effect terms, in the order written (after ``/`` and ``||`` expansion).
         text: the formula as given.
+        offsets: the expressions inside the ``offset(...)`` terms of the right-hand side, in the order written
+            (R's ``offset(log(t))``: added to the linear predictor with coefficient 1).
     """
 
     response: str
     fixed: str
     random: tuple[RandomTerm, ...]
     text: str
+    offsets: tuple[str, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -105,11 +109,18 @@ def parse_formula(text: str) -> Formula:
 
     fixed_parts: list[str] = []
     random: list[RandomTerm] = []
+    offsets: list[str] = []
     if len(_split_top(rhs, "|")) > 1 or len(_split_top(rhs, "||")) > 1:
         # R reads ``y ~ 1 | g`` as ``y ~ (1 | g)``: '|' binds looser than '+', so the whole right side is
         # one random term and the fixed part is the intercept (lme4's nobars gives ``y ~ 1``)
         rhs = f"({rhs})"
     for sign, term in _signed_terms(rhs):
+        offset = _OFFSET.match(term)
+        if offset is not None and _closes_at_end(term, term.index("(")):
+            if sign == "-":
+                raise FormulaError(f"an offset cannot be subtracted: '- {term}' (write offset(-(...)))")
+            offsets.append(offset.group(1).strip())
+            continue
         inner = _random_inner(term)
         if inner is None:
             if "|" in term:
@@ -135,7 +146,7 @@ def parse_formula(text: str) -> Formula:
     fixed = " ".join(fixed_parts).strip() or "1"
     if fixed.startswith("+"):
         fixed = fixed[1:].strip()
-    return Formula(response=lhs, fixed=fixed, random=tuple(random), text=text)
+    return Formula(response=lhs, fixed=fixed, random=tuple(random), text=text, offsets=tuple(offsets))
 
 
 def _parse_random(inner: str, term: str) -> list[RandomTerm]:
@@ -262,6 +273,18 @@ def _signed_terms(rhs: str) -> list[tuple[str, str]]:
         raise FormulaError(f"the formula ends with a dangling operator: {rhs!r}")
     out.append((sign, piece))
     return out
+
+
+def _closes_at_end(text: str, start: int) -> bool:
+    """Whether the ``(`` at ``start`` is closed by the last character of ``text`` (``offset(a)`` but not
+    ``offset(a) * (b)``)."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] == "("
+        depth -= text[i] == ")"
+        if depth == 0:
+            return i == len(text) - 1
+    return False
 
 
 def _random_inner(term: str) -> str | None:

@@ -26,10 +26,18 @@ from lmevi.q.variational import VIParams
 
 
 def fixed_part(design, params: VIParams) -> jax.Array:
-    """``X beta`` for point-estimated beta, zeros when beta is in q; ``(n_obs,)``."""
+    """``X beta`` for point-estimated beta, zeros when beta is in q, plus the design's offset where it has one;
+    ``(n_obs,)``."""
     if params.model.beta is None:
-        return jnp.zeros_like(design.y)
-    return design.X @ params.model.beta
+        out = jnp.zeros_like(design.y)
+    else:
+        out = design.X @ params.model.beta
+    return out if design.offset is None else out + design.offset
+
+
+def weighted(design, per_row: jax.Array) -> jax.Array:
+    """``w_i l_i``: a row's log-likelihood times its prior weight (R's ``weights``), or as it is without them."""
+    return per_row if design.weights is None else design.weights * per_row
 
 
 def kl_part(problem, params: VIParams) -> jax.Array:
@@ -59,7 +67,7 @@ def closed_form(problem, params: VIParams) -> jax.Array:
         var = jnp.where(rows, var, 1.0)
         eta = offset + mean
         y = jnp.where(rows, design.y, like.inverse_link(eta))
-        per_row = like.expected_log_density(y, eta, var, params.model.sigma)
+        per_row = weighted(design, like.expected_log_density(y, eta, var, params.model.sigma))
         ell = jnp.sum(jnp.where(rows, per_row, 0.0))
     return ell + kl_part(problem, params)
 
@@ -97,7 +105,8 @@ def monte_carlo(rng_key, problem, params: VIParams, num_samples: int = 1) -> jax
         effects, beta = problem.q.sample(key, problem.spec, params.blocks)
         b0 = params.model.beta if beta is None else beta
         eta = linear_predictor(design, b0, effects)
-        return jnp.sum(like.log_density(design.y, eta, params.model.sigma))
+        eta = eta if design.offset is None else eta + design.offset
+        return jnp.sum(weighted(design, like.log_density(design.y, eta, params.model.sigma)))
 
     ells = jax.vmap(one)(jax.random.split(rng_key, num_samples))
     return jnp.mean(ells) + kl_part(problem, params)

@@ -171,7 +171,8 @@ def init_params(
     """
     y = design.y
     n = y.shape[0] if n_obs is None else n_obs
-    beta, resid_sd = likelihood.start(design.X, y, n)
+    prior = {k: v for k, v in (("weights", design.weights), ("offset", design.offset)) if v is not None}
+    beta, resid_sd = likelihood.start(design.X, y, n, **prior)
     chol = []
     for term in design.terms:
         # padding rows are zero: the sums are the data's

@@ -458,9 +458,11 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         linear = local_rows(_linear_predictor(problem, params))
     # this process's rows (all rows but in a multi-process fit), padding dropped
     fitted = scales.y_shift + scales.y_scale * linear[: len(model.y)]
+    if model.folded is not None:  # a Gaussian's prior weights and offset (lmevi.fitting.weighting)
+        fitted = model.folded.fitted(fitted)
     if problem.likelihood.link.name != "identity":  # lme4's fitted values of a glmer: the mean at the modes
         fitted = np.asarray(problem.likelihood.inverse_link(fitted), np.float64)
-    offset = scaling.elbo_offset(scales, n, spec.reml)
+    offset = scaling.elbo_offset(scales, n, spec.reml) + (0.0 if model.folded is None else model.folded.loglik_shift)
 
     def back(p):  # to the data's levels (padding dropped) and units, on the host
         p = to_host(p)

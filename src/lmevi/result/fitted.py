@@ -42,4 +42,5 @@ def _linear_predictor(problem, params) -> jax.Array:
     point estimate (under REML q holds beta and the random part includes it). One program: the sum outside
     it would be an operation compiled on its own in every new process."""
     mean = problem.q.row_mean(problem.design, problem.spec, params.blocks)
+    mean = mean if problem.design.offset is None else mean + problem.design.offset
     return mean if params.model.beta is None else problem.design.X @ params.model.beta + mean

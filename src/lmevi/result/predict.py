@@ -10,6 +10,7 @@ import pandas as pd
 
 from lmevi.frame.design import incomplete_rows
 from lmevi.frame.newdata import fixed_matrix, new_data_columns, row_labels, term_rows
+from lmevi.frame.prior import OFFSET_COLUMN, evaluate
 from lmevi.runtime.options import check_bool, check_choice, user_stacklevel
 
 
@@ -42,7 +43,7 @@ def predict(
     if len(data) == 0:
         return out
     X = fixed_matrix(m.info, data)
-    pred = X @ m._beta_mean()
+    pred = X @ m._beta_mean() + new_offset(m.info, data)
     if not population:
         for k, term in enumerate(m.info.terms):
             codes, cov = term_rows(term, data)
@@ -61,3 +62,22 @@ def predict(
         pred = np.asarray(m.likelihood.inverse_link(pred), np.float64)
     out[~bad] = pred
     return out
+
+
+def new_offset(info, data: pd.DataFrame) -> np.ndarray | float:
+    """The offset of new rows (lme4's ``predict`` reads it from ``newdata``): the formula's ``offset(...)``
+    terms and the ``offset=`` column evaluated there; ``0.0`` for a model without one.
+
+    Raises:
+        ValueError: for a model whose ``offset=`` was an array (there is no column to read in new rows).
+    """
+    exprs = list(info.formula.offsets)
+    if info.offset_column == OFFSET_COLUMN and OFFSET_COLUMN not in data.columns:
+        raise ValueError("the model's offset= was an array, which new rows cannot repeat: fit with offset= a column "
+                         f"name, or give newdata a column {OFFSET_COLUMN!r}")
+    if info.offset_column is not None:
+        exprs.append(info.offset_column)
+    total = 0.0
+    for expr in exprs:
+        total = total + evaluate(expr, data, "the offset")
+    return total
