@@ -15,7 +15,7 @@ import lmevi
 from lmevi.frame.formula import parse_formula
 from lmevi.frame.prior import cbind_parts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LME4 = ROOT / "results" / "lme4"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
