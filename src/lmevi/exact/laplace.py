@@ -24,7 +24,7 @@ import numpy as np
 
 from lmevi.exact.agq import agq_objective
 from lmevi.exact.covfactors import theta_default, theta_lower_bounds
-from lmevi.exact.pirls import GlmmData, Mode, effects, pirls, response
+from lmevi.exact.pirls import GlmmData, Mode, effects, fixed_factor, pirls, response
 
 # BOBYQA stops when a step in the parameters is below this (absolute) or the criterion changes by less than
 # _FTOL (absolute, in -2 log L).
@@ -147,7 +147,7 @@ def fd_hessian(fun, x: np.ndarray, lower: np.ndarray) -> np.ndarray:
 def _vcov(data: GlmmData, f, theta, beta, mode: Mode, nagq: int, lower) -> tuple[np.ndarray, str]:
     """lme4's default ``vcov``: from the Hessian for ``nagq >= 1`` (falling back to ``RX`` where it is not
     positive definite, as lme4 warns and does), from ``RX`` for ``nagq = 0``."""
-    rx_inv = np.linalg.inv(mode.rx)
+    rx_inv = np.linalg.inv(mode.rx if mode.rx is not None else fixed_factor(data, theta, mode)[1])
     by_rx = rx_inv.T @ rx_inv
     if nagq == 0:
         return by_rx, "RX"

@@ -19,6 +19,7 @@ throughout; the family's functions (JAX) are evaluated in a 64-bit scope and rea
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -79,15 +80,20 @@ def from_design(design, n_obs: int, family, offset=None) -> GlmmData:
                      [x.n_levels for x in t], family, offset)
 
 
+@partial(jax.jit, static_argnums=0)
+def _response_jax(family, y, eta):
+    logp = family.log_density(y, eta, 1.0)
+    mu = family.inverse_link(eta)
+    d = family.link.mu_eta(eta)
+    return logp, mu, d**2 / family.variance(mu), d
+
+
 def response(data: GlmmData, eta: np.ndarray):
-    """``(log p(y_i | eta_i), mu_i, W_i, mu_eta_i)``, ``(n,)`` each, from the family (64-bit JAX, read back)."""
-    f = data.family
+    """``(log p(y_i | eta_i), mu_i, W_i, mu_eta_i)``, ``(n,)`` each, from the family (one compiled 64-bit
+    program per family, read back as NumPy)."""
     with jax.enable_x64(True):
-        logp = np.asarray(f.log_density(data.y, eta, 1.0))
-        mu = np.asarray(f.inverse_link(eta))
-        d = np.asarray(f.link.mu_eta(eta))
-        w = d**2 / np.asarray(f.variance(mu))
-    return logp, mu, w, d
+        out = _response_jax(data.family, data.y, np.asarray(eta, np.float64))
+        return tuple(np.asarray(a) for a in out)
 
 
 def zlambda(data: GlmmData, theta) -> tuple[sp.csr_matrix, ...]:
@@ -131,8 +137,7 @@ def factor(zl: tuple, w: np.ndarray) -> Factor:
     vals = lead.data.reshape(-1, p1)  # (n, p_1), rows in order (one block of p_1 columns per row)
     level = lead.indices.reshape(-1, p1)[:, 0] // p1
     outer = (w[:, None, None] * vals[:, :, None] * vals[:, None, :]).reshape(-1, p1 * p1)
-    blocks = np.zeros((J1, p1 * p1))
-    np.add.at(blocks, level, outer)
+    blocks = np.stack([np.bincount(level, weights=outer[:, c], minlength=J1) for c in range(p1 * p1)], axis=1)
     blocks = blocks.reshape(J1, p1, p1) + np.eye(p1)
     l11 = np.linalg.cholesky(blocks)
     l11_inv = np.linalg.inv(l11)
@@ -206,7 +211,8 @@ class Mode(NamedTuple):
         when ``nAGQ = 0``). factor: :class:`Factor` at the weights at ``u``. logp: ``(n,)`` ``log p(y_i | u)``.
         objective: ``()`` ``-2 sum logp + |u|^2 + log|L|^2``. n_iter: PIRLS steps. converged: by ``_U_TOL``.
         rzx, rx: ``(q, p)`` ``L^{-1} Lambda' Z' W X`` and ``(p, p)`` lower factor of
-        ``X' W X - RZX' RZX`` (lme4's ``RX``; its inverse product is lme4's non-Hessian ``vcov``).
+        ``X' W X - RZX' RZX`` (lme4's ``RX``; its inverse product is lme4's non-Hessian ``vcov``); with
+        ``beta`` given, ``None`` (:func:`fixed_factor` makes them).
     """
 
     u: np.ndarray
@@ -224,6 +230,13 @@ def _penalised(data, zl, u, beta):
     eta = data.offset + data.X @ beta + _zl_dot(zl, u)
     logp, mu, w, d = response(data, eta)
     return -2.0 * float(np.sum(logp)) + float(u @ u), (eta, logp, mu, w, d)
+
+
+def fixed_factor(data: GlmmData, theta, mode: Mode) -> tuple[np.ndarray, np.ndarray]:
+    """``(RZX (q, p), RX (p, p))`` at the mode's weights (see :class:`Mode`)."""
+    zl = zlambda(data, theta)
+    eta = data.offset + data.X @ mode.beta + _zl_dot(zl, mode.u)
+    return _fixed_part(data, zl, mode.factor, response(data, eta)[2])
 
 
 def _fixed_part(data, zl, F, w):
@@ -274,7 +287,7 @@ def pirls(data: GlmmData, theta, beta=None, u0=None) -> Mode:
             step /= 2.0
         u, b, pdev, (eta, logp, mu, w, d) = u + step * du, b + step * db, new_pdev, new_state
     F = factor(zl, w)
-    rzx, rx = _fixed_part(data, zl, F, w)
+    rzx, rx = _fixed_part(data, zl, F, w) if joint else (None, None)
     obj = -2.0 * float(np.sum(logp)) + float(u @ u) + F.logdet
     return Mode(u, b, F, logp, obj, it, converged, rzx, rx)
 
