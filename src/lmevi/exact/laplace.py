@@ -28,7 +28,7 @@ from lmevi.exact.pirls import GlmmData, Mode, effects, fixed_factor, pirls, resp
 
 # BOBYQA stops when a step in the parameters is below this (absolute) or the criterion changes by less than
 # _FTOL (absolute, in -2 log L).
-_XTOL, _FTOL = 1e-7, 1e-10
+_XTOL, _FTOL = 1e-7, 1e-9
 _MAX_EVALS = 5000
 # lme4's deriv12 step for the Hessian of the criterion at the optimum
 _HESSIAN_STEP = 1e-4
@@ -80,8 +80,9 @@ def _value(mode: Mode):
     return mode.objective, mode
 
 
-def _bobyqa(fun, x0, lower) -> tuple[np.ndarray, float, int, bool]:
-    """NLopt's BOBYQA from ``x0``: ``(x, f, n_evals, converged)`` (the best point it evaluated)."""
+def _bobyqa(fun, x0, lower, step) -> tuple[np.ndarray, float, int, bool]:
+    """NLopt's BOBYQA from ``x0`` with initial steps ``step``: ``(x, f, n_evals, converged)`` (the best point
+    it evaluated)."""
     import nlopt
 
     best, count = [np.inf, np.asarray(x0, np.float64)], [0]
@@ -99,7 +100,6 @@ def _bobyqa(fun, x0, lower) -> tuple[np.ndarray, float, int, bool]:
     opt.set_xtol_abs(_XTOL)
     opt.set_ftol_abs(_FTOL)
     opt.set_maxeval(_MAX_EVALS)
-    step = np.maximum(0.1 * np.abs(np.asarray(x0, np.float64)), 0.05)
     opt.set_initial_step(step)
     try:
         opt.optimize(np.asarray(x0, np.float64))
@@ -121,7 +121,9 @@ def _minimise(f, x0, lower, split: int | None):
         last[0] = mode.u
         return value
 
-    return _bobyqa(fun, x0, lower)
+    # the second stage starts near its optimum (the first stage's): a smaller first trust region
+    scale = 0.2 if split is None else 0.02
+    return _bobyqa(fun, x0, lower, np.maximum(scale * np.abs(np.asarray(x0, np.float64)), scale / 2))
 
 
 def fd_hessian(fun, x: np.ndarray, lower: np.ndarray) -> np.ndarray:
