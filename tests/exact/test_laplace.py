@@ -15,7 +15,7 @@ from lmevi.exact.covfactors import _lambdas_numpy
 from lmevi.families.binomial import BINOMIAL
 from lmevi.families.poisson import POISSON
 
-GLMER = Path(__file__).resolve().parents[1] / "results" / "lme4" / "glmer"
+GLMER = Path(__file__).resolve().parents[2] / "results" / "lme4" / "glmer"
 
 
 def _simulate(family, seed=0, n=240):
