@@ -21,7 +21,7 @@ import pandas as pd
 from lmevi.runtime import collective as collective_lib
 from lmevi.families import registry as likelihood_lib
 from lmevi.fitting import scaling, weighting
-from lmevi.frame.design import Design, DesignInfo, TermData, build_design
+from lmevi.frame.design import Design, DesignInfo, TermData, build_design, design_frame
 from lmevi.frame.formula import parse_formula
 from lmevi.families.base import Likelihood
 from lmevi.families.gaussian import GAUSSIAN
@@ -210,6 +210,8 @@ def build_model(
     local_devices, pad_rows = (1 if sharding is None else len(sharding.addressable_devices)), pad
     buffers = RowBuffers(lambda n: padded_rows(int(collective.max(n)), local_devices) if pad_rows else n)
     parsed = parse_formula(formula)
+    # a polars or Arrow frame: its formula's columns (and weights' and offset's) only, kept for the result
+    data = design_frame(parsed, data, extra=(weights, offset))
     raw_design, info = build_design(parsed, data, jdtype, missing, collective, buffers, encode_response=like.encode,
                                      dispersion=like.has_dispersion, weights=weights, offset=offset)
     raw_design, folded = _checked_response(like, raw_design, parsed.response)

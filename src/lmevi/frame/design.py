@@ -25,6 +25,7 @@ import pandas as pd
 
 
 from lmevi.runtime.precision import RowBuffers, host_array
+from lmevi.frame.columns import formula_frame
 from lmevi.frame.formula import Formula, RandomTerm
 from lmevi.runtime.collective import LOCAL, Local
 from lmevi.frame.labels import Levels, levels_of
@@ -146,7 +147,8 @@ def build_design(
 
     Args:
         formula: a parsed formula.
-        data: one row per observation.
+        data: one row per observation: a pandas DataFrame, or a polars or pyarrow one (any that narwhals
+            reads), of which only the formula's columns are read (:func:`design_frame`).
         dtype: float dtype of ``y``, ``X`` and the covariates.
         missing: ``"raise"`` (default) stops on NA or inf in a column the formula uses; ``"drop"`` drops
             those rows (only those columns count) with a warning saying how many.
@@ -172,8 +174,7 @@ def build_design(
             NA or inf in a used column, an empty frame, a grouping factor with fewer than two levels or as
             many levels as rows, or a term with at least as many random effects as rows.
     """
-    if not isinstance(data, pd.DataFrame):
-        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    data = design_frame(formula, data, extra=(weights, offset))
     if missing not in ("raise", "drop"):
         raise ValueError(f"missing must be 'raise' or 'drop', got {missing!r}")
     if len(data) == 0:
@@ -216,6 +217,14 @@ def build_design(
         fixed_keep=keep, dropped_fixed=dropped, rows=data.index, numeric_columns=numeric, offset_column=offset,
     )
     return design, info
+
+
+def design_frame(formula: Formula, data, what: str = "data", with_response: bool = True,
+                 with_groups: bool = True, extra=()) -> pd.DataFrame:
+    """``data`` as the pandas frame the design stage reads: itself if it is one, else only the formula's columns
+    and the ``extra`` ones (``weights=`` and ``offset=`` given as column names) (:func:`lmevi.frame.columns.formula_frame`)."""
+    columns = _formula_columns(formula, with_response, with_groups)
+    return formula_frame(data, list(dict.fromkeys(columns + [c for c in extra if isinstance(c, str)])), what)
 
 
 def _formula_columns(formula: Formula, with_response: bool = True, with_groups: bool = True) -> list[str]:

@@ -11,12 +11,18 @@ import pandas as pd
 
 
 from lmevi.frame.rsyntax import CONTEXT, clean_error
-from lmevi.frame.design import DesignInfo, TermInfo, _formula_columns
+from lmevi.frame.design import DesignInfo, TermInfo, _formula_columns, design_frame
 from lmevi.frame.matrix import PlainSpec
 
 
+def new_frame(info: DesignInfo, data, with_groups: bool = True) -> pd.DataFrame:
+    """New rows as the pandas frame :func:`new_data_columns` and the encoders read: ``data`` itself if it is one,
+    else the columns the predictors use, from any frame narwhals reads (:mod:`lmevi.frame.columns`)."""
+    return design_frame(info.formula, data, "newdata", with_response=False, with_groups=with_groups)
+
+
 def new_data_columns(info: DesignInfo, data: pd.DataFrame, with_groups: bool = True) -> list[str]:
-    """Check new rows for prediction: a DataFrame with unique column names that has every column the
+    """Check new rows for prediction (a pandas DataFrame: :func:`new_frame` reads others): a DataFrame with unique column names that has every column the
     formula's predictors read, numbers where the fit saw numbers. Returns those columns.
 
     Raises:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from lmevi.frame.design import incomplete_rows
-from lmevi.frame.newdata import fixed_matrix, new_data_columns, row_labels, term_rows
+from lmevi.frame.newdata import fixed_matrix, new_data_columns, new_frame, row_labels, term_rows
 from lmevi.frame.prior import OFFSET_COLUMN, evaluate
 from lmevi.runtime.options import check_bool, check_choice, user_stacklevel
 
@@ -25,6 +25,7 @@ def predict(
     check_choice("re_form", re_form, ("full", None, "~0"))
     check_choice("missing", missing, ("raise", "drop"))
     population = re_form in (None, "~0")
+    data = new_frame(m.info, data, with_groups=not population)
     columns = new_data_columns(m.info, data, with_groups=not population)
     bad, counts = incomplete_rows(data, columns)
     out = np.full(len(data), np.nan)

@@ -37,6 +37,7 @@ from scipy import stats
 from lmevi.frame.design import Design
 from lmevi.exact.structure import Structure, build_structure
 from lmevi.exact.covfactors import lambdas
+from lmevi.runtime.jit import sized_jit
 from lmevi.runtime.precision import x64
 
 # lmerTest's tolerance on the Hessian's eigenvalues (``as_lmerModLT(tol = 1e-8)``): directions with a smaller
@@ -167,56 +168,99 @@ def _sparse_parts(theta, s: Structure):
     return S, rhs, logdet_d, jnp.sum(Wzy * s.zy1)
 
 
-def _sparse_jets(theta, s: Structure):
-    """Values, first and second derivatives in theta of :func:`_sparse_parts` (trailing axes ``(k,)`` and
-    ``(k, k)``), by forward-mode autodiff."""
+def _sparse_jacobians(theta, s: Structure):
+    """Values and first derivatives in theta of :func:`_sparse_parts`: ``((S, rhs, logdet_d, quad1),
+    (S1 (k, P, P), rhs1 (k, P), logdet_d1 (k,), quad1_1 (k,)))``, by forward-mode autodiff (``k`` tangents)."""
     f = lambda t: _sparse_parts(t, s)  # noqa: E731
-    return f(theta), jax.jacfwd(f)(theta), jax.jacfwd(jax.jacfwd(f))(theta)
+    return f(theta), jax.tree_util.tree_map(lambda d: jnp.moveaxis(d, -1, 0), jax.jacfwd(f)(theta))
 
 
-_sparse_jets_jit = jax.jit(_sparse_jets)
+def _second_order_part(theta, s: Structure, C, c, w):
+    """The scalar ``psi(theta) = log|D| + <C, S> + c'rhs + w quad1`` of :func:`_sparse_parts`' outputs with the
+    weights ``C`` ``(P, P)`` (symmetric), ``c`` ``(P,)``, ``w`` held fixed: its Hessian is every term of the
+    deviance's Hessian that holds a second derivative of the sparse part (see :func:`_dense_chain`).
+
+    Written by the transposes of :func:`_sparse_parts`' maps, so that no ``(P, P)`` array depends on theta:
+    ``S = B'(R - K - K')B + I_Q`` gives ``<C, S> = <M, R> - 2 <M, K>`` with ``M = B C B'`` (sym.), and
+    ``<M, K>`` is a gather of ``M`` at the pairs' targets, weighted by ``W``; likewise ``c'rhs = (Bc)'(ry - Gt)``.
+    Equal to the plain composition to rounding (the tests differentiate both)."""
+    lams = lambdas(theta, s.n_coefs)
+    lam1 = lams[s.order[0]]
+    lams_t = [lams[k].T for k in s.order[1:]]
+    p1 = s.zy1.shape[1]
+    D = jnp.einsum("ba,jbc,cd->jad", lam1, s.zz1, lam1) + jnp.eye(p1)
+    logdet_d = jnp.sum(jnp.linalg.slogdet(D)[1])
+    W = lam1 @ jnp.linalg.inv(D) @ lam1.T
+    M = _scale_columns(_scale_columns(C, lams_t, s).T, lams_t, s)  # B C B'
+    MK = jnp.sum(M.reshape(-1)[s.pair_target] * s.pair_value * W.reshape(-1)[s.pair_block])
+    Wzy = jnp.einsum("jab,jb->ja", W, s.zy1)
+    Bc = _scale_columns(c[None, :], lams_t, s)[0]
+    BcGt = jnp.sum(s.cross_value * Wzy[s.cross_level, s.cross_coef] * Bc[s.cross_rest])
+    quad1 = jnp.sum(Wzy * s.zy1)
+    return logdet_d + jnp.sum(M * s.rr) - 2.0 * MK + Bc @ s.ry - BcGt + w * quad1
+
+
+# Kept as executables between processes (lmevi.runtime.jit): the first Satterthwaite table of a new process
+# loads them instead of compiling (the structure's sizes key them, theta's size too)
+_sparse_jacobians_jit = sized_jit(_sparse_jacobians, sized=False, name="lmevi.result.satterthwaite.jacobians")
+_second_order_hessian = sized_jit(jax.hessian(_second_order_part), sized=False,
+                                  name="lmevi.result.satterthwaite.second_order_hessian")
 
 
 class _Second(NamedTuple):
-    """A scalar function of theta with its gradient ``(k,)`` and Hessian ``(k, k)``."""
+    """A scalar function of theta with its gradient ``(k,)`` and the part of its Hessian ``(k, k)`` made of first
+    derivatives (the rest comes from :func:`_second_order_part`)."""
 
     value: float
     grad: np.ndarray
     hess: np.ndarray
 
 
-def _dense_chain(S, S1, S2, b, b1, b2, Q: int):
-    """Second-order chain rule through the dense block on the host's LAPACK: ``log|S|``, ``log|V_pp|``,
-    ``b'S^{-1}b`` and ``V_pp`` (``V = S^{-1}``) with their theta derivatives, from ``S``'s and ``b``'s own
-    (``S1`` ``(P, P, k)``, ``S2`` ``(P, P, k, k)``). Matrix calculus, exact: ``dV = -V dS V``,
-    ``d log|S| = tr(V dS)``, ``d^2 log|S| = tr(V S_ij) - tr(V S_i V S_j)``; ``k`` products ``V S_i``."""
-    k = S1.shape[-1]
+class _Dense(NamedTuple):
+    """What :func:`_dense_chain` gives: the three scalar functions of the dense block, ``beta`` ``(p,)``,
+    ``V_pp`` ``(p, p)``, ``dV_pp`` ``(k, p, p)`` and the weights ``(C (P, P), c (P,))`` of the second-order part."""
+
+    logdet: _Second
+    logdet_pp: _Second
+    quad: _Second
+    beta: np.ndarray
+    Vpp: np.ndarray
+    dV: np.ndarray
+    V: np.ndarray
+    x: np.ndarray
+    Y_Vi_Yt: np.ndarray
+
+
+def _dense_chain(S, S1, b, b1, Q: int) -> _Dense:
+    """Chain rule through the dense block on the host's LAPACK: ``log|S|``, ``log|V_pp|``, ``b'S^{-1}b`` and
+    ``V_pp`` (``V = S^{-1}``) with their theta derivatives, from ``S``'s and ``b``'s first derivatives
+    (``S1`` ``(k, P, P)``, ``b1`` ``(k, P)``). Matrix calculus, exact: ``dV = -V dS V``,
+    ``d log|S| = tr(V dS)``, ``d^2 log|S| = tr(V S_ij) - tr(V S_i V S_j)``. Each second derivative is a part
+    in first derivatives (here) plus a fixed linear functional of the second derivatives ``S_ij``, ``b_ij``
+    (``tr(V S_ij)``, ``x'S_ij x``, ``2 b_ij'x``, ``Y'S_ij Y``), which :func:`varpar_derivatives` gets at once as the
+    Hessian of one scalar (:func:`_second_order_part`): no ``(P, P, k, k)`` array is ever formed."""
+    k = S1.shape[0]
     c = scipy.linalg.cho_factor(S, lower=True)
     V = scipy.linalg.cho_solve(c, np.eye(S.shape[0]))
     V = 0.5 * (V + V.T)
-    VS = np.stack([V @ S1[..., i] for i in range(k)])  # (k, P, P)
+    VS = np.stack([V @ S1[i] for i in range(k)])  # (k, P, P)
     logdet = _Second(
         2.0 * float(np.sum(np.log(np.diag(c[0])))),
         np.einsum("iaa->i", VS),
-        np.einsum("abij,ba->ij", S2, V) - np.einsum("iab,jba->ij", VS, VS),
+        -np.einsum("iab,jba->ij", VS, VS),
     )
     x = V @ b
-    xj = np.stack([V @ (b1[:, j] - S1[..., j] @ x) for j in range(k)], axis=1)  # (P, k) dx/dtheta_j
-    S1x = np.einsum("abi,b->ai", S1, x)
-    quad = _Second(
-        float(b @ x),
-        2.0 * b1.T @ x - x @ S1x,
-        2.0 * np.einsum("aij,a->ij", b2, x) + 2.0 * b1.T @ xj - np.einsum("a,abij,b->ij", x, S2, x, optimize=True)
-        - 2.0 * S1x.T @ xj,
-    )
+    xj = np.stack([V @ (b1[j] - S1[j] @ x) for j in range(k)], axis=1)  # (P, k) dx/dtheta_j
+    S1x = np.stack([S1[i] @ x for i in range(k)], axis=1)  # (P, k)
+    quad = _Second(float(b @ x), 2.0 * b1 @ x - x @ S1x, 2.0 * b1 @ xj - 2.0 * S1x.T @ xj)
     quad = quad._replace(hess=0.5 * (quad.hess + quad.hess.T))
     # V_pp = Y'(.)Y with Y = V[:, Q:]: dV_pp = -Y'S_i Y, d2 V_pp = Y'(S_i V S_j + S_j V S_i - S_ij)Y
     Y = V[:, Q:]
-    SY = np.einsum("abi,bc->iac", S1, Y)  # (k, P, p)
+    SY = np.stack([S1[i] @ Y for i in range(k)])  # (k, P, p)
     Vpp = V[Q:, Q:]
     dV = -np.einsum("ac,iad->icd", Y, SY)
     cross = np.einsum("iac,ab,jbd->ijcd", SY, V, SY, optimize=True)
-    d2V = cross + np.swapaxes(cross, 0, 1) - np.einsum("ac,abij,bd->ijcd", Y, S2, Y, optimize=True)
+    d2V = cross + np.swapaxes(cross, 0, 1)
     Vi = np.linalg.inv(Vpp)
     ViD = np.einsum("ab,ibc->iac", Vi, dV)
     logdet_pp = _Second(
@@ -224,7 +268,7 @@ def _dense_chain(S, S1, S2, b, b1, b2, Q: int):
         np.einsum("iaa->i", ViD),
         np.einsum("ab,ijba->ij", Vi, d2V) - np.einsum("iab,jba->ij", ViD, ViD),
     )
-    return logdet, logdet_pp, quad, x[Q:], Vpp, dV
+    return _Dense(logdet, logdet_pp, quad, x[Q:], Vpp, dV, V, x, Y @ Vi @ Y.T)
 
 
 @x64
@@ -235,11 +279,14 @@ def varpar_derivatives(
     exactly: computed once per fit, shared by every contrast.
 
     The sparse part of the criterion (theta to the dense block ``S`` and its right-hand side, as
-    :func:`lmevi.exact.criterion.profiled_deviance` builds them) is differentiated twice by JAX's forward mode; the
+    :func:`lmevi.exact.criterion.profiled_deviance` builds them) is differentiated once by JAX's forward mode; the
     dense block's factorisation by the matrix-calculus chain rule on the host's LAPACK (:func:`_dense_chain`;
-    XLA's CPU Cholesky and its derivatives were ten times slower on InstEval's 1,144 x 1,144 block). sigma
-    enters in closed form. :func:`deviance_varpar` and :func:`vcov_varpar` are the same functions in plain
-    JAX, differentiable end to end (the tests compare both).
+    XLA's CPU Cholesky and its derivatives were ten times slower on InstEval's 1,144 x 1,144 block). The second
+    derivatives of the sparse part enter the Hessian only through fixed linear functionals, which are one
+    scalar's ``(k, k)`` Hessian (:func:`_second_order_part`), never the ``(P, P, k, k)`` second derivative of
+    ``S``. sigma enters in closed form. :func:`deviance_varpar` and :func:`vcov_varpar` are the same functions
+    in plain JAX, differentiable end to end (the tests compare both). Both compiled programs are kept on disk
+    between processes (:func:`lmevi.runtime.jit.sized_jit`).
 
     Args:
         design: the model's arrays in data units (ignored when ``structure`` is given).
@@ -254,27 +301,32 @@ def varpar_derivatives(
     """
     s = build_structure(design, reml) if structure is None else structure
     theta = jnp.asarray(theta, jnp.float64).reshape(-1)
-    vals, d1, d2 = jax.tree_util.tree_map(np.asarray, _sparse_jets_jit(theta, jax.device_put(s)))
-    logdet_s, logdet_pp, quad, beta, Vpp, dV = _dense_chain(vals[0], d1[0], d2[0], vals[1], d1[1], d2[1],
-                                                           s.n_rest_random)
-    # pwrss = y'y - quad1 - b'S^{-1}b; log|L_Z|^2 = log|D| + log|S| - log|R_X|^2, log|R_X|^2 = -log|V_pp|
-    pw = _Second(float(s.yy) - float(vals[3]) - quad.value, -d1[3] - quad.grad, -d2[3] - quad.hess)
-    sign = 0.0 if reml else 1.0  # the REML criterion adds log|R_X|^2 back
-    a_grad = d1[2] + logdet_s.grad + sign * logdet_pp.grad
-    a_hess = d2[2] + logdet_s.hess + sign * logdet_pp.hess
-    dof = s.n_obs - (s.n_fixed if reml else 0)
+    s_dev = jax.device_put(s)
+    vals, d1 = jax.tree_util.tree_map(np.asarray, _sparse_jacobians_jit(theta, s_dev))
+    dense = _dense_chain(vals[0], d1[0], vals[1], d1[1], s.n_rest_random)
     sig = float(sigma)
+    sign = 0.0 if reml else 1.0  # the REML criterion adds log|R_X|^2 back
+    # the second-order parts of a_hess + pw.hess / sigma^2 (below): tr(V S_ij) - sign <Y V_pp^-1 Y', S_ij> from
+    # the log-determinants, (x'S_ij x - 2 b_ij'x - quad1_ij) / sigma^2 from pwrss
+    C = dense.V - sign * dense.Y_Vi_Yt + np.outer(dense.x, dense.x) / sig**2
+    second = np.asarray(_second_order_hessian(theta, s_dev, jnp.asarray(C), jnp.asarray(-2.0 * dense.x / sig**2),
+                                              jnp.asarray(-1.0 / sig**2)))
+    logdet_s, logdet_pp, quad = dense.logdet, dense.logdet_pp, dense.quad
+    # pwrss = y'y - quad1 - b'S^{-1}b; log|L_Z|^2 = log|D| + log|S| - log|R_X|^2, log|R_X|^2 = -log|V_pp|
+    pw = _Second(float(s.yy) - float(vals[3]) - quad.value, -d1[3] - quad.grad, -quad.hess)
+    a_hess = logdet_s.hess + sign * logdet_pp.hess
+    dof = s.n_obs - (s.n_fixed if reml else 0)
     k = theta.shape[0]
     H = np.empty((k + 1, k + 1))
-    H[:k, :k] = a_hess + pw.hess / sig**2
+    H[:k, :k] = a_hess + pw.hess / sig**2 + second
     H[:k, k] = H[k, :k] = -2.0 * pw.grad / sig**3
     H[k, k] = 6.0 * pw.value / sig**4 - 2.0 * dof / sig**2
-    jac = np.concatenate([sig**2 * dV, (2.0 * sig * Vpp)[None]], axis=0)
+    jac = np.concatenate([sig**2 * dense.dV, (2.0 * sig * dense.Vpp)[None]], axis=0)
     H = 0.5 * (H + H.T)
     values, vectors = np.linalg.eigh(H)
     pos = values > HESSIAN_TOL
     A = 2.0 * (vectors[:, pos] / values[pos]) @ vectors[:, pos].T
-    return VarparDerivatives(beta=beta, vcov=sig**2 * Vpp, A=A, jac=jac, hessian=H, sigma=sig)
+    return VarparDerivatives(beta=dense.beta, vcov=sig**2 * dense.Vpp, A=A, jac=jac, hessian=H, sigma=sig)
 
 
 def autodiff_derivatives(varpar, structure: Structure, reml: bool):
