@@ -59,6 +59,7 @@ def fit(
     distributed: bool = False,
     weights=None,
     offset=None,
+    nagq: int = 1,
 ) -> FitResult:
     """Fit a linear mixed model by variational EM.
 
@@ -122,6 +123,10 @@ def fit(
             Gaussian's residual variance of row ``i`` is ``sigma^2 / w_i``; a binomial response of proportions
             is then out of ``w_i`` trials. A binomial response may also be written ``cbind(successes,
             failures)`` (:mod:`lmevi.frame.prior`).
+        nagq: with ``q="exact"`` for a Poisson or binomial model, glmer's ``nAGQ``: 1 (default) the Laplace
+            approximation, 0 its first stage alone (beta inside the penalised least squares), more the adaptive
+            Gauss-Hermite quadrature with that many nodes (one scalar random-effects term only)
+            (:mod:`lmevi.exact.laplace`).
         offset: a column name or one number per row added to the linear predictor, as ``offset(...)`` terms
             of the formula are (R's ``offset``); ``predict(newdata)`` reads the new rows' offset.
 
@@ -138,7 +143,7 @@ def fit(
     return run_stages(
         formula, data, how, family=family, link=link, q=q, reml=reml, residual_scale=residual_scale, blocks=blocks,
         small_threshold=small_threshold, dtype=dtype, missing=missing, devices=devices, distributed=distributed,
-        **{k: v for k, v in (("weights", weights), ("offset", offset)) if v is not None},
+        nagq=nagq, **{k: v for k, v in (("weights", weights), ("offset", offset)) if v is not None},
     )
 
 

@@ -258,7 +258,11 @@ def test_options_that_do_not_apply_to_a_glmm_are_refused():
     data = simulate_counts()
     with pytest.raises(ValueError, match="residual_scale"):
         lmevi.fit(COUNT_FORMULA, data, family="poisson", residual_scale=1.0)
-    with pytest.raises(ValueError, match="Gaussian"):
-        lmevi.fit(COUNT_FORMULA, data, family="poisson", q="exact")
+    with pytest.raises(ValueError, match="no REML"):
+        lmevi.fit(COUNT_FORMULA, data, family="poisson", q="exact", reml=True)
+    with pytest.raises(ValueError, match="single scalar"):
+        lmevi.fit("y ~ x + (x | g)", data, family="poisson", q="exact", nagq=9)
+    with pytest.raises(ValueError, match="nagq"):
+        lmevi.fit(COUNT_FORMULA, data, family="poisson", q="exact", nagq=-1)
     with pytest.raises(ValueError, match="one device"):
         lmevi.fit(COUNT_FORMULA, data, family="binomial", devices=1)

@@ -108,6 +108,8 @@ class Model(NamedTuple):
         missing: the missing-value rule the design was built with.
         folded: how a Gaussian model's prior weights and offset were folded into its rows
             (:mod:`lmevi.fitting.weighting`), or ``None``.
+        nagq: glmer's ``nAGQ`` for an exact generalized model (0, 1: Laplace, or more: adaptive
+            Gauss-Hermite quadrature); unused otherwise.
     """
 
     formula: str
@@ -123,6 +125,7 @@ class Model(NamedTuple):
     data: pd.DataFrame
     missing: str
     folded: weighting.Folded | None = None
+    nagq: int = 1
 
     @property
     def padded(self) -> bool:
@@ -150,6 +153,7 @@ def build_model(
     fit_settings=None,
     weights=None,
     offset=None,
+    nagq: int = 1,
 ) -> Model:
     """Parse, build and standardise the design, choose q's blocks; no fitting.
 
@@ -180,17 +184,11 @@ def build_model(
     """
     like = likelihood_lib.get(family, link)
     q = check_choice("q", q, tuple(q_registry.Q_FAMILIES) + ("exact", "auto"))
-    if pad is None:
-        pad = fit_settings is None or fit_settings.method == "cavi"
+    pad = (fit_settings is None or fit_settings.method == "cavi") if pad is None else pad
     # lmer's default is REML, glmer's ML: REML is defined where the likelihood is the Gaussian's (moment form)
     reml = check_bool("reml", like.moment_form if reml is None else reml)
-    if residual_scale is not None and not like.has_dispersion:
-        raise ValueError(f"residual_scale fixes the Gaussian's residual SD; family={family!r} has none")
-    if not like.moment_form and (distributed or devices is not None):
-        raise ValueError(f"family={family!r} fits run in one process on one device: leave devices=None and "
-                         "distributed=False")
     residual_scale, small_threshold, dtype, missing = _checked(q, blocks, residual_scale, small_threshold, dtype,
-                                                               missing)
+                                                               missing, like, distributed or devices is not None)
     pad = check_bool("pad", pad)
     distributed = check_bool("distributed", distributed)
     collective = collective_lib.LOCAL
@@ -217,6 +215,8 @@ def build_model(
     raw_design, folded = _checked_response(like, raw_design, parsed.response)
     q = resolve_q(q, raw_design, like, residual_scale, blocks, dtype, sharded=sharding is not None,
                   fit_settings=fit_settings)
+    if q == "exact" and not like.moment_form:
+        nagq = _check_glmer(info, reml, nagq)
     if q == "exact":
         # lme4's criterion (lmevi.exact.criterion); results use the mean-field layout, one block per term, holding the
         # per-level conditional modes and covariances (lme4's ranef and condVar) and beta's vcov
@@ -235,7 +235,7 @@ def build_model(
                            sharding=sharding, n_obs=n_obs, q_family=q_registry.family(q))
     return Model(
         formula=formula, info=info, scales=scales, y=np.asarray(raw_design.y), problem=problem, q_name=q,
-        reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing,
+        reml=reml, residual_scale=residual_scale, dtype=dtype, spec=spec, data=data, missing=missing, nagq=nagq,
         folded=folded,
     )
 
@@ -252,8 +252,13 @@ def _checked_response(like: Likelihood, design: Design, name: str):
     return design, None
 
 
-def _checked(q, blocks, residual_scale, small_threshold, dtype, missing):
+def _checked(q, blocks, residual_scale, small_threshold, dtype, missing, like, sharded):
     """The plain options of :func:`build_model`, checked: ``(residual_scale, small_threshold, dtype, missing)``."""
+    if residual_scale is not None and not like.has_dispersion:
+        raise ValueError(f"residual_scale fixes the Gaussian's residual SD; family={like.name!r} has none")
+    if not like.moment_form and sharded:
+        raise ValueError(f"family={like.name!r} fits run in one process on one device: leave devices=None and "
+                         "distributed=False")
     if blocks is not None and q not in ("structured", "auto"):
         raise ValueError("blocks= applies to q='structured' only")
     if blocks is not None and (isinstance(blocks, str) or not isinstance(blocks, (list, tuple))):
@@ -266,6 +271,18 @@ def _checked(q, blocks, residual_scale, small_threshold, dtype, missing):
     return residual_scale, small_threshold, dtype, missing
 
 
+def _check_glmer(info: DesignInfo, reml: bool, nagq: int) -> int:
+    """What glmer's criterion allows: maximum likelihood only, and quadrature (``nagq > 1``) for one scalar
+    random-effects term only, as lme4's ``glmer``; returns ``nagq``, checked."""
+    nagq = check_int("nagq", nagq, minimum=0)
+    if reml:
+        raise ValueError("glmer's criterion is a likelihood (no REML): fit a generalized model with reml=False")
+    if nagq > 1 and (len(info.terms) != 1 or len(info.terms[0].coef_names) != 1):
+        raise ValueError(f"nagq={nagq} (adaptive Gauss-Hermite quadrature) needs a single scalar random-effects "
+                         "term, as lme4's glmer; use nagq=1 (Laplace) or nagq=0")
+    return nagq
+
+
 def resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, dtype: str, sharded: bool = False,
               fit_settings=None) -> str:
     """The one rule for ``q="auto"``, and the refusals of ``q="exact"``: exact when lme4's criterion applies (a
@@ -273,10 +290,13 @@ def resolve_q(q: str, design: Design, like: Likelihood, residual_scale, blocks, 
     settings that do not ask for variational EM, :func:`lmevi.fitting.control.variational_only`) and its dense
     block has at most ``AUTO_EXACT_MAX`` coefficients; else structured."""
     exact_ok = like.moment_form and residual_scale is None
+    # glmer's criterion (Laplace, nAGQ): a family without a dispersion, and no prior weights yet
+    laplace_ok = not like.moment_form and not like.has_dispersion and getattr(design, "weights", None) is None
     asked = None if fit_settings is None else variational_only(fit_settings)
-    if q == "exact" and not exact_ok:
-        raise ValueError("q='exact' fits lme4's criterion: a Gaussian likelihood with sigma estimated "
-                         "(no residual_scale)")
+    if q == "exact" and not (exact_ok or laplace_ok):
+        raise ValueError("q='exact' fits lme4's criteria: lmer's (a Gaussian likelihood with sigma estimated, no "
+                         "residual_scale) or glmer's Laplace and quadrature (Poisson or binomial, without prior "
+                         "weights or cbind trials so far)")
     if q == "exact" and asked is not None:
         raise ValueError(f"q='exact' optimises lme4's profiled criterion: {asked} applies to variational EM only")
     if q != "auto":

@@ -83,6 +83,8 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
     (restricted) log-likelihood; the stop rule's ``num_steps`` bounds the criterion evaluations and its ``tol``
     is the optimiser's relative tolerance (see :func:`lmevi.exact.optimise.fit_exact`)."""
 
+    if not model.problem.likelihood.moment_form:
+        return _fit_glmer(model)
     from lmevi.exact import optimise
     fit = optimise.fit_exact(model.problem.design, reml=model.reml, theta0=_exact_start(model), tol=s.rule.tol,
                           max_evals=s.rule.num_steps)
@@ -91,6 +93,29 @@ def _fit_exact(model: Model, s: FitSettings) -> tuple[VIParams, RunInfo]:
                                           fit.beta_cov)
     run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, fit.grad_norm, {},
                   beta_cov=fit.beta_cov, optimizer=fit.optimizer)
+    return params, run
+
+
+def _fit_glmer(model: Model) -> tuple[VIParams, RunInfo]:
+    """glmer's criterion (:func:`lmevi.exact.laplace.fit_laplace`: Laplace for ``nagq=1``, its first stage alone for
+    ``nagq=0``, adaptive Gauss-Hermite quadrature beyond) on the standardised design, held as :func:`_fit_exact`
+    holds lme4's: the conditional modes and covariances per term, beta's ``vcov`` in ``RunInfo.beta_cov``, the
+    log-likelihood as the run's "ELBO"."""
+    from lmevi.exact import pirls
+    from lmevi.exact.covfactors import _lambdas_numpy
+    from lmevi.exact.laplace import fit_laplace
+
+    design = model.problem.design
+    offset = None if getattr(design, "offset", None) is None else np.asarray(design.offset)[: model.info.n_obs]
+    fit = fit_laplace(pirls.from_design(design, model.info.n_obs, model.problem.likelihood, offset), model.nagq)
+    n_coefs = tuple(t.covariates.shape[1] for t in design.terms)
+    chol = tuple(_lambdas_numpy(np.asarray(fit.theta, np.float64), n_coefs))  # sigma is 1: L_k = Lambda_k
+    model_params = ModelParams(beta=fit.beta, chol=chol, sigma=np.asarray(1.0))
+    params = model.problem.q.from_moments(model.spec, model_params, fit.effects, fit.effects_cov, fit.beta,
+                                          fit.beta_cov)
+    how = {0: "nAGQ = 0", 1: "Laplace"}.get(fit.nagq, f"adaptive Gauss-Hermite, nAGQ = {fit.nagq}")
+    run = RunInfo(np.asarray([float(fit.loglik)]), fit.n_evals, fit.converged, fit.seconds, float("nan"), {},
+                  beta_cov=fit.beta_cov, optimizer=f"{fit.optimizer}, {how}")
     return params, run
 
 

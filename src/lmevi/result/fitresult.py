@@ -52,6 +52,7 @@ class FitOptions(NamedTuple):
         optimizer: the optax optimizer's description, or ``None`` for coordinate ascent.
         missing: the missing-value rule.
         link: the link function's name (R's: ``"identity"``, ``"log"``, ``"logit"``, ...).
+        nagq: glmer's ``nAGQ`` of an exact generalized fit.
     """
 
     family: str
@@ -68,6 +69,7 @@ class FitOptions(NamedTuple):
     optimizer: str | None
     missing: str = "raise"
     link: str = "identity"
+    nagq: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,10 +125,11 @@ class FitResult:
         exact posterior of the random effects (and of beta when ``reml=True``) given the variance components,
         which holds when everything random lies in one block (one grouping factor, or one large factor with
         small ones) under the Gaussian likelihood. The ELBO is then the log-likelihood (ML) or the REML
-        log-likelihood. Never for the Poisson and binomial families, whose posterior is not Gaussian."""
-        if not self.likelihood.moment_form:
-            return False
-        return self.options.q == "exact" or len(self.spec.blocks) == 1
+        log-likelihood. For the Poisson and binomial families only with ``q="exact"`` (glmer's Laplace or
+        quadrature criterion), never with a variational q, whose Gaussian posterior is not theirs."""
+        if self.options.q == "exact":
+            return True
+        return self.likelihood.moment_form and len(self.spec.blocks) == 1
 
     @property
     def loglik(self) -> float | None:
@@ -137,9 +140,9 @@ class FitResult:
     @property
     def n_params(self) -> int:
         """lme4's ``df`` of ``logLik``: fixed effects, covariance parameters (``p_k (p_k + 1) / 2`` per term)
-        and sigma (when estimated)."""
+        and sigma (when estimated; a Poisson or binomial model has none)."""
         k = len(self.info.fixed_names) + sum(len(t.coef_names) * (len(t.coef_names) + 1) // 2 for t in self.info.terms)
-        return k + (self.options.residual_scale is None)
+        return k + (self.likelihood.has_dispersion and self.options.residual_scale is None)
 
     @property
     def aic(self) -> float | None:
@@ -369,7 +372,7 @@ class FitResult:
             raise ValueError("this result keeps no data to refit")
         o = self.options
         options = dict(family=o.family, link=o.link, q=o.q, reml=o.reml, residual_scale=o.residual_scale,
-                       dtype=o.dtype, missing=o.missing)
+                       dtype=o.dtype, missing=o.missing, nagq=o.nagq)
         options.update(changes)
         how = control.settings(progress=options.pop("progress", False), dtype=options["dtype"],
                                **{k: options.pop(k) for k in list(options) if k in control.SETTINGS})
@@ -478,7 +481,7 @@ def make_result(model, fit_settings, params: VIParams, run: RunInfo) -> FitResul
         num_samples=s.num_samples, accelerate=s.accelerate, residual_scale=model.residual_scale, seed=s.seed,
         dtype=model.dtype, stop_rule=s.rule,
         optimizer=None if (s.method == "cavi" or exact_fit) else control.describe_optimizer(s.optimizer),
-        missing=model.missing, link=problem.likelihood.link.name,
+        missing=model.missing, link=problem.likelihood.link.name, nagq=model.nagq,
     )
     return FitResult(
         info=model.info,

@@ -38,7 +38,7 @@ VARIATIONAL_NOTE = ("z tests resting on q's approximate normal posterior for bet
 def is_exact_gaussian(fit: "FitResult") -> bool:
     """Whether ``fit`` maximised lme4's exact criterion (``q="exact"``, Gaussian, sigma estimated)."""
     o = fit.options
-    return o.q == "exact" and o.family == "gaussian" and o.residual_scale is None
+    return o.q == "exact" and fit.likelihood.moment_form and o.residual_scale is None
 
 
 def default_ddf(fit: "FitResult") -> str | None:
@@ -125,6 +125,8 @@ def _beta_vcov(fit: "FitResult") -> tuple[np.ndarray, np.ndarray]:
 
 
 def _note(fit: "FitResult", ddf) -> str | None:
+    if fit.options.q == "exact" and not is_exact_gaussian(fit):
+        return "Wald z tests of glmer's criterion (Laplace or quadrature), as glmer's summary"
     if not is_exact_gaussian(fit):
         return VARIATIONAL_NOTE
     return None if ddf is not None else "z tests (ddf=None): lme4's Wald statistics on a normal reference"

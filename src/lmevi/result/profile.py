@@ -178,7 +178,7 @@ def profile_model(design, groups, coef_names, fixed_names, theta0=None) -> Profi
 def model_of_fit(fit) -> ProfileModel:
     """:func:`profile_model` of an exact Gaussian :class:`lmevi.result.fitresult.FitResult`: the design rebuilt in the
     data's units from ``fit.info.formula`` and ``fit.data``, the ML refit started at the fit's theta."""
-    if fit.options.family != "gaussian" or fit.options.q != "exact":
+    if not fit.likelihood.moment_form or fit.options.q != "exact":
         raise ValueError("profiles need an exact Gaussian fit (lmevi.fit(..., q='exact'))")
     if fit.options.residual_scale is not None:
         raise ValueError("profiles need sigma estimated (residual_scale=None)")

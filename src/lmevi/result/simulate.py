@@ -51,7 +51,7 @@ def fitted_model(fit) -> FittedModel:
     Reads ``fit.options`` (``family``, ``reml``, ``missing``), ``fit.info`` (the parsed formula, labels),
     ``fit.data``, ``fit.fixef()`` and ``fit.params.model`` (``chol``, ``sigma``, data units).
     """
-    if fit.options.family != "gaussian":
+    if not fit.likelihood.moment_form:
         raise ValueError(f"simulate draws from a Gaussian fit (lmer); this fit's family is {fit.options.family!r}")
     if fit.options.residual_scale is not None:
         raise ValueError("simulate needs sigma estimated (the fit fixed residual_scale)")

@@ -18,9 +18,15 @@ SUMMARY_DDF_MAX_ROWS = 20_000
 def summary_text(m) -> str:
     """lme4's ``summary`` of the fit ``m`` as text (:meth:`lmevi.FitResult.summary`)."""
     o = m.options
-    if o.q == "exact":
+    if o.q == "exact" and not m.likelihood.moment_form:
+        like = m.likelihood
+        approx = {0: "nAGQ = 0", 1: "Laplace Approximation"}.get(o.nagq, f"Adaptive Gauss-Hermite Quadrature, nAGQ = {o.nagq}")
+        head = (f"Generalized linear mixed model fit by maximum likelihood ({approx}) [glmerMod]\n"
+                f" Family: {like.name} ( {like.link.name} )")
+    elif o.q == "exact":
         head = (f"Linear mixed model fit by {'REML' if o.reml else 'maximum likelihood'} (exact: lme4's "
                 f"profiled criterion, {m.run.optimizer})")
+    if o.q == "exact":
         crit = (f"REML criterion at convergence: {m.reml_criterion:.4f}" if o.reml else
                 f"     AIC      BIC   logLik deviance\n{m.aic:8.1f} {m.bic:8.1f} {m.loglik:8.1f} "
                 f"{m.deviance:8.1f}")
@@ -104,8 +110,11 @@ def fixed_effects_lines(m) -> list[str]:
         lines += [f" {n:<20} {r.estimate:>10.5g} {r.std_error:>10.4g} {r.df:>10.2f} {r.t:>8.3f} {_p_text(r.p):>9}"
                   for n, r in table.iterrows()]
         return lines + ["(df: Satterthwaite's, as lmerTest; m.coef_table(ddf=...) for Kenward-Roger or others)"]
-    lines = [f" {'':<20} {'Estimate':>10} {'Post. SD':>10} {'z value':>8} {'Pr(>|z|)':>9}"]
+    glmer = m.options.q == "exact"  # a generalized model by glmer's criterion: Wald z tests, as glmer prints them
+    lines = [f" {'':<20} {'Estimate':>10} {'Std. Error' if glmer else 'Post. SD':>10} {'z value':>8} {'Pr(>|z|)':>9}"]
     lines += [f" {n:<20} {r.estimate:>10.5g} {r.std_error:>10.4g} {r.t:>8.3f} {_p_text(r.p):>9}"
               for n, r in table.iterrows()]
+    if glmer:
+        return lines
     return lines + ["(variational fit: Post. SD is q's posterior SD and the z tests rest on that approximate "
                     "posterior, not on lme4's exact criterion)"]
