@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from experiments import inference_refs as refs
+from lmevi.result import lmertest_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEP = "Reaction ~ Days + (Days | Subject)"
@@ -64,7 +65,7 @@ def insteval_part() -> dict:
         "satterthwaite_and_anova_s": satt_s, "satterthwaite_and_anova_cached_s": again_s,
         "lmerTest_coef_s": r_info["coef_satterthwaite"]["seconds"], "lmerTest_anova_s": r_info["anova_type3_satterthwaite"]["seconds"],
         "df": ours["df"].tolist(), "lmerTest_df": ref.loc[ours.index, "df"].tolist(),
-        "df_rel": refs._rel(ours["df"], ref.loc[ours.index, "df"]),
+        "df_rel": lmertest_ref.rel_diff(ours["df"], ref.loc[ours.index, "df"]),
         "anova_den_df": float(anova["den_df"].iloc[0]), "lmerTest_anova_den_df": float(ref_anova["den_df"].iloc[0]),
         "kenward_roger_s": kr_s, "kenward_roger_df": None if kr is None else kr["df"].tolist(),
         "kenward_roger_error": kr_error,

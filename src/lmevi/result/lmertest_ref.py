@@ -25,7 +25,7 @@ def read(refs: str | Path, table: str) -> pd.DataFrame | None:
     return frame.set_index(frame.columns[0])
 
 
-def _rel(a, b) -> float:
+def rel_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.isfinite(a) | np.isfinite(b)
     if not ok.any():
@@ -33,7 +33,7 @@ def _rel(a, b) -> float:
     return float(np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(b[ok]), 1e-300)))
 
 
-def _abs(a, b) -> float:
+def abs_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     ok = np.isfinite(a) | np.isfinite(b)
     return float(np.max(np.abs(a[ok] - b[ok]))) if ok.any() else 0.0
@@ -52,8 +52,8 @@ def compare_coef(m, refs, ddf: str) -> dict | None:
     if ref is None:
         return None
     ours = _align(m.coef_table(ddf), ref)
-    return {"estimate_rel": _rel(ours["estimate"], ref["estimate"]), "se_rel": _rel(ours["std_error"], ref["std_error"]),
-            "df_rel": _rel(ours["df"], ref["df"]), "p_abs": _abs(ours["p"], ref["p"])}
+    return {"estimate_rel": rel_diff(ours["estimate"], ref["estimate"]), "se_rel": rel_diff(ours["std_error"], ref["std_error"]),
+            "df_rel": rel_diff(ours["df"], ref["df"]), "p_abs": abs_diff(ours["p"], ref["p"])}
 
 
 def compare_anova(m, refs, type: int, ddf: str) -> dict | None:
@@ -63,8 +63,8 @@ def compare_anova(m, refs, type: int, ddf: str) -> dict | None:
         return None
     ours = _align(m.anova(type=type, ddf=ddf), ref)
     return {"num_df_equal": bool(np.array_equal(ours["num_df"].to_numpy(), ref["num_df"].to_numpy())),
-            "F_rel": _rel(ours["F"], ref["F"]), "den_df_rel": _rel(ours["den_df"], ref["den_df"]),
-            "p_abs": _abs(ours["p"], ref["p"])}
+            "F_rel": rel_diff(ours["F"], ref["F"]), "den_df_rel": rel_diff(ours["den_df"], ref["den_df"]),
+            "p_abs": abs_diff(ours["p"], ref["p"])}
 
 
 def compare_profile(m, refs, level: float = 0.95) -> dict | None:
@@ -101,8 +101,8 @@ def compare_emmeans(m, refs, spec: str, ddf: str = "kr", pairs: bool = False, ad
     ours = _align(ours, ref)
     scale = np.maximum(np.abs(ref["estimate"].to_numpy()), 1.0)
     return {"estimate_rel": float(np.max(np.abs(ours["estimate"].to_numpy() - ref["estimate"].to_numpy()) / scale)),
-            "se_rel": _rel(ours["std_error"], ref["std_error"]), "df_rel": _rel(ours["df"], ref["df"]),
-            "p_abs": _abs(ours["p"], ref["p"])}
+            "se_rel": rel_diff(ours["std_error"], ref["std_error"]), "df_rel": rel_diff(ours["df"], ref["df"]),
+            "p_abs": abs_diff(ours["p"], ref["p"])}
 
 
 def _emmeans(m, spec, pairs, ddf, adjust):
