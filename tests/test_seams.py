@@ -142,32 +142,19 @@ def test_a_dispersion_family_defined_here_is_estimated_through_the_protocol():
 
 def test_a_non_canonical_link_reaches_the_elbos_optimum():
     """Probit binomial, fitted by coordinate ascent on working responses (automatic derivatives): at the end the
-    ELBO's gradient in every unconstrained parameter is below 1e-5 of the ELBO's size per parameter scale (a
-    fixed point of the step is a stationary point of the ELBO; a wrong working moment leaves a gradient of the
-    order of the data)."""
-    from jax.flatten_util import ravel_pytree
-
-    from lmevi.q import elbo
-
+    norm of the ELBO's gradient per observation, in every unconstrained parameter (the fit's own convergence
+    check, ``RunInfo.grad_norm``, from JAX's gradient of the closed-form ELBO), is below 1e-6: a fixed point of
+    the step is a stationary point of the ELBO; a wrong working moment leaves a gradient of the order of the
+    data (measured 2.6e-3 with h doubled)."""
     rng = np.random.default_rng(1)
     g = np.repeat(np.arange(40), 25)
     x = rng.normal(size=g.size)
     eta = -0.2 + 0.6 * x + rng.normal(0, 0.7, 40)[g]
     data = pd.DataFrame({"y": (rng.uniform(size=g.size) < jax.scipy.stats.norm.cdf(eta)).astype(float),
                          "x": x, "g": g.astype(str)})
-    model = lmevi.build_model("y ~ x + (1 | g)", data, family="binomial", link="probit", pad=False)
-    how = lmevi.fit_settings(progress=False, tol=1e-12)
-    params, run = lmevi.fit_model(model, how)
-    m = lmevi.make_result(model, how, params, run)
+    m = lmevi.fit("y ~ x + (1 | g)", data, family="binomial", link="probit", progress=False, tol=1e-12)
     assert m.converged and m.options.link == "probit" and "Family: binomial ( probit )" in m.summary()
-    q = model.problem.q
-    raw = q.to_unconstrained(params)
-
-    def f(r):
-        return elbo.closed_form(model.problem, q.to_constrained(r, model.problem.sigma_if_fixed))
-
-    grad, _ = ravel_pytree(jax.grad(f)(raw))
-    assert float(jnp.max(jnp.abs(grad))) < 1e-5 * abs(float(f(raw)))
+    assert m.run.grad_norm < 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lmevi.exact import bobyqa
 from lmevi.exact.agq import agq_objective
 from lmevi.exact.covfactors import theta_default, theta_lower_bounds
 from lmevi.exact.pirls import GlmmData, Mode, effects, fixed_factor, pirls, response
@@ -85,29 +86,9 @@ def _bobyqa(fun, x0, lower, step) -> tuple[np.ndarray, float, int, bool]:
     it evaluated)."""
     import nlopt
 
-    best, count = [np.inf, np.asarray(x0, np.float64)], [0]
-
-    def objective(x, grad):
-        count[0] += 1
-        f = fun(np.asarray(x, np.float64))
-        if f < best[0]:
-            best[:] = [f, np.array(x, np.float64)]
-        return f
-
-    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
-    opt.set_lower_bounds(np.asarray(lower, np.float64))
-    opt.set_min_objective(objective)
-    opt.set_xtol_abs(_XTOL)
-    opt.set_ftol_abs(_FTOL)
-    opt.set_maxeval(_MAX_EVALS)
-    opt.set_initial_step(step)
-    try:
-        opt.optimize(np.asarray(x0, np.float64))
-        code = opt.last_optimize_result()
-    except nlopt.RoundoffLimited:
-        code = nlopt.ROUNDOFF_LIMITED
-    ok = code in (nlopt.SUCCESS, nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.ROUNDOFF_LIMITED)
-    return best[1], float(best[0]), count[0], ok
+    x, f, n, code = bobyqa.minimise(fun, x0, lower, xtol_abs=_XTOL, ftol_abs=_FTOL, max_evals=_MAX_EVALS,
+                                    initial_step=step)
+    return x, f, n, code in (nlopt.SUCCESS, nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.ROUNDOFF_LIMITED)
 
 
 def _minimise(f, x0, lower, split: int | None):

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from lmevi.frame.design import Design
+from lmevi.exact import bobyqa
 from lmevi.exact.criterion import _np_cho_solve
 from lmevi.exact.evaluate import BACKENDS, NUMPY_MAX, _evaluator, _large_backend
 from lmevi.exact.estimates import _Evaluator
@@ -105,26 +106,9 @@ def _bobyqa(ev: _Evaluator, x0, lower, tol: float, max_evals: int) -> _Optimum:
     exception (round-off)."""
     import nlopt
 
-    best = [np.inf, np.asarray(x0, np.float64)]
-
-    def objective(x, grad):
-        f = ev.value(np.asarray(x, np.float64))
-        if f < best[0]:
-            best[:] = [f, np.array(x, np.float64)]
-        return f
-
-    opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
-    opt.set_lower_bounds(np.asarray(lower, np.float64))
-    opt.set_min_objective(objective)
-    opt.set_xtol_abs(_BOBYQA_XTOL * tol)
-    opt.set_maxeval(max_evals)
-    try:
-        opt.optimize(np.asarray(x0, np.float64))
-        code = opt.last_optimize_result()
-    except nlopt.RoundoffLimited:
-        code = nlopt.ROUNDOFF_LIMITED
+    x, f, _, code = bobyqa.minimise(ev.value, x0, lower, xtol_abs=_BOBYQA_XTOL * tol, max_evals=max_evals)
     done = code in (nlopt.SUCCESS, nlopt.FTOL_REACHED, nlopt.XTOL_REACHED)
-    return _Optimum(best[1], float(best[0]), None, done, code == nlopt.ROUNDOFF_LIMITED, "BOBYQA")
+    return _Optimum(x, f, None, done, code == nlopt.ROUNDOFF_LIMITED, "BOBYQA")
 
 
 # Newton's steps change a relative SD (on the log scale) by at most this much, and a step that does not descend
