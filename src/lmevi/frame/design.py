@@ -30,9 +30,9 @@ from lmevi.frame.formula import Formula, RandomTerm
 from lmevi.runtime.collective import LOCAL, Local
 from lmevi.frame.labels import Levels, levels_of
 from lmevi.runtime.options import user_stacklevel
-from lmevi.frame.rsyntax import CONTEXT, clean_error, lme4_name, plain_terms, required_columns, to_formulaic
-from lmevi.frame.matrix import PlainSpec, _design_matrix, _model_matrix, column_sd
-from lmevi.frame.prior import attach_columns, read_prior, response_columns
+from lmevi.frame.rsyntax import clean_error, lme4_name, plain_terms, required_columns
+from lmevi.frame.matrix import PlainSpec, _design_matrix, column_sd
+from lmevi.frame.prior import attach_columns, evaluate, read_prior, response_columns
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["index", "covariates"], meta_fields=["n_levels", "unit"])
@@ -301,21 +301,10 @@ def _response(expr: str, data: pd.DataFrame, collective: Local = LOCAL, encode=N
     encoded = None if encode is None or expr not in data.columns else encode(data[expr], expr)
     if encoded is not None:
         y = encoded
-    elif expr in data.columns:
-        col = data[expr]
-        if isinstance(col.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(col):
-            raise ValueError(f"the response {expr!r} must be numeric, but its dtype is {col.dtype}")
-        if pd.api.types.is_bool_dtype(col):
-            raise ValueError(f"the response {expr!r} is boolean; a linear mixed model needs a numeric response")
-        y = col.to_numpy(dtype=np.float64)
-    else:
-        try:
-            mm = _model_matrix(f"0 + {to_formulaic(expr)}", data, context=CONTEXT, na_action="raise")
-        except Exception as err:
-            raise ValueError(f"cannot evaluate the response {expr!r}: {clean_error(err)}") from None
-        if mm.shape[1] != 1:
-            raise ValueError(f"the response {expr!r} must be one numeric column, it gives {mm.shape[1]}")
-        y = np.asarray(mm, dtype=np.float64)[:, 0]
+    elif expr in data.columns and pd.api.types.is_bool_dtype(data[expr]):
+        raise ValueError(f"the response {expr!r} is boolean; a linear mixed model needs a numeric response")
+    else:  # a numeric column, or an expression of columns (log(y), y / n)
+        y = evaluate(expr, data, "the response")
     if not np.all(np.isfinite(y)):
         raise ValueError(f"the response {expr!r} has non-finite values (e.g. log of a non-positive number)")
     lo, hi = float(collective.min(np.min(y))), float(collective.max(np.max(y)))
