@@ -71,34 +71,14 @@ capture <- function(expr, limit = Inf) {
 ## (convergence warnings, "boundary (singular) fit", rank deficiency, ...); an error is kept, not raised.
 ## `control`: lmerControl() settings (lme4's defaults unless given; lme4_corpus.R --tight tightens BOBYQA).
 fit_lmer <- function(formula, data, REML, control = lmerControl()) {
-  msgs <- character(0)
-  m <- NULL
-  err <- NULL
-  tm <- system.time(
-    m <- tryCatch(
-      withCallingHandlers(
-        lmer(formula, data = data, REML = REML, control = control),
-        warning = function(w) {
-          msgs <<- c(msgs, paste0("warning: ", conditionMessage(w)))
-          invokeRestart("muffleWarning")
-        },
-        message = function(c) {
-          msgs <<- c(msgs, paste0("message: ", trimws(conditionMessage(c))))
-          invokeRestart("muffleMessage")
-        }
-      ),
-      error = function(e) {
-        err <<- conditionMessage(e)
-        NULL
-      }
-    )
-  )
+  r <- capture(lmer(formula, data = data, REML = REML, control = control))
+  m <- r$value
+  msgs <- r$messages
   if (!is.null(m)) {
     conv <- m@optinfo$conv$lme4$messages
     if (length(conv)) msgs <- c(msgs, paste0("optinfo: ", conv))
   }
-  list(model = m, error = err, seconds = round(unname(tm[["elapsed"]]), 3),
-       messages = unique(gsub("\n", " ", msgs)))
+  list(model = m, error = r$error, seconds = r$seconds, messages = unique(msgs))
 }
 
 write_fit <- function(fit, formula, tag, outdir) {
